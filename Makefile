@@ -1,0 +1,41 @@
+# hera-ray: `make demo` runs the main job, `make test` runs the tests. Each sets up .venv first;
+# a second run reuses it (the stamp file is rebuilt only when pyproject.toml or setup.py change).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.hera-installed
+
+# llama-cpp-python compiles from source; the default native build crashes on CPUs that report
+# AMX, so build for a fixed AVX2 baseline. pip caches the wheel, so this happens once.
+export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+export OMP_WAIT_POLICY := PASSIVE
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-all bench protos clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: the CPU build on disk. Unpinned, it would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[cloud,dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/hera demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -ra
+
+bench: $(STAMP)
+	$(BIN)/python bench/edge_overhead.py
+
+protos: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) hera_ray/_proto build *.egg-info

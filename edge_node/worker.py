@@ -1,0 +1,357 @@
+"""The edge worker: llama.cpp slots behind a bounded queue, independent of the transport.
+
+``EdgeWorker.generate`` validates a request, waits for a free slot (or refuses with
+:class:`~hera_ray.errors.Overloaded` when the queue is full), and runs llama.cpp in a thread so
+the event loop stays free. One :class:`LlamaSlot` per slot: a llama.cpp context decodes one
+sequence at a time, and keeping a context per slot lets a slot reuse its KV cache for a
+prompt that extends the previous one (an agent's growing context).
+
+Imports neither Ray nor torch; llama_cpp is imported when a slot is created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable, Sequence
+
+from hera_ray.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded, Unavailable
+
+# OpenMP threads spin between tokens by default, which makes decode speed erratic on small
+# machines (MODELS.md); passive waiting must be set before llama.cpp loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+CHAT_ROLES = ("system", "user", "assistant")
+MAX_STOP_STRINGS = 16
+EWMA_ALPHA = 0.3
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """One generation request, transport-neutral."""
+
+    prompt: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
+    max_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    model: str = ""
+    request_id: str = ""
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    decode_s: float
+    queue_s: float
+    finish_reason: str
+    request_id: str = ""
+
+
+@dataclass
+class WorkerLoad:
+    in_flight: int = 0
+    queued: int = 0
+    tokens_per_s: float = 0.0
+    completed: int = 0
+    tokens_generated: int = 0
+
+
+def _valid_utf8_prefix(data: bytes) -> str:
+    """Decode ``data``, holding back a trailing incomplete multi-byte character."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.reason == "unexpected end of data":
+            return data[: e.start].decode("utf-8", errors="replace")
+        return data.decode("utf-8", errors="replace")
+
+
+def _stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters might start a stop string, and so must not be sent yet."""
+    longest = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[-k:]):
+                longest = k
+                break
+    return longest
+
+
+class LlamaSlot:
+    """One llama.cpp context. Not thread-safe: the worker hands it to one thread at a time."""
+
+    def __init__(self, model_path: Path, n_ctx: int, n_threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(
+            model_path=str(model_path),
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            n_batch=min(512, n_ctx),
+            verbose=False,
+        )
+        self.n_ctx = self.llm.n_ctx()
+
+    def run(
+        self,
+        prompt_tokens: list[int],
+        p: GenerationParams,
+        on_delta: Callable[[str], None] | None,
+        cancelled: threading.Event,
+    ) -> tuple[str, int, float, float, str]:
+        """Decode; return (text, completion tokens, ttft_s, decode_s, finish_reason)."""
+        import llama_cpp
+
+        llm = self.llm
+        if p.seed is not None:
+            llm.set_seed(p.seed)
+        vocab = llm._model.vocab
+        stops = p.stop
+        completion: list[int] = []
+        sent = 0  # characters of text already passed to on_delta
+        text = ""
+        finish = "length"
+        hit_stop_string = False
+        t0 = time.perf_counter()
+        t_first = t_last = None
+        for token in llm.generate(
+            prompt_tokens,
+            temp=p.temperature,
+            top_p=1.0 if p.top_p is None else p.top_p,
+            top_k=40 if p.top_k is None else p.top_k,
+            min_p=0.0 if p.temperature == 0 else 0.05,
+            repeat_penalty=1.0,
+        ):
+            t_last = time.perf_counter()
+            if t_first is None:
+                t_first = t_last
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
+                break
+            completion.append(token)
+            text = _valid_utf8_prefix(llm.detokenize(completion, prev_tokens=prompt_tokens))
+            if stops:
+                hits = [i for i in (text.find(s, max(0, sent - len(s))) for s in stops) if i >= 0]
+                if hits:
+                    text = text[: min(hits)]
+                    finish, hit_stop_string = "stop", True
+                    break
+            if on_delta is not None:
+                ready = len(text) - (_stop_holdback(text, stops) if stops else 0)
+                if ready > sent:
+                    on_delta(text[sent:ready])
+                    sent = ready
+            if len(completion) >= p.max_tokens or cancelled.is_set():
+                break
+        if not hit_stop_string:  # flush a held-back partial character or stop-string prefix
+            text = llm.detokenize(completion, prev_tokens=prompt_tokens).decode("utf-8", errors="replace")
+        if on_delta is not None and len(text) > sent:
+            on_delta(text[sent:])
+        if t_first is None:
+            return text, 0, 0.0, 0.0, finish
+        return text, len(completion), t_first - t0, t_last - t_first, finish
+
+
+@dataclass
+class _Stats:
+    completed: int = 0
+    tokens_generated: int = 0
+    tokens_per_s: float = 0.0
+
+
+class EdgeWorker:
+    """Validates requests and runs them on a fixed set of llama.cpp slots behind a bounded queue.
+
+    >>> worker = EdgeWorker(resolve_model("smollm2-135m").path, "smollm2-135m")  # doctest: +SKIP
+    >>> (await worker.generate(GenerationParams(prompt="Hi", max_tokens=8))).text  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        model_id: str,
+        n_ctx: int = 2048,
+        slots: int = 1,
+        max_queue: int = 8,
+        threads: int = 1,
+    ):
+        self.model_id = model_id
+        self.slots = [LlamaSlot(model_path, n_ctx, threads) for _ in range(slots)]
+        self.n_ctx = self.slots[0].n_ctx
+        self.max_queue = max_queue
+        llm = self.slots[0].llm
+        self._tokenize = llm.tokenize
+        self._chat_format = self._make_chat_formatter(llm)
+        self._gen_pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="llama-slot")
+        # Tokenising only reads the vocabulary; it runs apart so validation never waits for a slot.
+        self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-tokenize")
+        self._free: asyncio.Queue[LlamaSlot] | None = None
+        self._in_flight = 0
+        self._queued = 0
+        self._stats = _Stats()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+
+    @staticmethod
+    def _make_chat_formatter(llm):
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        def text_of(token_id: int) -> str:
+            return llm._model.token_get_text(token_id) if token_id != -1 else ""
+
+        formatter = Jinja2ChatFormatter(
+            template=template, eos_token=text_of(llm.token_eos()), bos_token=text_of(llm.token_bos())
+        )
+        return lambda messages: formatter(messages=[{"role": r, "content": c} for r, c in messages]).prompt
+
+    # -- load ---------------------------------------------------------------------------------
+
+    def load(self) -> WorkerLoad:
+        s = self._stats
+        return WorkerLoad(self._in_flight, self._queued, s.tokens_per_s, s.completed, s.tokens_generated)
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is in flight or queued."""
+        await self._idle.wait()
+
+    def _update_idle(self) -> None:
+        if self._in_flight == 0 and self._queued == 0:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def _prompt_text(self, p: GenerationParams) -> str:
+        if p.model and p.model != self.model_id:
+            raise ModelNotFound(f"model {p.model!r} is not served by this node; it serves {self.model_id!r}")
+        if p.prompt and p.messages:
+            raise InvalidRequest("give either prompt or messages, not both")
+        if p.messages:
+            for role, _content in p.messages:
+                if role not in CHAT_ROLES:
+                    raise InvalidRequest(f"message role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+            if not any(c.strip() for _r, c in p.messages):
+                raise InvalidRequest("empty prompt: every message's content is empty")
+            if self._chat_format is None:
+                raise InvalidRequest(f"model {self.model_id!r} has no chat template; send a raw prompt instead")
+            return self._chat_format(p.messages)
+        if not p.prompt.strip():
+            raise InvalidRequest("empty prompt: give a non-empty prompt or messages")
+        return p.prompt
+
+    def _check_sampling(self, p: GenerationParams) -> None:
+        if p.max_tokens <= 0:
+            raise InvalidRequest(f"max_tokens must be > 0, got {p.max_tokens}")
+        if p.max_tokens > self.n_ctx:
+            raise InvalidRequest(f"max_tokens {p.max_tokens} exceeds the context window of {self.n_ctx} tokens")
+        if not 0.0 <= p.temperature <= 5.0:
+            raise InvalidRequest(f"temperature must be in [0, 5], got {p.temperature}")
+        if p.top_p is not None and not 0.0 < p.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
+        if p.top_k is not None and p.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}")
+        if len(p.stop) > MAX_STOP_STRINGS or any(not s for s in p.stop):
+            raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+
+    async def _prepare(self, p: GenerationParams) -> list[int]:
+        self._check_sampling(p)
+        text = self._prompt_text(p)
+        loop = asyncio.get_running_loop()
+        tokens = await loop.run_in_executor(self._tok_pool, lambda: self._tokenize(text.encode("utf-8"), True, True))
+        if len(tokens) + p.max_tokens > self.n_ctx:
+            raise ContextLengthExceeded(
+                f"the prompt is {len(tokens)} tokens and max_tokens is {p.max_tokens}: "
+                f"{len(tokens) + p.max_tokens} exceeds the context window of {self.n_ctx} tokens"
+            )
+        return tokens
+
+    # -- generation ---------------------------------------------------------------------------
+
+    async def generate(self, p: GenerationParams, on_delta: Callable[[str], None] | None = None) -> GenerationResult:
+        if self.draining:
+            raise Unavailable("this edge node is draining and takes no new work; send to another node")
+        tokens = await self._prepare(p)
+        if self._in_flight + self._queued >= len(self.slots) + self.max_queue:
+            raise Overloaded(
+                f"edge node queue is full ({self._in_flight} in flight, {self._queued} queued); retry later or elsewhere"
+            )
+        if self._free is None:
+            self._free = asyncio.Queue()
+            for slot in self.slots:
+                self._free.put_nowait(slot)
+        loop = asyncio.get_running_loop()
+        t_queue = time.perf_counter()
+        self._queued += 1
+        self._update_idle()
+        try:
+            slot = await self._free.get()
+        finally:
+            self._queued -= 1
+        queue_s = time.perf_counter() - t_queue
+        self._in_flight += 1
+        cancelled = threading.Event()
+        fut = loop.run_in_executor(self._gen_pool, slot.run, tokens, p, on_delta, cancelled)
+
+        def release(_f) -> None:  # runs on the loop once the thread is done, even if cancelled
+            self._in_flight -= 1
+            self._free.put_nowait(slot)
+            self._update_idle()
+
+        fut.add_done_callback(release)
+        try:
+            text, n, ttft, decode, finish = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            cancelled.set()  # the client went away: stop decoding at the next token
+            raise
+        s = self._stats
+        s.completed += 1
+        s.tokens_generated += n
+        if n > 1 and decode > 0:
+            rate = (n - 1) / decode
+            s.tokens_per_s = rate if s.tokens_per_s == 0 else EWMA_ALPHA * rate + (1 - EWMA_ALPHA) * s.tokens_per_s
+        return GenerationResult(text, len(tokens), n, ttft, decode, queue_s, finish, p.request_id)
+
+    async def stream(self, p: GenerationParams) -> AsyncIterator[str | GenerationResult]:
+        """Yield text deltas as they are decoded, then the GenerationResult."""
+        deltas: asyncio.Queue[str] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(self.generate(p, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)))
+        try:
+            while True:
+                getter = asyncio.ensure_future(deltas.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not deltas.empty():  # deltas are posted before the result: drain them first
+                    yield deltas.get_nowait()
+                yield task.result()
+                return
+        finally:
+            if not task.done():
+                task.cancel()
+
+    def close(self) -> None:
+        self._gen_pool.shutdown(wait=True, cancel_futures=True)
+        self._tok_pool.shutdown(wait=True, cancel_futures=True)
+        for slot in self.slots:
+            slot.llm.close()

@@ -1,0 +1,3 @@
+from hera_ray.cli import app
+
+app(prog_name="hera")

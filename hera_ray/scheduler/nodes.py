@@ -1,0 +1,166 @@
+"""The node table: which edge nodes exist, what they serve, how loaded they are, and whether
+they are alive. A plain class with an injectable clock, so it is tested without servers; the
+EdgeRegistry (gRPC) and, later, the SubtaskScheduler actor wrap it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Callable
+
+from hera_ray.errors import InvalidRequest, NodeIdConflict, PermissionDenied, UnknownNode
+
+
+class NodeState(str, Enum):
+    UP = "up"
+    DRAINING = "draining"
+    DOWN = "down"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What a node advertises when it registers."""
+
+    node_id: str
+    address: str
+    model: str
+    n_ctx: int
+    slots: int
+    max_queue: int = 0
+    price_per_1k_tokens: float = 0.0
+    version: str = ""
+
+    def validate(self) -> None:
+        if not self.node_id or len(self.node_id) > 128:
+            raise InvalidRequest("node_id must be 1-128 characters")
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidRequest(f"address must be host:port, got {self.address!r}")
+        if not self.model:
+            raise InvalidRequest("model must not be empty")
+        if self.slots < 1:
+            raise InvalidRequest(f"slots must be >= 1, got {self.slots}")
+        if self.n_ctx < 1:
+            raise InvalidRequest(f"n_ctx must be >= 1, got {self.n_ctx}")
+        if self.price_per_1k_tokens < 0:
+            raise InvalidRequest(f"price_per_1k_tokens must be >= 0, got {self.price_per_1k_tokens}")
+
+
+@dataclass(frozen=True)
+class NodeLoad:
+    in_flight: int = 0
+    queued: int = 0
+    tokens_per_s: float = 0.0
+    completed: int = 0
+    tokens_generated: int = 0
+
+
+@dataclass
+class NodeRecord:
+    spec: NodeSpec
+    state: NodeState
+    load: NodeLoad
+    registered_at: float  # wall clock, for display
+    last_heartbeat: float  # table clock (monotonic)
+    token_digest: bytes = field(repr=False)
+
+    @property
+    def utilisation(self) -> float:
+        """(in flight + queued) per slot: 0 is idle, 1 is every slot busy."""
+        return (self.load.in_flight + self.load.queued) / max(1, self.spec.slots)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class NodeTable:
+    """Registered edge nodes, keyed by node id. A node id is bound to the token that registered it."""
+
+    def __init__(
+        self,
+        heartbeat_interval_s: float = 1.0,
+        missed_heartbeats: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ):
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.missed_heartbeats = missed_heartbeats
+        self._clock = clock
+        self._wall = wall_clock
+        self._nodes: dict[str, NodeRecord] = {}
+
+    @property
+    def down_after_s(self) -> float:
+        return self.heartbeat_interval_s * self.missed_heartbeats
+
+    def register(self, spec: NodeSpec, token: str) -> NodeRecord:
+        """Add or replace a node. A node id held by another token is refused (ALREADY_EXISTS)."""
+        spec.validate()
+        digest = _digest(token)
+        old = self._nodes.get(spec.node_id)
+        if old is not None and not hmac.compare_digest(old.token_digest, digest):
+            raise NodeIdConflict(f"node id {spec.node_id!r} is already registered with another token")
+        record = NodeRecord(
+            spec=spec,
+            state=NodeState.UP,
+            load=NodeLoad(),
+            registered_at=self._wall(),
+            last_heartbeat=self._clock(),
+            token_digest=digest,
+        )
+        self._nodes[spec.node_id] = record
+        return record
+
+    def heartbeat(self, node_id: str, load: NodeLoad, token: str, draining: bool = False) -> NodeRecord:
+        record = self._owned(node_id, token)
+        record.load = load
+        record.last_heartbeat = self._clock()
+        record.state = NodeState.DRAINING if draining else NodeState.UP
+        return record
+
+    def deregister(self, node_id: str, token: str) -> None:
+        self._owned(node_id, token)
+        del self._nodes[node_id]
+
+    def expire(self) -> list[str]:
+        """Mark nodes that missed too many heartbeats down; return the ids newly marked."""
+        now = self._clock()
+        newly_down = []
+        for record in self._nodes.values():
+            if record.state is not NodeState.DOWN and now - record.last_heartbeat > self.down_after_s:
+                record.state = NodeState.DOWN
+                newly_down.append(record.spec.node_id)
+        return newly_down
+
+    def heartbeat_age(self, record: NodeRecord) -> float:
+        return max(0.0, self._clock() - record.last_heartbeat)
+
+    def get(self, node_id: str) -> NodeRecord:
+        try:
+            return self._nodes[node_id]
+        except KeyError:
+            raise UnknownNode(f"node {node_id!r} is not registered") from None
+
+    def nodes(self) -> list[NodeRecord]:
+        """A snapshot of every node, sorted by id."""
+        return [replace(r) for _, r in sorted(self._nodes.items())]
+
+    def live(self, model: str | None = None) -> list[NodeRecord]:
+        """Nodes that are up (not draining or down), optionally only those serving ``model``."""
+        return [
+            r for r in self.nodes() if r.state is NodeState.UP and (model is None or r.spec.model == model)
+        ]
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def _owned(self, node_id: str, token: str) -> NodeRecord:
+        record = self.get(node_id)
+        if not hmac.compare_digest(record.token_digest, _digest(token)):
+            raise PermissionDenied(f"node id {node_id!r} belongs to another token")
+        return record

@@ -1,0 +1,126 @@
+"""A real edge node (llama.cpp + SmolLM2 behind grpc.aio) answers, streams, and refuses bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import generate, run
+from hera_ray.wire import edge_pb2, edge_pb2_grpc
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def edge(module_procs):
+    # A small context so "longer than the context" is cheap to send.
+    return module_procs.edge("edge-solo", extra_args=["--n-ctx", "512", "--max-queue", "0"])
+
+
+def test_generate_returns_text_counts_and_timings(edge):
+    reply = run(generate(edge.address, messages=[("user", "What is the capital of France?")], max_tokens=24))
+    assert reply.text.strip()
+    assert reply.prompt_tokens > 5
+    assert 0 < reply.completion_tokens <= 24
+    assert reply.finish_reason in ("stop", "length")
+    assert reply.ttft_s > 0 and reply.decode_s >= 0
+    assert reply.node_id == "edge-solo" and reply.model == "smollm2-135m"
+
+
+def test_max_tokens_bounds_the_reply(edge):
+    reply = run(generate(edge.address, prompt="Count from one to one hundred: one, two, three,", max_tokens=7))
+    assert reply.completion_tokens == 7
+    assert reply.finish_reason == "length"
+
+
+def test_stream_matches_unary_at_temperature_zero(edge):
+    fields = dict(messages=[("user", "Write two sentences about the sea.")], max_tokens=40, temperature=0.0, seed=7)
+    unary = run(generate(edge.address, **fields))
+    deltas, final = run(generate(edge.address, stream=True, **fields))
+    assert len(deltas) > 1  # it really streamed
+    assert "".join(deltas) == final.text == unary.text
+    assert final.completion_tokens == unary.completion_tokens
+
+
+def test_stop_string_ends_the_reply_before_it(edge):
+    reply = run(generate(edge.address, prompt="1, 2, 3, 4, 5, 6, 7,", max_tokens=30, stop=["10"]))
+    assert "10" not in reply.text
+    assert reply.finish_reason == "stop"
+
+
+def test_info_reports_model_and_load(edge):
+    async def info():
+        async with grpc.aio.insecure_channel(edge.address) as ch:
+            return await edge_pb2_grpc.EdgeWorkerStub(ch).Info(edge_pb2.InfoRequest(), timeout=5)
+
+    reply = run(info())
+    assert (reply.model, reply.n_ctx, reply.slots) == ("smollm2-135m", 512, 1)
+    assert reply.load.completed >= 0 and not reply.draining
+
+
+BAD_INPUTS = [
+    ("empty prompt", dict(prompt="", max_tokens=8), grpc.StatusCode.INVALID_ARGUMENT, "empty prompt"),
+    ("whitespace prompt", dict(prompt="   \n", max_tokens=8), grpc.StatusCode.INVALID_ARGUMENT, "empty prompt"),
+    ("empty messages", dict(messages=[("user", "")], max_tokens=8), grpc.StatusCode.INVALID_ARGUMENT, "empty prompt"),
+    ("bad role", dict(messages=[("wizard", "hi")], max_tokens=8), grpc.StatusCode.INVALID_ARGUMENT, "role 'wizard'"),
+    ("prompt and messages", dict(prompt="a", messages=[("user", "b")], max_tokens=8), grpc.StatusCode.INVALID_ARGUMENT, "not both"),
+    ("zero max_tokens", dict(prompt="hi", max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be > 0"),
+    ("negative max_tokens", dict(prompt="hi", max_tokens=-5), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be > 0"),
+    ("absurd max_tokens", dict(prompt="hi", max_tokens=10**9), grpc.StatusCode.INVALID_ARGUMENT, "exceeds the context window of 512"),
+    ("prompt longer than context", dict(prompt="hello " * 2000, max_tokens=8), grpc.StatusCode.INVALID_ARGUMENT, "exceeds the context window"),
+    ("unknown model", dict(model="gpt-17", prompt="hi", max_tokens=8), grpc.StatusCode.NOT_FOUND, "'gpt-17' is not served"),
+    ("negative temperature", dict(prompt="hi", max_tokens=8, temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ("bad top_p", dict(prompt="hi", max_tokens=8, top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gets_a_status_naming_the_problem(edge, case, stream):
+    _name, fields, code, words = case
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        run(generate(edge.address, stream=stream, **fields))
+    assert exc.value.code() == code
+    assert words in exc.value.details()
+
+
+def test_server_stays_up_after_bad_input(edge):
+    for _name, fields, _code, _words in BAD_INPUTS:
+        with pytest.raises(grpc.aio.AioRpcError):
+            run(generate(edge.address, **fields))
+    assert edge.popen.poll() is None
+
+    async def health():
+        async with grpc.aio.insecure_channel(edge.address) as ch:
+            return await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="hera.v1.EdgeWorker"), timeout=5)
+
+    assert run(health()).status == health_pb2.HealthCheckResponse.SERVING
+    assert run(generate(edge.address, prompt="Hello", max_tokens=4)).completion_tokens > 0
+
+
+def test_full_queue_is_refused_with_resource_exhausted(edge):
+    """One slot and no queue: of three concurrent requests, the extra ones are refused at once."""
+
+    async def burst():
+        return await asyncio.gather(
+            *(generate(edge.address, prompt="Tell me a long story about a dragon.", max_tokens=48) for _ in range(3)),
+            return_exceptions=True,
+        )
+
+    results = run(burst())
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    served = [r for r in results if not isinstance(r, Exception)]
+    assert len(served) >= 1
+    assert refused and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    assert "queue is full" in refused[0].details()
+
+
+def test_oversized_message_is_refused(edge):
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        run(generate(edge.address, prompt="x" * (5 * 1024 * 1024), max_tokens=8))
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert edge.popen.poll() is None
