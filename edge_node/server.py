@@ -124,7 +124,7 @@ class EdgeNode:
             n_ctx=config.n_ctx,
             slots=config.slots,
             max_queue=config.max_queue,
-            threads=config.resolved_threads,
+            threads=config.threads,
         )
         self.server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
         self.health = health_aio.HealthServicer()

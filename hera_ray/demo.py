@@ -67,17 +67,18 @@ def run_demo(edges: int = 2, model: str = "smollm2-135m", max_tokens: int = 48, 
                           + ", ".join(f"{n.node_id} at {n.address}" for n in cluster.nodes)
                           + f" — up in {time.perf_counter() - t0:.1f}s")
             results = asyncio.run(_send_all([(n.node_id, n.address) for n in cluster.nodes], PROMPTS, max_tokens))
-            table = Table(title=f"{len(PROMPTS)} prompts over {edges} edge node(s), {max_tokens} tokens max, temperature 0")
-            for col, kw in (("prompt", {"max_width": 34}), ("node", {}), ("prompt tok", {"justify": "right"}),
-                            ("completion tok", {"justify": "right"}), ("ttft ms", {"justify": "right"}),
-                            ("tok/s", {"justify": "right"}), ("latency s", {"justify": "right"}), ("reply", {"max_width": 40})):
-                table.add_column(col, **kw)
-            for r in results:
+            table = Table(title=f"{len(PROMPTS)} prompts over {edges} edge node(s), at most {max_tokens} tokens, temperature 0")
+            for col in ("#", "node", "prompt tok", "reply tok", "ttft ms", "tok/s", "latency s"):
+                table.add_column(col, justify="left" if col == "node" else "right", no_wrap=True)
+            for i, r in enumerate(results, 1):
                 rep = r["reply"]
                 speed = (rep.completion_tokens - 1) / rep.decode_s if rep.completion_tokens > 1 and rep.decode_s > 0 else 0.0
-                table.add_row(r["prompt"], rep.node_id, str(rep.prompt_tokens), str(rep.completion_tokens),
-                              f"{rep.ttft_s * 1000:.0f}", f"{speed:.1f}", f"{r['latency_s']:.2f}",
-                              " ".join(rep.text.split()))
+                table.add_row(str(i), rep.node_id, str(rep.prompt_tokens), str(rep.completion_tokens),
+                              f"{rep.ttft_s * 1000:.0f}", f"{speed:.1f}", f"{r['latency_s']:.2f}")
+            for i, r in enumerate(results, 1):
+                reply = " ".join(r["reply"].text.split())
+                console.print(f"[bold]{i}.[/bold] {r['prompt']}\n   [green]{r['reply'].node_id}:[/green] "
+                              f"{reply[:150]}{'…' if len(reply) > 150 else ''}", highlight=False)
             console.print(table)
             time.sleep(1.2)  # let one heartbeat carry the final load to the registry
             nodes = list_nodes(cluster.registry.address, read_tokens(cluster.token_file)[0])
