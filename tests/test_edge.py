@@ -124,3 +124,30 @@ def test_oversized_message_is_refused(edge):
         run(generate(edge.address, prompt="x" * (5 * 1024 * 1024), max_tokens=8))
     assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert edge.popen.poll() is None
+
+
+def test_a_cancelled_stream_frees_its_slot(edge):
+    """A client that goes away mid-stream must not keep the node's only slot busy."""
+
+    async def scenario():
+        request = edge_pb2.GenerateRequest(max_tokens=400, temperature=0.0)
+        request.messages.add(role="user", content="Write a very long essay about rivers.")
+        async with grpc.aio.insecure_channel(edge.address) as ch:
+            stub = edge_pb2_grpc.EdgeWorkerStub(ch)
+            call = stub.GenerateStream(request, timeout=120)
+            async for chunk in call:
+                if chunk.delta:
+                    break
+            call.cancel()
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            while (await stub.Info(edge_pb2.InfoRequest(), timeout=5)).load.in_flight and loop.time() - t0 < 5:
+                await asyncio.sleep(0.01)
+            freed_after = loop.time() - t0
+            reply = await stub.Generate(edge_pb2.GenerateRequest(prompt="Hello", max_tokens=4), timeout=60)
+            return reply, freed_after
+
+    reply, freed_after = run(scenario())
+    # 400 tokens take seconds; the cancelled request stopped at its next token instead.
+    assert freed_after < 1.0, f"the slot stayed busy {freed_after:.2f}s after the client cancelled"
+    assert reply.completion_tokens > 0

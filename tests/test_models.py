@@ -8,7 +8,7 @@ import time
 import pytest
 
 from hera_ray.errors import ModelNotFound, ModelPackageMissing
-from hera_ray.models import BUNDLED, BundledModel, _resolve_bundled, resolve_model, sha256_file
+from hera_ray.models import BUNDLED, BundledModel, _resolve_bundled, cache_dir, resolve_model, sha256_file
 
 
 def test_smollm2_resolves_to_the_gguf_in_its_package():
@@ -26,10 +26,10 @@ def test_minilm_resolves_to_a_sentence_transformers_folder():
 
 
 @pytest.mark.slow
-def test_qwen_parts_are_joined_once_and_checked(tmp_path, monkeypatch):
-    monkeypatch.setenv("HERA_CACHE_DIR", str(tmp_path))
+def test_qwen_parts_are_joined_once_and_checked():
+    """In the user's cache (make install joins it there; so would the first resolve)."""
     m = resolve_model("qwen2.5-coder-1.5b")
-    assert m.path.parent == tmp_path / "models"
+    assert m.path.parent == cache_dir() / "models"
     assert m.path.stat().st_size == 1_117_320_768
     assert sha256_file(m.path) == BUNDLED["qwen2.5-coder-1.5b"].sha256
     mtime = m.path.stat().st_mtime_ns
