@@ -23,7 +23,8 @@ from hera_ray.errors import ConfigError
 from hera_ray.models import resolve_model
 from hera_ray.wire import auth_metadata, edge_pb2, edge_pb2_grpc, grpc_errors, grpc_options, registry_pb2, registry_pb2_grpc
 
-from edge_node.worker import EdgeWorker, GenerationParams, GenerationResult, WorkerLoad
+from edge_node.worker import EdgeWorker, WorkerLoad
+from hera_ray.generation import GenerationParams, GenerationResult
 
 log = logging.getLogger(__name__)
 

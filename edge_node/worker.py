@@ -21,42 +21,13 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
 from hera_ray.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded, Unavailable
+from hera_ray.generation import GenerationParams, GenerationResult, validate_params
 
 # OpenMP threads spin between tokens by default, which makes decode speed erratic on small
 # machines (MODELS.md); passive waiting must be set before llama.cpp loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-CHAT_ROLES = ("system", "user", "assistant")
-MAX_STOP_STRINGS = 16
 EWMA_ALPHA = 0.3
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """One generation request, transport-neutral."""
-
-    prompt: str = ""
-    messages: tuple[tuple[str, str], ...] = ()
-    max_tokens: int = 0
-    temperature: float = 0.0
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    model: str = ""
-    request_id: str = ""
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_s: float
-    decode_s: float
-    queue_s: float
-    finish_reason: str
-    request_id: str = ""
 
 
 @dataclass
@@ -242,37 +213,14 @@ class EdgeWorker:
     def _prompt_text(self, p: GenerationParams) -> str:
         if p.model and p.model != self.model_id:
             raise ModelNotFound(f"model {p.model!r} is not served by this node; it serves {self.model_id!r}")
-        if p.prompt and p.messages:
-            raise InvalidRequest("give either prompt or messages, not both")
         if p.messages:
-            for role, _content in p.messages:
-                if role not in CHAT_ROLES:
-                    raise InvalidRequest(f"message role {role!r} is not one of {', '.join(CHAT_ROLES)}")
-            if not any(c.strip() for _r, c in p.messages):
-                raise InvalidRequest("empty prompt: every message's content is empty")
             if self._chat_format is None:
                 raise InvalidRequest(f"model {self.model_id!r} has no chat template; send a raw prompt instead")
             return self._chat_format(p.messages)
-        if not p.prompt.strip():
-            raise InvalidRequest("empty prompt: give a non-empty prompt or messages")
         return p.prompt
 
-    def _check_sampling(self, p: GenerationParams) -> None:
-        if p.max_tokens <= 0:
-            raise InvalidRequest(f"max_tokens must be > 0, got {p.max_tokens}")
-        if p.max_tokens > self.n_ctx:
-            raise InvalidRequest(f"max_tokens {p.max_tokens} exceeds the context window of {self.n_ctx} tokens")
-        if not 0.0 <= p.temperature <= 5.0:
-            raise InvalidRequest(f"temperature must be in [0, 5], got {p.temperature}")
-        if p.top_p is not None and not 0.0 < p.top_p <= 1.0:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
-        if p.top_k is not None and p.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}")
-        if len(p.stop) > MAX_STOP_STRINGS or any(not s for s in p.stop):
-            raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
-
     async def _prepare(self, p: GenerationParams) -> list[int]:
-        self._check_sampling(p)
+        validate_params(p, self.n_ctx)
         text = self._prompt_text(p)
         loop = asyncio.get_running_loop()
         tokens = await loop.run_in_executor(self._tok_pool, lambda: self._tokenize(text.encode("utf-8"), True, True))

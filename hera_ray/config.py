@@ -8,10 +8,10 @@ variables, a YAML file (``--config``), then the defaults, which run on a laptop.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from hera_ray.errors import ConfigError
@@ -94,3 +94,41 @@ def read_tokens(path: Path) -> list[str]:
     if not tokens:
         raise ConfigError(f"token file {path} holds no token")
     return tokens
+
+
+# -- the cluster side (Ray) ------------------------------------------------------------------------
+
+
+class AutoscalingSettings(BaseModel):
+    """Serve autoscaling for the cloud LLM deployment (checked against Serve's AutoscalingConfig at build)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
+    max_replicas: int = Field(2, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+    upscale_delay_s: float = Field(10.0, ge=0, description="How long load must stay high before adding a replica.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="How long load must stay low before removing a replica.")
+    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas report their load.")
+    look_back_period_s: float = Field(10.0, gt=0, description="Window over which load is averaged.")
+
+
+class CloudLLMConfig(BaseModel):
+    """The cloud LLM: a Ray Serve deployment with a pluggable backend."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["llama_cpp", "vllm", "openai"] = Field("llama_cpp", description="Engine: llama_cpp (CPU default), vllm (in-process vLLM), or openai (an OpenAI-compatible endpoint).")
+    model: str = Field("qwen2.5-coder-1.5b", description="Bundled model name or path (llama_cpp: GGUF; vllm: Hugging Face folder); for openai, the remote model name.")
+    model_id: str | None = Field(None, description="Model id the deployment answers to; default: the model name.")
+    n_ctx: int = Field(4096, ge=256, description="Context window in tokens.")
+    slots: int = Field(1, ge=1, le=64, description="llama_cpp: requests decoded at once per replica.")
+    max_queue: int = Field(16, ge=0, description="llama_cpp: requests that may wait for a slot per replica; more get 429/RESOURCE_EXHAUSTED.")
+    threads: int = Field(2, ge=1, description="llama_cpp: threads per slot.")
+    price_per_1k_tokens: float = Field(0.002, ge=0, description="Cloud price per 1,000 tokens (prompt + completion), for the cost ledger.")
+    openai_base_url: str | None = Field(None, description="openai: base URL of the OpenAI-compatible API (None: api.openai.com).")
+    openai_api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Longest a single generation may take.")
+    vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description="vllm: extra AsyncEngineArgs (e.g. dtype, max_model_len).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings, description="Replica autoscaling.")
