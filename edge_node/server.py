@@ -21,10 +21,11 @@ from hera_ray import __version__
 from hera_ray.config import EdgeNodeConfig, read_tokens
 from hera_ray.errors import ConfigError
 from hera_ray.models import resolve_model
-from hera_ray.wire import auth_metadata, edge_pb2, edge_pb2_grpc, grpc_errors, grpc_options, registry_pb2, registry_pb2_grpc
+from hera_ray.wire import (auth_metadata, edge_pb2, edge_pb2_grpc, grpc_errors, grpc_options, params_from_pb,
+                           registry_pb2, registry_pb2_grpc, server_options)
 
 from edge_node.worker import EdgeWorker, WorkerLoad
-from hera_ray.generation import GenerationParams, GenerationResult
+from hera_ray.generation import GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +33,6 @@ SERVICE_NAME = "hera.v1.EdgeWorker"
 # Registration errors that retrying cannot fix.
 _FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.PERMISSION_DENIED,
           grpc.StatusCode.INVALID_ARGUMENT}
-
-
-def params_from_pb(r: edge_pb2.GenerateRequest) -> GenerationParams:
-    return GenerationParams(
-        prompt=r.prompt,
-        messages=tuple((m.role, m.content) for m in r.messages),
-        max_tokens=r.max_tokens,
-        temperature=r.temperature,
-        top_p=r.top_p if r.HasField("top_p") else None,
-        top_k=r.top_k if r.HasField("top_k") else None,
-        seed=r.seed if r.HasField("seed") else None,
-        stop=tuple(r.stop),
-        model=r.model,
-        request_id=r.request_id,
-    )
 
 
 def load_to_pb(load: WorkerLoad) -> edge_pb2.NodeLoad:
@@ -127,7 +113,7 @@ class EdgeNode:
             max_queue=config.max_queue,
             threads=config.threads,
         )
-        self.server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
+        self.server = grpc.aio.server(options=server_options(config.max_message_bytes))
         self.health = health_aio.HealthServicer()
         self.servicer = EdgeWorkerServicer(self.worker, config)
         edge_pb2_grpc.add_EdgeWorkerServicer_to_server(self.servicer, self.server)

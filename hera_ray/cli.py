@@ -278,6 +278,78 @@ def models_path(name: str = typer.Argument(..., help="Bundled model name or a pa
         raise _fail(e.message) from None
 
 
+# -- cluster -------------------------------------------------------------------------------------
+
+
+def _load_hera_config(config_file: Optional[Path]):
+    from hera_ray.config import HeraConfig
+
+    try:
+        return load_settings(HeraConfig, config_file)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise _fail(f"invalid config: {problems}", 2) from None
+    except HeraError as e:
+        raise _fail(e.message, 2) from None
+
+
+@app.command("up")
+def up_cmd(
+    local_edges: int = typer.Option(0, "--local-edges", help="Edge nodes to start on this machine."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file of HeraConfig settings."),
+    timeout: float = typer.Option(900.0, help="Seconds to wait for every part to report healthy."),
+) -> None:
+    """Start (or join, with RAY_ADDRESS) a Ray cluster, the scheduler, the Serve app and local edges."""
+    from hera_ray.cluster import up
+
+    config = _load_hera_config(config_file)
+    try:
+        state = up(config, local_edges=local_edges, timeout_s=timeout, log=lambda m: err_console.print(m, highlight=False))
+    except HeraError as e:
+        raise _fail(f"{e.message}\n(run `hera down` to clean up what started)") from None
+    console.print(f"ingress: {state.ingress_url}   registry: {state.registry}   token file: {state.token_file}")
+
+
+@app.command("down")
+def down_cmd() -> None:
+    """Stop everything `hera up` started on this machine, and nothing else."""
+    from hera_ray.cluster import down
+
+    down(log=lambda m: err_console.print(m, highlight=False))
+
+
+@app.command("ask")
+def ask_cmd(
+    question: str = typer.Argument(..., help="The request for the agent."),
+    policy: str = typer.Option("all-slm", help="Routing policy (the model name): all-slm, all-llm, random, ..."),
+    url: Optional[str] = typer.Option(None, envvar="HERA_URL", help="Ingress URL [default: http://127.0.0.1:8000]."),
+    max_steps: Optional[int] = typer.Option(None, help="Subtasks at most."),
+    max_cloud_cost: Optional[float] = typer.Option(None, help="Cap on this request's cloud spend."),
+    as_json: bool = typer.Option(False, "--json", help="Print {answer, trace} as JSON."),
+) -> None:
+    """Ask the running cluster; print the answer and where every subtask ran."""
+    from hera_ray.client import Client
+
+    try:
+        with Client(url) as client:
+            run = client.run(question, policy=policy, max_steps=max_steps, max_cloud_cost=max_cloud_cost)
+    except HeraError as e:
+        raise _fail(e.message) from None
+    except Exception as e:  # noqa: BLE001 - connection errors and the like
+        raise _fail(f"cannot reach hera-ray at {url or 'http://127.0.0.1:8000'}: {e}") from None
+    if as_json:
+        print(json.dumps(run, indent=2))
+        return
+    table = Table(title=f"{policy}: {len(run['trace'])} subtask(s), SLM share {run['slm_share']:.0%}, cost {run['cost']:.6f}")
+    for col in ("#", "placement", "node", "stage", "tokens", "cost", "latency s", "subtask"):
+        table.add_column(col, no_wrap=col != "subtask", justify="right" if col in ("#", "tokens", "cost", "latency s") else "left")
+    for t in run["trace"]:
+        table.add_row(str(t["index"]), t["placement"], t["node"], t["stage"] + (f" ({t['fallback']})" if t["fallback"] else ""),
+                      str(t["tokens"]), f"{t['cost']:.6f}", f"{t['latency_s']:.2f}", t["subtask"][:80])
+    console.print(table)
+    console.print(f"[bold]answer:[/bold] {run['answer']}", highlight=False)
+
+
 # -- demo ------------------------------------------------------------------------------------------
 
 

@@ -132,3 +132,73 @@ class CloudLLMConfig(BaseModel):
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description="vllm: extra AsyncEngineArgs (e.g. dtype, max_model_len).")
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings, description="Replica autoscaling.")
+
+
+class SchedulerConfig(BaseModel):
+    """The SubtaskScheduler actor and the EdgeRegistry it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    registry_host: str = Field("127.0.0.1", description="Address the EdgeRegistry binds (0.0.0.0 to let edge boxes on other hosts in).")
+    registry_port: int = Field(50051, ge=0, le=65535, description="Port of the EdgeRegistry.")
+    token_file: Path | None = Field(None, description="Accepted edge tokens, one per line; default: ~/.cache/hera-ray/cluster/token, created if missing.")
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="How often edge nodes heartbeat.")
+    missed_heartbeats: int = Field(3, ge=1, description="Heartbeats a node may miss before it is marked down.")
+    edge_model: str = Field("smollm2-135m", description="Model id of the edge SLM that policies place subtasks on.")
+    max_cloud_cost_per_request: float | None = Field(None, ge=0, description="Cap on one request's cloud spend; past it, cloud subtasks fall back to the edge (or the request stops if none is up).")
+    random_slm_share: float = Field(0.5, ge=0, le=1, description="Share of subtasks the random policy sends to the edge.")
+    seed: int = Field(0, description="Seed of the random policy.")
+
+
+class AgentConfig(BaseModel):
+    """The agent loop: how a request becomes a chain of subtasks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: int = Field(6, ge=1, le=50, description="Subtasks per request at most; then the last result is the answer.")
+    max_tokens_per_step: int = Field(192, ge=8, le=4096, description="Tokens a model may write per subtask.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature of every step.")
+    edge_retries: int = Field(2, ge=0, le=10, description="Times a failed edge subtask is re-routed before it fails the request.")
+
+
+class IngressConfig(BaseModel):
+    """The HTTP ingress (OpenAI-compatible API)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address the HTTP ingress listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP ingress.")
+    api_key_env: str = Field("HERA_API_KEY", description="Environment variable holding the bearer API key; unset means no key is required.")
+    max_body_bytes: int = Field(1 * MiB, ge=1024, description="Largest request body accepted (413 past it).")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one ingress replica works on at once (Serve queues or refuses the rest).")
+
+
+class HeraConfig(BaseSettings):
+    """The whole cluster side: what ``hera up`` and the Serve builder read."""
+
+    model_config = SettingsConfigDict(env_prefix="HERA_", env_nested_delimiter="__", extra="forbid")
+
+    app_name: str = Field("hera", description="Name of the Serve application.")
+    namespace: str = Field("hera", description="Ray namespace of the scheduler actor.")
+    cloud: CloudLLMConfig = Field(default_factory=CloudLLMConfig, description="The cloud LLM deployment.")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="The scheduler actor and edge registry.")
+    agent: AgentConfig = Field(default_factory=AgentConfig, description="The agent loop.")
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="The HTTP ingress.")
+
+
+def default_token_file() -> Path:
+    """The local cluster's edge token, created on first use."""
+    from hera_ray.models import cache_dir
+
+    path = cache_dir() / "cluster" / "token"
+    return path if path.exists() else write_token_file(path)
+
+
+def write_token_file(path: Path) -> Path:
+    """Write a new random token to ``path`` (mode 600)."""
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# hera-ray edge token\n{secrets.token_urlsafe(32)}\n")
+    path.chmod(0o600)
+    return path

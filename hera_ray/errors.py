@@ -99,8 +99,39 @@ class NoEdgeNodeAvailable(Unavailable):
     """No live edge node serves the model a subtask needs."""
 
 
+class BudgetExceeded(HeraError):
+    """A request spent its cloud budget and no edge node can take the rest of its subtasks."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    http_status = 402
+
+
+class UnknownPolicy(ModelNotFound):
+    """The model name a client sent names no routing policy."""
+
+
 class ConfigError(HeraError):
     """A configuration value or file is unusable; raised at start-up, not at first request."""
 
     grpc_code = "FAILED_PRECONDITION"
     http_status = 500
+
+
+def error_to_dict(e: HeraError) -> dict[str, str]:
+    """A HeraError as plain data, to cross a process boundary (Serve, Ray) without its traceback."""
+    return {"type": type(e).__name__, "message": e.message}
+
+
+def error_from_dict(d: dict[str, str]) -> HeraError:
+    """The inverse of :func:`error_to_dict`; an unknown type becomes a plain HeraError."""
+    cls = next((c for c in _all_errors() if c.__name__ == d.get("type")), HeraError)
+    return cls(d.get("message", "unknown error"))
+
+
+def _all_errors() -> list[type[HeraError]]:
+    found, todo = [], [HeraError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found

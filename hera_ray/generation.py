@@ -29,6 +29,9 @@ class GenerationParams:
     model: str = ""
     request_id: str = ""
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 @dataclass
 class GenerationResult:

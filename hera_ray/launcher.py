@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hera_ray.config import write_token_file
 from hera_ray.errors import HeraError
 
 _REGISTRY_READY = re.compile(rb"hera registry listening on (\S+):(\d+)")
@@ -58,20 +58,14 @@ class LocalProcess:
             return self.popen.wait(5)
 
 
-def write_token_file(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# hera-ray registry token (local)\n{secrets.token_urlsafe(32)}\n")
-    path.chmod(0o600)
-    return path
-
-
-def _spawn(name: str, args: list[str], workdir: Path, ready: re.Pattern, timeout: float, env: dict | None) -> tuple[LocalProcess, re.Match]:
+def _spawn(name: str, args: list[str], workdir: Path, ready: re.Pattern, timeout: float, env: dict | None,
+           detach: bool = False) -> tuple[LocalProcess, re.Match]:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     log = log_path.open("wb")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     popen = subprocess.Popen([sys.executable, "-m", "hera_ray", *args], stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, env=full_env)
+                             stdin=subprocess.DEVNULL, env=full_env, start_new_session=detach)
     log.close()
     proc = LocalProcess(name, popen, log_path)
     deadline = time.monotonic() + timeout
@@ -96,12 +90,14 @@ def start_registry(workdir: Path, token_file: Path, port: int = 0, host: str = "
 
 def start_edge(workdir: Path, name: str, registry: str | None = None, token_file: Path | None = None,
                model: str = "smollm2-135m", port: int = 0, slots: int = 1, threads: int = 1,
-               extra_args: list[str] | None = None, timeout: float = 120.0, env: dict | None = None) -> LocalProcess:
+               extra_args: list[str] | None = None, timeout: float = 120.0, env: dict | None = None,
+               detach: bool = False) -> LocalProcess:
+    """Start an edge node process; ``detach`` puts it in its own session so it outlives the caller."""
     args = ["edge", "serve", "--model", model, "--port", str(port), "--slots", str(slots), "--threads", str(threads),
             "--node-id", name]
     if registry:
         args += ["--registry", registry, "--token-file", str(token_file)]
-    proc, m = _spawn(name, args + list(extra_args or []), workdir, _EDGE_READY, timeout, env)
+    proc, m = _spawn(name, args + list(extra_args or []), workdir, _EDGE_READY, timeout, env, detach)
     proc.node_id = m.group(1).decode()
     proc.address = f"{m.group(3).decode()}:{m.group(4).decode()}"
     return proc

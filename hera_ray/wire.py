@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterable
 
 import grpc
 
-from hera_ray.errors import HeraError, Unauthenticated
+from hera_ray.errors import HeraError, InvalidRequest, ModelNotFound, Overloaded, Unauthenticated, Unavailable
+from hera_ray.generation import GenerationParams, GenerationResult
 
 try:
     from hera_ray._proto.hera.v1 import edge_pb2, edge_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -34,6 +35,7 @@ __all__ = [
     "check_token",
     "grpc_errors",
     "grpc_options",
+    "server_options",
     "status_code",
 ]
 
@@ -46,6 +48,12 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Server options: size limits, and no SO_REUSEPORT, so a port already in use fails loudly
+    instead of two servers silently sharing it."""
+    return [*grpc_options(max_message_bytes), ("grpc.so_reuseport", 0)]
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -101,3 +109,52 @@ def grpc_errors(method: Callable) -> Callable:
             await context.abort(status_code(e), e.message)
 
     return unary_wrapper
+
+
+def params_to_pb(p: GenerationParams) -> "edge_pb2.GenerateRequest":
+    request = edge_pb2.GenerateRequest(
+        request_id=p.request_id, model=p.model, prompt=p.prompt, max_tokens=p.max_tokens,
+        temperature=p.temperature, stop=list(p.stop))
+    for role, content in p.messages:
+        request.messages.add(role=role, content=content)
+    if p.top_p is not None:
+        request.top_p = p.top_p
+    if p.top_k is not None:
+        request.top_k = p.top_k
+    if p.seed is not None:
+        request.seed = p.seed
+    return request
+
+
+def params_from_pb(r: "edge_pb2.GenerateRequest") -> GenerationParams:
+    return GenerationParams(
+        prompt=r.prompt,
+        messages=tuple((m.role, m.content) for m in r.messages),
+        max_tokens=r.max_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p if r.HasField("top_p") else None,
+        top_k=r.top_k if r.HasField("top_k") else None,
+        seed=r.seed if r.HasField("seed") else None,
+        stop=tuple(r.stop),
+        model=r.model,
+        request_id=r.request_id,
+    )
+
+
+def result_from_pb(r: "edge_pb2.GenerateResponse") -> GenerationResult:
+    return GenerationResult(text=r.text, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                            ttft_s=r.ttft_s, decode_s=r.decode_s, queue_s=r.queue_s,
+                            finish_reason=r.finish_reason, request_id=r.request_id)
+
+
+# A failed call to an edge node, as the caller should treat it: retry elsewhere, or give up.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE: Unavailable, grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+              grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable, grpc.StatusCode.CANCELLED: Unavailable}
+_FINAL = {grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest, grpc.StatusCode.NOT_FOUND: ModelNotFound}
+
+
+def error_from_rpc(e: grpc.RpcError, where: str) -> HeraError:
+    """Map a gRPC failure to the HeraError a caller acts on (retryable ones are Unavailable/Overloaded)."""
+    code = e.code()
+    cls = _RETRYABLE.get(code) or _FINAL.get(code) or Unavailable
+    return cls(f"{where}: {code.name}: {e.details()}")

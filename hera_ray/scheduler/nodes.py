@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -74,12 +75,24 @@ class NodeRecord:
         return (self.load.in_flight + self.load.queued) / max(1, self.spec.slots)
 
 
+def _locked(method):
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    wrapper.__name__, wrapper.__doc__ = method.__name__, method.__doc__
+    return wrapper
+
+
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
 class NodeTable:
-    """Registered edge nodes, keyed by node id. A node id is bound to the token that registered it."""
+    """Registered edge nodes, keyed by node id. A node id is bound to the token that registered it.
+
+    Thread-safe: the registry's gRPC loop and the scheduler's loop may run in different threads.
+    """
 
     def __init__(
         self,
@@ -93,11 +106,13 @@ class NodeTable:
         self._clock = clock
         self._wall = wall_clock
         self._nodes: dict[str, NodeRecord] = {}
+        self._lock = threading.RLock()
 
     @property
     def down_after_s(self) -> float:
         return self.heartbeat_interval_s * self.missed_heartbeats
 
+    @_locked
     def register(self, spec: NodeSpec, token: str) -> NodeRecord:
         """Add or replace a node. A node id held by another token is refused (ALREADY_EXISTS)."""
         spec.validate()
@@ -116,6 +131,7 @@ class NodeTable:
         self._nodes[spec.node_id] = record
         return record
 
+    @_locked
     def heartbeat(self, node_id: str, load: NodeLoad, token: str, draining: bool = False) -> NodeRecord:
         record = self._owned(node_id, token)
         record.load = load
@@ -123,10 +139,12 @@ class NodeTable:
         record.state = NodeState.DRAINING if draining else NodeState.UP
         return record
 
+    @_locked
     def deregister(self, node_id: str, token: str) -> None:
         self._owned(node_id, token)
         del self._nodes[node_id]
 
+    @_locked
     def expire(self) -> list[str]:
         """Mark nodes that missed too many heartbeats down; return the ids newly marked."""
         now = self._clock()
@@ -140,21 +158,30 @@ class NodeTable:
     def heartbeat_age(self, record: NodeRecord) -> float:
         return max(0.0, self._clock() - record.last_heartbeat)
 
+    @_locked
     def get(self, node_id: str) -> NodeRecord:
         try:
             return self._nodes[node_id]
         except KeyError:
             raise UnknownNode(f"node {node_id!r} is not registered") from None
 
+    @_locked
     def nodes(self) -> list[NodeRecord]:
         """A snapshot of every node, sorted by id."""
         return [replace(r) for _, r in sorted(self._nodes.items())]
 
+    @_locked
     def live(self, model: str | None = None) -> list[NodeRecord]:
         """Nodes that are up (not draining or down), optionally only those serving ``model``."""
         return [
             r for r in self.nodes() if r.state is NodeState.UP and (model is None or r.spec.model == model)
         ]
+
+    @_locked
+    def candidates(self, model: str, exclude: tuple[str, ...] = ()) -> list[NodeRecord]:
+        """Live records serving ``model`` (not copies: for the router's hot path, read-only)."""
+        return [r for r in self._nodes.values()
+                if r.state is NodeState.UP and r.spec.model == model and r.spec.node_id not in exclude]
 
     def __len__(self) -> int:
         return len(self._nodes)

@@ -18,7 +18,7 @@ from grpc_health.v1.health import aio as health_aio
 from hera_ray.config import RegistryConfig, read_tokens
 from hera_ray.errors import ConfigError
 from hera_ray.scheduler.nodes import NodeLoad, NodeRecord, NodeSpec, NodeState, NodeTable
-from hera_ray.wire import bearer_token, check_token, grpc_errors, grpc_options, edge_pb2, registry_pb2, registry_pb2_grpc
+from hera_ray.wire import bearer_token, check_token, grpc_errors, grpc_options, server_options, edge_pb2, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ class RegistryServer:
             raise ConfigError("the registry needs --token-file: a file of accepted node tokens, one per line")
         self.config = config
         self.tokens = read_tokens(config.token_file)
-        self.table = table or NodeTable(config.heartbeat_interval_s, config.missed_heartbeats)
-        self.server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
+        self.table = table if table is not None else NodeTable(config.heartbeat_interval_s, config.missed_heartbeats)
+        self.server = grpc.aio.server(options=server_options(config.max_message_bytes))
         self.health = health_aio.HealthServicer()
         registry_pb2_grpc.add_EdgeRegistryServicer_to_server(EdgeRegistryServicer(self.table, self.tokens), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

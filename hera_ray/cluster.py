@@ -1,0 +1,214 @@
+"""Operations: ``hera up`` / ``hera down``.
+
+``up`` joins the Ray cluster at ``RAY_ADDRESS`` or starts a local head (``ray start --head``),
+creates the SubtaskScheduler actor (which runs the EdgeRegistry), deploys the Serve application,
+optionally starts local edge nodes, and returns once every part reports healthy. It records
+what it started in ``~/.cache/hera-ray/cluster/state.json``; ``down`` stops exactly that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hera_ray.config import HeraConfig, default_token_file
+from hera_ray.errors import HeraError
+from hera_ray.launcher import LaunchError, start_edge
+from hera_ray.models import cache_dir
+
+# Ray turns on token auth (~/.ray/auth_token) after its first start; drivers must then say so.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+
+
+@dataclass
+class ClusterState:
+    started_ray: bool = False
+    ray_address: str = ""
+    namespace: str = "hera"
+    app_name: str = "hera"
+    ingress_url: str = ""
+    registry: str = ""
+    token_file: str = ""
+    edge_pids: list[int] = field(default_factory=list)
+    edge_addresses: list[str] = field(default_factory=list)
+
+
+# A local head stays on loopback: Ray would otherwise advertise (and dial) the host's own IP.
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def _ray_env() -> None:
+    """Set before Ray is imported: Ray reads these at import time. Users may override them."""
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def state_path() -> Path:
+    return cache_dir() / "cluster" / "state.json"
+
+
+def load_state() -> ClusterState | None:
+    try:
+        return ClusterState(**json.loads(state_path().read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _save_state(state: ClusterState) -> None:
+    state_path().parent.mkdir(parents=True, exist_ok=True)
+    state_path().write_text(json.dumps(asdict(state), indent=2))
+
+
+def _ray_bin() -> str:
+    return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+
+
+def start_local_ray(num_cpus: int | None = None, object_store_bytes: int = 500_000_000,
+                    port: int = 6379, client_port: int = 10001, dashboard_port: int = 8265,
+                    metrics_port: int = 8090) -> str:
+    """``ray start --head`` on this machine; returns the GCS address."""
+    cmd = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+           f"--ray-client-server-port={client_port}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--metrics-export-port={metrics_port}",
+           f"--num-cpus={num_cpus or max(8, os.cpu_count() or 1)}", f"--object-store-memory={object_store_bytes}",
+           "--disable-usage-stats"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**RAY_ENV, **os.environ}, timeout=180)
+    if out.returncode != 0:
+        raise HeraError(f"`ray start --head` failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return f"127.0.0.1:{port}"
+
+
+def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, timeout_s: float = 900.0,
+       log=print) -> ClusterState:
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.update(LOCAL_RAY_ENV)
+    _ray_env()
+    import ray
+    from ray import serve
+
+    from hera_ray.scheduler.actor import get_or_create_scheduler
+    from hera_ray.serve.app import build_app
+
+    t0 = time.monotonic()
+    state = ClusterState(namespace=config.namespace, app_name=config.app_name)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log(f"joining the Ray cluster at {address}")
+    else:
+        log("starting a local Ray head (ray start --head)")
+        address = start_local_ray()
+        state.started_ray = True
+    state.ray_address = address
+    _save_state(state)  # so `hera down` can clean up even if the rest fails
+
+    ray.init(address=address, namespace=config.namespace, log_to_driver=False)
+    token_file = config.scheduler.token_file or default_token_file()
+    config = config.model_copy(update={"scheduler": config.scheduler.model_copy(update={"token_file": token_file})})
+    actor = get_or_create_scheduler(config)
+    ping = ray.get(actor.ping.remote(), timeout=60)
+    state.registry, state.token_file = ping["registry"], str(token_file)
+    log(f"scheduler actor up; edge registry at {state.registry}")
+
+    serve.start(http_options={"host": config.ingress.host, "port": config.ingress.port})
+    log(f"deploying the Serve app {config.app_name!r} (cloud LLM: {config.cloud.backend} {config.cloud.model})")
+    serve.run(build_app(config=config), name=config.app_name, route_prefix="/")
+    state.ingress_url = f"http://{config.ingress.host}:{config.ingress.port}"
+    _save_state(state)
+
+    logs = cache_dir() / "cluster" / "logs"
+    for i in range(local_edges):
+        edge = start_edge(logs, f"edge-{i}", state.registry, token_file, model=edge_model or config.scheduler.edge_model,
+                          detach=True)
+        state.edge_pids.append(edge.pid)
+        state.edge_addresses.append(edge.address)
+        _save_state(state)
+        log(f"edge node edge-{i} at {edge.address}")
+
+    wait_healthy(state, local_edges, timeout_s - (time.monotonic() - t0))
+    log(f"hera-ray is up in {time.monotonic() - t0:.0f}s: {state.ingress_url}")
+    return state
+
+
+def wait_healthy(state: ClusterState, edges: int, timeout_s: float) -> dict:
+    import httpx
+
+    deadline = time.monotonic() + max(5.0, timeout_s)
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{state.ingress_url}/healthz", timeout=5)
+            if r.status_code == 200 and r.json().get("nodes_up", 0) >= edges:
+                return r.json()
+            last = r.text
+        except httpx.HTTPError as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise HeraError(f"hera-ray did not become healthy within {timeout_s:.0f}s: {last}")
+
+
+def down(log=print) -> bool:
+    """Stop what ``up`` started, and nothing else. Returns False if nothing was recorded."""
+    state = load_state()
+    if state is None:
+        log("nothing to stop: no record of `hera up` on this machine")
+        return False
+    for pid in state.edge_pids:
+        _terminate(pid)
+    if state.edge_pids:
+        log(f"stopped {len(state.edge_pids)} edge node(s)")
+    try:
+        if state.started_ray:
+            os.environ.update(LOCAL_RAY_ENV)
+        _ray_env()
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            ray.init(address=state.ray_address, namespace=state.namespace, log_to_driver=False)
+        try:
+            serve.delete(state.app_name)
+            log(f"deleted the Serve app {state.app_name!r}")
+        except Exception as e:  # noqa: BLE001 - already gone is fine
+            log(f"Serve app: {e}")
+        from hera_ray.scheduler.actor import SCHEDULER_NAME
+
+        try:
+            ray.kill(ray.get_actor(SCHEDULER_NAME, namespace=state.namespace), no_restart=True)
+            log("stopped the scheduler actor")
+        except ValueError:
+            pass
+        if state.started_ray:
+            serve.shutdown()
+        ray.shutdown()
+    except Exception as e:  # noqa: BLE001 - the cluster may be gone already
+        log(f"Ray: {e}")
+    if state.started_ray:
+        subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, timeout=120)
+        log("stopped the local Ray head")
+    state_path().unlink(missing_ok=True)
+    return True
+
+
+def _terminate(pid: int, timeout_s: float = 30.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

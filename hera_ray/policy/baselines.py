@@ -1,0 +1,55 @@
+"""Baseline policies: everything on the edge, everything in the cloud, or a seeded coin flip."""
+
+from __future__ import annotations
+
+import hashlib
+
+from hera_ray.policy.base import Decision, Placement, Policy, SubtaskContext
+
+
+class AllSLM(Policy):
+    name = "all-slm"
+    description = "Every subtask on an edge SLM."
+
+    async def decide(self, ctx: SubtaskContext) -> Decision:
+        return Decision(Placement.EDGE, self.name)
+
+
+class AllLLM(Policy):
+    name = "all-llm"
+    description = "Every subtask on the cloud LLM."
+
+    async def decide(self, ctx: SubtaskContext) -> Decision:
+        return Decision(Placement.CLOUD, self.name)
+
+
+class RandomPolicy(Policy):
+    """Each subtask goes to the edge with probability ``slm_share``.
+
+    The draw is a hash of (seed, request id, subtask index), so a request re-run after a
+    restart is placed the same way.
+    """
+
+    name = "random"
+    description = "Each subtask on the edge with a fixed probability."
+
+    def __init__(self, slm_share: float = 0.5, seed: int = 0):
+        if not 0.0 <= slm_share <= 1.0:
+            raise ValueError(f"slm_share must be in [0, 1], got {slm_share}")
+        self.slm_share = slm_share
+        self.seed = seed
+
+    def draw(self, ctx: SubtaskContext) -> float:
+        digest = hashlib.blake2b(f"{self.seed}:{ctx.request_id}:{ctx.index}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64
+
+    async def decide(self, ctx: SubtaskContext) -> Decision:
+        u = self.draw(ctx)
+        placement = Placement.EDGE if u < self.slm_share else Placement.CLOUD
+        return Decision(placement, self.name, {"draw": u, "slm_share": self.slm_share})
+
+
+def build_policies(random_slm_share: float = 0.5, seed: int = 0) -> dict[str, Policy]:
+    """The policies a scheduler offers, by name (the model name clients pass)."""
+    policies: list[Policy] = [AllSLM(), AllLLM(), RandomPolicy(random_slm_share, seed)]
+    return {p.name: p for p in policies}

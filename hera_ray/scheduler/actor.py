@@ -1,0 +1,171 @@
+"""SubtaskScheduler: the detached, named Ray actor that routes every subtask.
+
+It owns the node table, runs the EdgeRegistry gRPC server that feeds it (in a thread of its
+own, with its own event loop), wraps the pure :class:`~hera_ray.scheduler.router.Router`, and
+exports Prometheus metrics through ``ray.util.metrics``. Ray restarts it if it dies
+(``max_restarts=-1``); edge nodes then find the registry has forgotten them and register again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import ray
+from ray.util import metrics
+
+from hera_ray.config import HeraConfig, RegistryConfig, default_token_file
+from hera_ray.errors import ConfigError, HeraError
+from hera_ray.policy import Placement, build_policies
+from hera_ray.policy.base import PastStep
+from hera_ray.scheduler.nodes import NodeSpec, NodeTable
+from hera_ray.scheduler.registry import RegistryServer
+from hera_ray.scheduler.router import RouteRequest, Router, SubtaskReport
+
+SCHEDULER_NAME = "SubtaskScheduler"
+
+
+class _RegistryThread(threading.Thread):
+    """Runs the grpc.aio EdgeRegistry on its own loop, so it answers while the actor is busy."""
+
+    def __init__(self, config: RegistryConfig, table: NodeTable):
+        super().__init__(name="edge-registry", daemon=True)
+        self.config, self.table = config, table
+        self.ready = threading.Event()
+        self.port = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            self.server = RegistryServer(self.config, table=self.table)
+            self.port = loop.run_until_complete(self.server.start())
+        except BaseException as e:  # noqa: BLE001 - reported to the actor's constructor
+            self.error = e
+            self.ready.set()
+            return
+        self.ready.set()
+        loop.run_forever()
+
+
+class SubtaskScheduler:
+    """Routes subtasks (``route``), records their cost (``report``), and lists nodes and usage."""
+
+    def __init__(self, config: dict[str, Any]):
+        cfg = HeraConfig.model_validate(config)
+        s = cfg.scheduler
+        self.table = NodeTable(s.heartbeat_interval_s, s.missed_heartbeats)
+        self.router = Router(
+            self.table,
+            build_policies(s.random_slm_share, s.seed),
+            edge_model=s.edge_model,
+            cloud_model=cfg.cloud.model_id or cfg.cloud.model,
+            cloud_price_per_1k_tokens=cfg.cloud.price_per_1k_tokens,
+            max_cloud_cost_per_request=s.max_cloud_cost_per_request,
+        )
+        registry = RegistryConfig(host=s.registry_host, port=s.registry_port,
+                                  token_file=s.token_file or default_token_file(),
+                                  heartbeat_interval_s=s.heartbeat_interval_s, missed_heartbeats=s.missed_heartbeats)
+        self._registry = _RegistryThread(registry, self.table)
+        self._registry.start()
+        self._registry.ready.wait(30)
+        if self._registry.error is not None:
+            raise ConfigError(f"the edge registry could not start on {s.registry_host}:{s.registry_port}: {self._registry.error}")
+        self.registry_address = f"{s.registry_host}:{self._registry.port}"
+        self._m_subtasks = metrics.Counter("hera_subtasks", "Subtasks routed, by placement and policy.", ("placement", "policy"))
+        self._m_tokens = metrics.Counter("hera_tokens", "Tokens processed, by placement.", ("placement",))
+        self._m_cost = metrics.Counter("hera_cost", "Cost charged, by placement (configured prices).", ("placement",))
+        self._m_decision = metrics.Histogram("hera_decision_latency_s", "Time to make one routing decision.",
+                                             boundaries=[0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.2, 1.0])
+        self._m_load = metrics.Gauge("hera_node_load", "Edge node utilisation: (in flight + queued) / slots.", ("node",))
+
+    # -- routing -------------------------------------------------------------------------------
+
+    async def route(self, request: dict[str, Any], max_cloud_cost: float | None = None) -> dict[str, Any]:
+        req = RouteRequest(
+            request_id=request["request_id"],
+            policy=request["policy"],
+            index=int(request["index"]),
+            question=request.get("question", ""),
+            history=tuple(PastStep(h["subtask"], h["output"], Placement(h["placement"])) for h in request.get("history", ())),
+            exclude_nodes=tuple(request.get("exclude_nodes", ())),
+        )
+        route = await self.router.route(req, max_cloud_cost)
+        self._m_subtasks.inc(1, {"placement": route.placement.value, "policy": req.policy})
+        self._m_decision.observe(route.decision_s)
+        if route.placement is Placement.EDGE:
+            record = self.table.get(route.node_id)
+            self._m_load.set(self.router._load_key(record)[0], {"node": route.node_id})
+        return route.to_dict()
+
+    async def report(self, report: dict[str, Any]) -> float:
+        rep = SubtaskReport(
+            request_id=report["request_id"], placement=Placement(report["placement"]), node_id=report["node_id"],
+            prompt_tokens=int(report.get("prompt_tokens", 0)), completion_tokens=int(report.get("completion_tokens", 0)),
+            price_per_1k_tokens=float(report.get("price_per_1k_tokens", 0.0)), ok=bool(report.get("ok", True)))
+        cost = self.router.report(rep)
+        if rep.ok:
+            tags = {"placement": rep.placement.value}
+            self._m_tokens.inc(rep.prompt_tokens + rep.completion_tokens, tags)
+            if cost:
+                self._m_cost.inc(cost, tags)
+        return cost
+
+    async def finish(self, request_id: str) -> dict[str, Any]:
+        return self.router.finish(request_id).to_dict()
+
+    async def request_usage(self, request_id: str) -> dict[str, Any]:
+        return self.router.ledger.request(request_id).to_dict()
+
+    # -- inspection ------------------------------------------------------------------------------
+
+    async def ping(self) -> dict[str, Any]:
+        nodes = self.table.nodes()
+        return {"registry": self.registry_address, "nodes": len(nodes),
+                "nodes_up": sum(1 for r in nodes if r.state.value == "up"), "policies": sorted(self.router.policies)}
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        out = []
+        for r in self.table.nodes():
+            self._m_load.set(r.utilisation, {"node": r.spec.node_id})
+            out.append({**r.spec.__dict__, "state": r.state.value, "load": r.load.__dict__,
+                        "last_heartbeat_age_s": self.table.heartbeat_age(r)})
+        return out
+
+    async def policies(self) -> list[dict[str, str]]:
+        return [{"name": p.name, "description": p.description} for p in self.router.policies.values()]
+
+    async def usage(self) -> dict[str, Any]:
+        led = self.router.ledger
+        return {"total": led.total.to_dict(), "by_node": {k: v.to_dict() for k, v in led.by_node.items()}}
+
+    async def add_stub_nodes(self, count: int, model: str, slots: int = 1) -> int:
+        """Register ``count`` stub nodes that serve nothing (control-plane benchmarks only)."""
+        for i in range(count):
+            self.table.register(NodeSpec(node_id=f"stub-{i:05d}", address=f"127.0.0.1:{20000 + i % 40000}",
+                                         model=model, n_ctx=2048, slots=slots), "stub-token")
+        return len(self.table)
+
+
+def get_or_create_scheduler(config: HeraConfig):
+    """The named, detached scheduler actor: created on first call, found afterwards."""
+    actor_cls = ray.remote(SubtaskScheduler)
+    return actor_cls.options(
+        name=SCHEDULER_NAME,
+        namespace=config.namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=3,
+        num_cpus=0,
+        max_concurrency=1000,
+    ).remote(config.model_dump(mode="json"))
+
+
+def scheduler_handle(namespace: str = "hera"):
+    try:
+        return ray.get_actor(SCHEDULER_NAME, namespace=namespace)
+    except ValueError:
+        raise HeraError(f"no {SCHEDULER_NAME} actor in namespace {namespace!r}: run `hera up` first") from None

@@ -1,0 +1,151 @@
+"""The routing decision for one subtask: policy first, then budget, then which edge node.
+
+Plain code over the node table, the cost ledger and the policies; the SubtaskScheduler actor
+wraps it. Edge node choice: the least-loaded live node serving the model, but a request stays on
+the node that ran its previous subtask while that node is up (its KV cache holds the context).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+from hera_ray.errors import BudgetExceeded, UnknownPolicy
+from hera_ray.policy.base import PastStep, Placement, Policy, SubtaskContext
+from hera_ray.scheduler.ledger import CostLedger, Usage
+from hera_ray.scheduler.nodes import NodeRecord, NodeTable
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    request_id: str
+    policy: str
+    index: int
+    question: str = ""
+    history: tuple[PastStep, ...] = ()
+    #: Edge nodes that just failed this subtask: do not pick them again.
+    exclude_nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Route:
+    placement: Placement
+    stage: str
+    scores: dict[str, float] = field(default_factory=dict)
+    node_id: str = ""
+    address: str = ""
+    model: str = ""
+    price_per_1k_tokens: float = 0.0
+    #: Why the policy's choice was overridden: "budget" (cloud cap reached) or "no-edge".
+    fallback: str = ""
+    decision_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["placement"] = self.placement.value
+        return d
+
+
+@dataclass(frozen=True)
+class SubtaskReport:
+    request_id: str
+    placement: Placement
+    node_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    price_per_1k_tokens: float
+    ok: bool = True
+
+
+class Router:
+    def __init__(
+        self,
+        table: NodeTable,
+        policies: dict[str, Policy],
+        edge_model: str,
+        cloud_model: str,
+        cloud_price_per_1k_tokens: float,
+        max_cloud_cost_per_request: float | None = None,
+        ledger: CostLedger | None = None,
+    ):
+        self.table = table
+        self.policies = policies
+        self.edge_model = edge_model
+        self.cloud_model = cloud_model
+        self.cloud_price = cloud_price_per_1k_tokens
+        self.max_cloud_cost = max_cloud_cost_per_request
+        self.ledger = ledger or CostLedger()
+        self.outstanding: dict[str, int] = defaultdict(int)
+        self._affinity: dict[str, str] = {}
+
+    def policy(self, name: str) -> Policy:
+        try:
+            return self.policies[name]
+        except KeyError:
+            raise UnknownPolicy(f"unknown policy {name!r}: choose one of {', '.join(sorted(self.policies))}") from None
+
+    def over_budget(self, request_id: str, max_cloud_cost: float | None = None) -> bool:
+        cap = self.max_cloud_cost if max_cloud_cost is None else max_cloud_cost
+        return cap is not None and self.ledger.request(request_id).cloud_cost >= cap
+
+    async def route(self, req: RouteRequest, max_cloud_cost: float | None = None) -> Route:
+        t0 = time.perf_counter()
+        decision = await self.policy(req.policy).decide(
+            SubtaskContext(req.request_id, req.question, req.index, req.history))
+        placement, fallback = decision.placement, ""
+        if placement is Placement.CLOUD and self.over_budget(req.request_id, max_cloud_cost):
+            placement, fallback = Placement.EDGE, "budget"
+        node = self.pick_node(req.request_id, self.edge_model, req.exclude_nodes) if placement is Placement.EDGE else None
+        if placement is Placement.EDGE and node is None:
+            if fallback == "budget":
+                spent = self.ledger.request(req.request_id).cloud_cost
+                raise BudgetExceeded(
+                    f"request {req.request_id} spent {spent:.6f} on the cloud, its cap is "
+                    f"{self.max_cloud_cost if max_cloud_cost is None else max_cloud_cost}, and no edge node "
+                    f"serving {self.edge_model!r} is up to take its subtasks"
+                )
+            placement, fallback = Placement.CLOUD, "no-edge"
+        if node is not None:
+            self.outstanding[node.spec.node_id] += 1
+            self._affinity[req.request_id] = node.spec.node_id
+            route = Route(placement, decision.stage, decision.scores, node.spec.node_id, node.spec.address,
+                          node.spec.model, node.spec.price_per_1k_tokens, fallback)
+        else:
+            route = Route(placement, decision.stage, decision.scores, "cloud", "", self.cloud_model, self.cloud_price, fallback)
+        return _with_time(route, time.perf_counter() - t0)
+
+    def pick_node(self, request_id: str, model: str, exclude: tuple[str, ...] = ()) -> NodeRecord | None:
+        candidates = self.table.candidates(model, exclude)
+        if not candidates:
+            return None
+        sticky = self._affinity.get(request_id)
+        for record in candidates:
+            if record.spec.node_id == sticky:
+                return record
+        return min(candidates, key=self._load_key)
+
+    def _load_key(self, r: NodeRecord) -> tuple[float, str]:
+        # The heartbeat lags by up to a second; what this scheduler sent since is fresher.
+        busy = max(self.outstanding.get(r.spec.node_id, 0), r.load.in_flight + r.load.queued)
+        return busy / max(1, r.spec.slots), r.spec.node_id
+
+    def report(self, rep: SubtaskReport) -> float:
+        """Record a finished (or failed) subtask; returns its cost."""
+        if rep.placement is Placement.EDGE and self.outstanding.get(rep.node_id, 0) > 0:
+            self.outstanding[rep.node_id] -= 1
+        if not rep.ok:
+            if self._affinity.get(rep.request_id) == rep.node_id:
+                del self._affinity[rep.request_id]
+            return 0.0
+        return self.ledger.charge(rep.request_id, rep.placement, rep.node_id,
+                                  rep.prompt_tokens + rep.completion_tokens, rep.price_per_1k_tokens)
+
+    def finish(self, request_id: str) -> Usage:
+        """The request is done: forget its node affinity and return its usage."""
+        self._affinity.pop(request_id, None)
+        return self.ledger.close(request_id)
+
+
+def _with_time(route: Route, seconds: float) -> Route:
+    return Route(**{**route.__dict__, "decision_s": seconds})

@@ -1,0 +1,1 @@
+"""Ray Serve adapters: the HTTP ingress (OpenAI-compatible + agent runs) and the app builder."""

@@ -1,0 +1,28 @@
+"""The Serve application builder: one function for ``serve run``, ``serve deploy`` and Python.
+
+    serve run hera_ray.serve.app:build_app config_file=hera.yaml
+    serve deploy deploy/serve_config.yaml        # import_path: hera_ray.serve.app:build_app
+
+``args`` are HeraConfig fields (nested dicts allowed) and/or ``config_file`` (YAML).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cloud_node.deployment import build_cloud_deployment
+from hera_ray.config import HeraConfig, load_settings
+from hera_ray.serve.openai_api import HeraIngress
+
+
+def build_app(args: dict[str, Any] | None = None, config: HeraConfig | None = None):
+    if config is None:
+        args = dict(args or {})
+        config_file = args.pop("config_file", None)
+        config = load_settings(HeraConfig, Path(config_file) if config_file else None, **args)
+    cloud = build_cloud_deployment(config.cloud)
+    return HeraIngress.options(
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(config.model_dump(mode="json"), cloud)
