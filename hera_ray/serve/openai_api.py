@@ -5,8 +5,8 @@ Transport only: each request becomes one :class:`~hera_ray.agent.Agent` run. Err
 OpenAI's error shape with the status mapped once in ``hera_ray.errors`` (4xx for bad input).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run time
+# inside Serve replicas, where string annotations do not resolve.
 import asyncio
 import hmac
 import json
@@ -119,6 +119,27 @@ async def require_api_key(request: Request) -> None:
 _AUTH = [Depends(require_api_key)]
 
 
+def _usage(run: AgentRun) -> dict[str, int]:
+    prompt = sum(t.prompt_tokens for t in run.trace)
+    completion = sum(t.completion_tokens for t in run.trace)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _completion(model: str, run: AgentRun) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{run.request_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": run.answer},
+                     "finish_reason": "stop" if run.finished else "length"}],
+        "usage": _usage(run),
+        "hera": run.to_dict(),
+    }
+
+
+# Module-level helpers used by the class are defined above it: Serve may pickle the class by
+# value, and only names bound when it is pickled travel with it.
 @serve.deployment(name=INGRESS_NAME)
 @serve.ingress(api)
 class HeraIngress:
@@ -211,22 +232,3 @@ class HeraIngress:
             if not task.done():
                 task.cancel()
         yield "data: [DONE]\n\n"
-
-
-def _usage(run: AgentRun) -> dict[str, int]:
-    prompt = sum(t.prompt_tokens for t in run.trace)
-    completion = sum(t.completion_tokens for t in run.trace)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _completion(model: str, run: AgentRun) -> dict[str, Any]:
-    return {
-        "id": f"chatcmpl-{run.request_id}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": run.answer},
-                     "finish_reason": "stop" if run.finished else "length"}],
-        "usage": _usage(run),
-        "hera": run.to_dict(),
-    }
