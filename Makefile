@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-all bench protos clean
+.PHONY: install demo test bench protos clean
 
 install: $(STAMP)
 
@@ -41,3 +41,6 @@ protos: $(STAMP)
 
 clean:
 	rm -rf $(VENV) hera_ray/_proto build *.egg-info
+
+# Opt-in: vLLM on CPU in its own venv (.venv-vllm), `make test-vllm`.
+include mk/vllm.mk

@@ -78,11 +78,11 @@ def submit(question: str, policy: str = "all-slm", address: str = "ray://127.0.0
     The request runs as a Ray task inside the cluster, which calls the Serve app's handle; only
     the result crosses the client connection.
     """
-    import ray
-
     # Ray turns on token auth after its first start; the client must say so to send the token.
+    # Ray reads these when it is imported, so they are set first.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
     owns = not ray.is_initialized()
     if owns:
         ray.init(address=address, log_to_driver=False)

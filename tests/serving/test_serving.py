@@ -1,0 +1,160 @@
+"""End to end through the real cluster: HTTP ingress -> agent -> scheduler actor -> edge nodes
+(gRPC) or the cloud deployment (Serve), as a user of the API sees it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import API_KEY, CLOUD_PRICE
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+QUESTION = "Tom has 3 apples and buys 2 more. How many apples does he have?"
+
+
+@pytest.fixture
+def oai(cluster):
+    return openai.OpenAI(base_url=f"{cluster.ingress_url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_openai_client_gets_a_completion(oai):
+    reply = oai.chat.completions.create(model="all-slm", messages=[{"role": "user", "content": QUESTION}])
+    assert reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens > 0
+    hera = reply.model_extra["hera"]
+    assert hera["trace"] and all(t["placement"] == "edge" for t in hera["trace"])
+
+
+def test_openai_client_gets_a_stream(oai):
+    chunks = list(oai.chat.completions.create(model="all-llm", messages=[{"role": "user", "content": QUESTION}],
+                                              stream=True))
+    steps = [c.model_extra["hera_step"] for c in chunks if c.model_extra and "hera_step" in c.model_extra]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert steps, "no progress chunk per subtask"
+    assert all(s["placement"] == "cloud" for s in steps)
+    assert content.strip()
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].usage.total_tokens > 0
+
+
+def test_models_and_health(oai, cluster):
+    assert {"all-slm", "all-llm", "random"} <= {m.id for m in oai.models.list()}
+    health = httpx.get(f"{cluster.ingress_url}/healthz", timeout=10).json()
+    assert health["status"] == "ok" and health["nodes_up"] == 2
+
+
+def test_all_slm_trace_matches_what_ran(client, cluster):
+    run = client.run(QUESTION, policy="all-slm", max_steps=3)
+    assert 1 <= len(run["trace"]) <= 3
+    nodes = {t["node"] for t in run["trace"]}
+    assert nodes <= {"edge-0", "edge-1"} and len(nodes) == 1  # one request stays on one edge node
+    for i, t in enumerate(run["trace"]):
+        assert t["index"] == i
+        assert t["placement"] == "edge" and t["stage"] == "all-slm" and t["model"] == "smollm2-135m"
+        assert t["tokens"] == t["prompt_tokens"] + t["completion_tokens"] > 0
+        assert t["cost"] == 0.0  # edge nodes advertise price 0
+        assert t["latency_s"] >= t["generation_s"] > 0 and t["decision_s"] > 0
+    assert run["slm_share"] == 1.0 and run["usage"]["edge_subtasks"] == len(run["trace"])
+
+
+def test_all_llm_trace_is_charged_at_the_cloud_price(client):
+    run = client.run(QUESTION, policy="all-llm", max_steps=2)
+    for t in run["trace"]:
+        assert t["placement"] == "cloud" and t["node"] == "cloud" and t["model"] == "smollm2-as-cloud"
+        assert t["cost"] == pytest.approx(t["tokens"] * CLOUD_PRICE / 1000)
+    assert run["cost"] == pytest.approx(run["usage"]["cloud_cost"]) and run["cost"] > 0
+    assert run["cloud_tokens"] == sum(t["tokens"] for t in run["trace"])
+    assert run["slm_share"] == 0.0
+
+
+def test_random_policy_places_by_its_recorded_draw(client):
+    run = client.run("List three colours, one step at a time.", policy="random", max_steps=3)
+    for t in run["trace"]:
+        expected = "edge" if t["scores"]["draw"] < t["scores"]["slm_share"] else "cloud"
+        assert t["placement"] == expected
+
+
+def test_cloud_budget_cap_sends_subtasks_to_the_edge(client):
+    run = client.run(QUESTION, policy="all-llm", max_steps=2, max_cloud_cost=0.0)
+    assert run["trace"]
+    assert all(t["placement"] == "edge" and t["fallback"] == "budget" for t in run["trace"])
+    assert run["usage"]["cloud_cost"] == 0.0
+
+
+def _post(cluster, path, **kw):
+    headers = {"Authorization": f"Bearer {API_KEY}", **kw.pop("headers", {})}
+    return httpx.post(f"{cluster.ingress_url}{path}", headers=headers, timeout=60, **kw)
+
+
+@pytest.mark.parametrize("case, kwargs, status, words", [
+    ("bad json", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("unknown model", {"json": {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}}, 404, "unknown model 'gpt-9'"),
+    ("missing messages", {"json": {"model": "all-slm"}}, 400, "messages"),
+    ("empty messages", {"json": {"model": "all-slm", "messages": []}}, 400, "messages"),
+    ("no user message", {"json": {"model": "all-slm", "messages": [{"role": "system", "content": "x"}]}}, 400, "user message"),
+    ("bad role", {"json": {"model": "all-slm", "messages": [{"role": "wizard", "content": "x"}]}}, 400, "role"),
+    ("oversized body", {"content": b"x" * (2 * 1024 * 1024), "headers": {"content-type": "application/json"}}, 413, "limit"),
+    ("bad key", {"json": {"model": "all-slm", "messages": [{"role": "user", "content": "hi"}]},
+                 "headers": {"Authorization": "Bearer wrong"}}, 401, "API key"),
+])
+def test_bad_requests_get_a_4xx_with_a_message(cluster, case, kwargs, status, words):
+    r = _post(cluster, "/v1/chat/completions", **kwargs)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_bad_agent_runs_are_refused(cluster):
+    for body, status, words in [({"question": "  "}, 400, "blank"), ({"question": "hi", "policy": "nope"}, 404, "unknown"),
+                                ({"question": "hi", "max_steps": 0}, 400, "max_steps")]:
+        r = _post(cluster, "/v1/agent/runs", json=body)
+        assert r.status_code == status and words in r.json()["error"]["message"], r.text
+    r = httpx.get(f"{cluster.ingress_url}/v1/models", timeout=10)
+    assert r.status_code == 401
+    assert httpx.get(f"{cluster.ingress_url}/healthz", timeout=10).status_code == 200  # still up
+
+
+def test_hera_ask_prints_json_trace(cluster):
+    env = {**os.environ, "HERA_URL": cluster.ingress_url}
+    out = subprocess.run([sys.executable, "-m", "hera_ray", "ask", QUESTION, "--policy", "all-llm", "--max-steps", "1",
+                          "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    run = json.loads(out.stdout)
+    assert run["answer"]
+    (entry,) = run["trace"]
+    assert {"placement", "node", "tokens", "cost", "latency_s"} <= set(entry)
+    assert entry["placement"] == "cloud"
+
+
+def test_submit_through_ray_client(cluster, ray_head):
+    script = (
+        "from hera_ray import submit\n"
+        f"r = submit({QUESTION!r}, policy='all-slm', address='ray://127.0.0.1:{ray_head['client_port']}', max_steps=1)\n"
+        "import json; print(json.dumps({'placements': [t['placement'] for t in r['trace']], 'answer': r['answer']}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["placements"] == ["edge"] and result["answer"]
+
+
+def test_prometheus_metrics_count_subtasks(client, ray_head):
+    client.run(QUESTION, policy="all-llm", max_steps=1)
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{ray_head['metrics_port']}/metrics", timeout=10).text
+        if "hera_subtasks" in text and "hera_decision_latency_s" in text and "hera_tokens" in text:
+            break
+        time.sleep(2)
+    assert 'placement="cloud"' in text and "hera_subtasks" in text
+    assert "hera_decision_latency_s" in text and "hera_node_load" in text
