@@ -85,6 +85,11 @@ def start_local_ray(num_cpus: int | None = None, object_store_bytes: int = 500_0
     return f"127.0.0.1:{port}"
 
 
+def stop_local_ray() -> None:
+    """``ray stop --force``: ends every Ray process on this machine."""
+    subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, timeout=120)
+
+
 def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, timeout_s: float = 900.0,
        log=print) -> ClusterState:
     if not os.environ.get("RAY_ADDRESS"):
@@ -108,7 +113,8 @@ def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, 
     state.ray_address = address
     _save_state(state)  # so `hera down` can clean up even if the rest fails
 
-    ray.init(address=address, namespace=config.namespace, log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=config.namespace, log_to_driver=False)
     token_file = config.scheduler.token_file or default_token_file()
     config = config.model_copy(update={"scheduler": config.scheduler.model_copy(update={"token_file": token_file})})
     actor = get_or_create_scheduler(config)
@@ -190,7 +196,7 @@ def down(log=print) -> bool:
     except Exception as e:  # noqa: BLE001 - the cluster may be gone already
         log(f"Ray: {e}")
     if state.started_ray:
-        subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, timeout=120)
+        stop_local_ray()
         log("stopped the local Ray head")
     state_path().unlink(missing_ok=True)
     return True

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 
 import pytest
 
@@ -38,8 +37,10 @@ def ray_head(tmp_path_factory):
     yield {"address": address, **ports}
     import ray
 
+    from hera_ray.cluster import stop_local_ray
+
     ray.shutdown()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    stop_local_ray()
 
 
 @pytest.fixture(scope="session")

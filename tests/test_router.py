@@ -1,0 +1,112 @@
+"""The routing decision as plain code: policies, budget fallback, node choice and affinity."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hera_ray.errors import BudgetExceeded, UnknownPolicy
+from hera_ray.policy import Placement, build_policies
+from hera_ray.policy.baselines import RandomPolicy
+from hera_ray.policy.base import SubtaskContext
+from hera_ray.scheduler.nodes import NodeLoad, NodeSpec, NodeTable
+from hera_ray.scheduler.router import RouteRequest, Router, SubtaskReport
+
+EDGE = "smollm2-135m"
+
+
+def make_router(nodes=(("a", 1), ("b", 1)), cap=None, model=EDGE):
+    table = NodeTable()
+    for node_id, slots in nodes:
+        table.register(NodeSpec(node_id, f"127.0.0.1:{5000 + len(table)}", model, 2048, slots, 0, 0.01), "t")
+    return Router(table, build_policies(0.5, seed=1), EDGE, "qwen", 2.0, cap), table
+
+
+def route(router, policy="all-slm", request_id="r1", index=0, cap=None, exclude=()):
+    return asyncio.run(router.route(RouteRequest(request_id, policy, index, exclude_nodes=exclude), cap))
+
+
+def test_all_slm_and_all_llm_place_everything_on_one_side():
+    router, _ = make_router()
+    assert route(router, "all-slm").placement is Placement.EDGE
+    r = route(router, "all-llm")
+    assert r.placement is Placement.CLOUD and r.node_id == "cloud" and r.price_per_1k_tokens == 2.0
+
+
+def test_unknown_policy_names_the_choices():
+    router, _ = make_router()
+    with pytest.raises(UnknownPolicy, match="all-llm, all-slm, random"):
+        route(router, "gpt-9")
+
+
+def test_least_loaded_node_is_picked_and_a_request_sticks_to_its_node():
+    router, table = make_router()
+    first = route(router, request_id="r1")
+    other = route(router, request_id="r2")
+    assert {first.node_id, other.node_id} == {"a", "b"}  # r2 avoids the node r1 occupies
+    router.report(SubtaskReport("r1", Placement.EDGE, first.node_id, 10, 5, 0.01))
+    router.report(SubtaskReport("r2", Placement.EDGE, other.node_id, 10, 5, 0.01))
+    table.heartbeat(first.node_id, NodeLoad(in_flight=1), "t")  # busy with someone else's work
+    assert route(router, request_id="r1", index=1).node_id == first.node_id  # affinity wins while up
+    assert route(router, request_id="r3").node_id == other.node_id  # a new request goes to the idle one
+
+
+def test_a_failed_node_is_excluded_and_affinity_dropped():
+    router, _ = make_router()
+    first = route(router, request_id="r1")
+    router.report(SubtaskReport("r1", Placement.EDGE, first.node_id, 0, 0, 0.01, ok=False))
+    again = route(router, request_id="r1", exclude=(first.node_id,))
+    assert again.node_id != first.node_id
+
+
+def test_no_edge_node_falls_back_to_the_cloud_visibly():
+    router, _ = make_router(nodes=())
+    r = route(router, "all-slm")
+    assert r.placement is Placement.CLOUD and r.fallback == "no-edge"
+
+
+def test_nodes_of_another_model_are_not_used():
+    router, _ = make_router(model="gemma-270m")
+    assert route(router, "all-slm").fallback == "no-edge"
+
+
+def test_budget_cap_moves_cloud_subtasks_to_the_edge():
+    router, _ = make_router(cap=0.001)
+    r = route(router, "all-llm")
+    assert r.placement is Placement.CLOUD
+    cost = router.report(SubtaskReport("r1", Placement.CLOUD, "cloud", 400, 100, 2.0))
+    assert cost == pytest.approx(1.0)
+    r = route(router, "all-llm", index=1)
+    assert r.placement is Placement.EDGE and r.fallback == "budget"
+
+
+def test_budget_spent_with_no_edge_node_stops_the_request():
+    router, _ = make_router(nodes=(), cap=0.0)
+    with pytest.raises(BudgetExceeded, match="no edge node"):
+        route(router, "all-llm")
+
+
+def test_per_request_cap_overrides_the_default():
+    router, _ = make_router(cap=None)
+    assert route(router, "all-llm", cap=0.0).fallback == "budget"
+
+
+def test_ledger_splits_edge_and_cloud():
+    router, _ = make_router()
+    router.report(SubtaskReport("r1", Placement.EDGE, "a", 100, 100, 0.01))
+    router.report(SubtaskReport("r1", Placement.CLOUD, "cloud", 500, 500, 2.0))
+    usage = router.finish("r1")
+    assert (usage.edge_tokens, usage.cloud_tokens) == (200, 1000)
+    assert usage.cloud_cost == pytest.approx(2.0) and usage.edge_cost == pytest.approx(0.002)
+    assert usage.slm_share == 0.5
+    assert router.ledger.total.subtasks == 2
+
+
+def test_random_policy_is_seeded_and_near_its_share():
+    policy = RandomPolicy(slm_share=0.3, seed=7)
+    decisions = [asyncio.run(policy.decide(SubtaskContext(f"req-{i}", "", i % 5))) for i in range(2000)]
+    share = sum(d.placement is Placement.EDGE for d in decisions) / len(decisions)
+    assert 0.26 < share < 0.34
+    again = [asyncio.run(policy.decide(SubtaskContext(f"req-{i}", "", i % 5))) for i in range(50)]
+    assert [d.placement for d in again] == [d.placement for d in decisions[:50]]
