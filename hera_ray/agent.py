@@ -31,9 +31,11 @@ SYSTEM_PROMPT = (
     "When you know the final answer, reply with one line instead:\n"
     "Final Answer: <the answer>"
 )
-NEXT_STEP = "Continue with the next step, or give the Final Answer."
+NEXT_STEP = ("Continue with the next step. If the results so far answer the task, reply only with "
+             "'Final Answer: <answer>'.")
 
-_FINAL = re.compile(r"(?:final\s+answer|the\s+answer\s+is)\s*[:：]?\s*(.+)", re.IGNORECASE | re.DOTALL)
+# "Final Answer:" needs its colon (a subtask may say "present the final answer"); "the answer is" not.
+_FINAL = re.compile(r"(?:final\s+answer\s*[:：]|the\s+answer\s+is\s*[:：]?)\s*(.+)", re.IGNORECASE | re.DOTALL)
 _HASHES = re.compile(r"####\s*(.+)")
 _SUBTASK = re.compile(r"subtask\s*\d*\s*[:：]\s*(.*?)(?=\n\s*result\s*[:：]|\n\s*final\s+answer|\Z)", re.IGNORECASE | re.DOTALL)
 _RESULT = re.compile(r"result\s*[:：]\s*(.*?)(?=\n\s*final\s+answer|\Z)", re.IGNORECASE | re.DOTALL)
@@ -81,7 +83,8 @@ class TraceEntry:
     cost: float
     latency_s: float
     decision_s: float
-    generation_s: float
+    generation_s: float  # the executor call, as the agent saw it (includes the transport)
+    model_s: float = 0.0  # the model's own time: time to first token + decode, as the engine measured it
     retries: int = 0
     finish_reason: str = ""
 
@@ -210,7 +213,7 @@ class Agent:
                 fallback=route["fallback"], prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens, tokens=result.prompt_tokens + result.completion_tokens,
                 cost=cost, latency_s=time.perf_counter() - t0, decision_s=decision_s, generation_s=generation_s,
-                retries=attempt, finish_reason=result.finish_reason,
+                model_s=result.ttft_s + result.decode_s, retries=attempt, finish_reason=result.finish_reason,
             )
             return entry, parsed
         raise HeraError("unreachable")  # pragma: no cover

@@ -355,15 +355,20 @@ def ask_cmd(
 
 @app.command("demo")
 def demo_cmd(
+    n: int = typer.Option(3, "--n", help="GSM8K test questions to answer."),
+    policies: str = typer.Option("all-slm,all-llm", help="Comma-separated policies to compare."),
     edges: int = typer.Option(2, help="Local edge nodes to start."),
-    model: str = typer.Option("smollm2-135m", help="Model the edge nodes serve."),
-    max_tokens: int = typer.Option(48, help="Tokens per reply."),
+    max_steps: int = typer.Option(3, help="Subtasks per question at most."),
+    keep: bool = typer.Option(False, "--keep", help="Leave the cluster running afterwards."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file of HeraConfig settings."),
 ) -> None:
-    """Start a registry and local edge nodes, send a few prompts, and show who answered how fast."""
+    """Start a local cluster, answer GSM8K questions under each policy, and compare them."""
     from hera_ray.demo import run_demo
 
+    config = _load_hera_config(config_file)
     try:
-        run_demo(edges=edges, model=model, max_tokens=max_tokens, console=console)
+        run_demo(n=n, policies=tuple(p.strip() for p in policies.split(",") if p.strip()), edges=edges,
+                 max_steps=max_steps, keep=keep, config=config, console=console)
     except HeraError as e:
         raise _fail(e.message) from None
 

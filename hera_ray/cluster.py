@@ -9,6 +9,7 @@ what it started in ``~/.cache/hera-ray/cluster/state.json``; ``down`` stops exac
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -114,7 +115,8 @@ def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, 
     _save_state(state)  # so `hera down` can clean up even if the rest fails
 
     if not ray.is_initialized():
-        ray.init(address=address, namespace=config.namespace, log_to_driver=False)
+        ray.init(address=address, namespace=config.namespace, log_to_driver=False, logging_level=logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     token_file = config.scheduler.token_file or default_token_file()
     config = config.model_copy(update={"scheduler": config.scheduler.model_copy(update={"token_file": token_file})})
     actor = get_or_create_scheduler(config)

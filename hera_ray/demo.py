@@ -1,93 +1,112 @@
-"""``make demo`` / ``hera demo``: a registry and local edge nodes serving the bundled SLM.
+"""``make demo`` / ``hera demo``: the main job on the embedded single-machine default.
 
-It sends a few prompts, each to the least-loaded edge node, and prints which node answered,
-the tokens and the speed. Later issues grow it into the full HERA job.
+It starts a local cluster (Ray head, scheduler actor with its edge registry, the Serve app with
+the bundled Qwen2.5-Coder-1.5B as the cloud LLM, and 2 local edge nodes serving SmolLM2-135M),
+answers a handful of GSM8K test questions under ``all-slm`` and ``all-llm``, prints a table of
+accuracy, SLM share, cloud tokens, cost and latency, and stops what it started.
 """
 
 from __future__ import annotations
 
-import asyncio
-import tempfile
+import statistics
 import time
-from pathlib import Path
 
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
-from hera_ray.launcher import LocalCluster
+from hera_ray.config import HeraConfig
 
-PROMPTS = [
-    "What is the capital of France? Answer in one sentence.",
-    "Name three primary colors.",
-    "Write a Python one-liner that reverses a string s.",
-    "Tom has 3 apples and buys 2 more. How many apples does he have?",
-    "Give one tip for writing clear emails.",
-    "What does CPU stand for?",
-]
+DEMO_POLICIES = ("all-slm", "all-llm")
 
 
-async def _send_all(nodes: list[tuple[str, str]], prompts: list[str], max_tokens: int) -> list[dict]:
-    import grpc
-
-    from hera_ray.wire import edge_pb2, edge_pb2_grpc
-
-    channels = {nid: grpc.aio.insecure_channel(addr) for nid, addr in nodes}
-    stubs = {nid: edge_pb2_grpc.EdgeWorkerStub(ch) for nid, ch in channels.items()}
-    outstanding = {nid: 0 for nid, _ in nodes}
-
-    async def one(prompt: str) -> dict:
-        node_id = min(outstanding, key=lambda n: (outstanding[n], n))  # least-loaded node
-        outstanding[node_id] += 1
-        request = edge_pb2.GenerateRequest(max_tokens=max_tokens, temperature=0.0)
-        request.messages.add(role="user", content=prompt)
-        t0 = time.perf_counter()
-        try:
-            reply = await stubs[node_id].Generate(request, timeout=300)
-        finally:
-            outstanding[node_id] -= 1
-        return {"prompt": prompt, "reply": reply, "latency_s": time.perf_counter() - t0}
-
-    try:
-        return await asyncio.gather(*(one(p) for p in prompts))
-    finally:
-        for ch in channels.values():
-            await ch.close()
-
-
-def run_demo(edges: int = 2, model: str = "smollm2-135m", max_tokens: int = 48, console: Console | None = None) -> list[dict]:
-    from hera_ray.cli import list_nodes
-    from hera_ray.config import read_tokens
+def run_demo(n: int = 3, policies: tuple[str, ...] = DEMO_POLICIES, edges: int = 2, max_steps: int = 3,
+             keep: bool = False, config: HeraConfig | None = None, console: Console | None = None) -> dict:
+    from hera_ray import cluster
+    from hera_ray.client import Client
+    from hera_ray.eval.datasets import load
+    from hera_ray.eval.scorers import gsm8k_correct
 
     console = console or Console()
-    with tempfile.TemporaryDirectory(prefix="hera-demo-") as tmp:
-        console.print(f"[bold]Starting a registry and {edges} edge node(s) serving {model}[/bold] (logs in {tmp})")
-        t0 = time.perf_counter()
-        with LocalCluster(Path(tmp), edges=edges, model=model) as cluster:
-            console.print(f"  registry at {cluster.registry.address}; edges "
-                          + ", ".join(f"{n.node_id} at {n.address}" for n in cluster.nodes)
-                          + f" — up in {time.perf_counter() - t0:.1f}s")
-            results = asyncio.run(_send_all([(n.node_id, n.address) for n in cluster.nodes], PROMPTS, max_tokens))
-            table = Table(title=f"{len(PROMPTS)} prompts over {edges} edge node(s), at most {max_tokens} tokens, temperature 0")
-            for col in ("#", "node", "prompt tok", "reply tok", "ttft ms", "tok/s", "latency s"):
-                table.add_column(col, justify="left" if col == "node" else "right", no_wrap=True)
-            for i, r in enumerate(results, 1):
-                rep = r["reply"]
-                speed = (rep.completion_tokens - 1) / rep.decode_s if rep.completion_tokens > 1 and rep.decode_s > 0 else 0.0
-                table.add_row(str(i), rep.node_id, str(rep.prompt_tokens), str(rep.completion_tokens),
-                              f"{rep.ttft_s * 1000:.0f}", f"{speed:.1f}", f"{r['latency_s']:.2f}")
-            for i, r in enumerate(results, 1):
-                reply = " ".join(r["reply"].text.split())
-                console.print(f"[bold]{i}.[/bold] {r['prompt']}\n   [green]{r['reply'].node_id}:[/green] "
-                              f"{reply[:150]}{'…' if len(reply) > 150 else ''}", highlight=False)
-            console.print(table)
-            time.sleep(1.2)  # let one heartbeat carry the final load to the registry
-            nodes = list_nodes(cluster.registry.address, read_tokens(cluster.token_file)[0])
-            reg = Table(title="registry's node table")
-            for col in ("node", "state", "completed", "tokens generated", "tok/s (EWMA)"):
-                reg.add_column(col)
-            for n in nodes:
-                reg.add_row(n["node_id"], n["state"], str(n["load"]["completed"]), str(n["load"]["tokens_generated"]),
-                            f"{n['load']['tokens_per_s']:.1f}")
-            console.print(reg)
-            console.print("Draining the edge nodes (SIGTERM) and stopping the registry.")
-        return results
+    items = load("gsm8k", "test", n)
+    config = config or HeraConfig()
+    state = cluster.load_state()
+    started = False
+    if state is not None and _reachable(state.ingress_url):
+        console.print(f"Using the running hera-ray at {state.ingress_url}")
+    else:
+        if state is not None:
+            cluster.down(log=lambda m: None)  # a stale record from a cluster that is gone
+        console.print(f"[bold]Starting hera-ray[/bold]: local Ray, {edges} edge node(s) with "
+                      f"{config.scheduler.edge_model}, cloud LLM {config.cloud.model} on {config.cloud.backend}")
+        state = cluster.up(config, local_edges=edges, log=lambda m: console.print(f"  {m}", highlight=False))
+        started = True
+    results: dict[str, list[dict]] = {p: [] for p in policies}
+    try:
+        with Client(state.ingress_url) as client, Progress(console=console) as progress:
+            task = progress.add_task("GSM8K questions", total=len(items) * len(policies))
+            for policy in policies:
+                for item in items:
+                    progress.update(task, description=f"{policy}: GSM8K #{item.id}")
+                    t0 = time.perf_counter()
+                    run = client.run(item.question, policy=policy, max_steps=max_steps)
+                    run["wall_s"] = time.perf_counter() - t0
+                    run["correct"] = gsm8k_correct(run["answer"], item.answer)
+                    run["gold"] = item.answer
+                    results[policy].append(run)
+                    progress.advance(task)
+    finally:
+        if started and not keep:
+            console.print("Stopping what the demo started (hera down).")
+            cluster.down(log=lambda m: None)
+    summary = summarise(results)
+    _print(console, results, summary, items)
+    return {"results": results, "summary": summary}
+
+
+def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
+    llm_cost = sum(r["cost"] for r in results.get("all-llm", [])) or None
+    out = {}
+    for policy, runs in results.items():
+        subtasks = sum(len(r["trace"]) for r in runs)
+        edge = sum(t["placement"] == "edge" for r in runs for t in r["trace"])
+        cost = sum(r["cost"] for r in runs)
+        gen = sum(t["generation_s"] for r in runs for t in r["trace"])
+        lat = sum(r["latency_s"] for r in runs)
+        out[policy] = {
+            "accuracy": sum(r["correct"] for r in runs) / len(runs) if runs else 0.0,
+            "slm_share": edge / subtasks if subtasks else 0.0,
+            "subtasks": subtasks,
+            "cloud_tokens": sum(r["cloud_tokens"] for r in runs),
+            "cost": cost,
+            "cost_vs_all_llm": cost / llm_cost if llm_cost else None,
+            "latency_p50_s": statistics.median(r["latency_s"] for r in runs) if runs else 0.0,
+            "overhead_share": (lat - gen) / lat if lat else 0.0,
+        }
+    return out
+
+
+def _print(console: Console, results: dict, summary: dict, items) -> None:
+    table = Table(title=f"GSM8K test, {len(items)} question(s): where the subtasks ran and what it cost")
+    for col in ("policy", "acc", "SLM", "steps", "cloud tok", "cost", "vs LLM", "p50 s", "ovh"):
+        table.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True,
+                         min_width=7 if col == "policy" else None)
+    for policy, s in summary.items():
+        rel = "—" if s["cost_vs_all_llm"] is None else f"{s['cost_vs_all_llm']:.2f}"
+        table.add_row(policy, f"{s['accuracy']:.0%}", f"{s['slm_share']:.0%}", str(s["subtasks"]), str(s["cloud_tokens"]),
+                      f"{s['cost']:.4f}", rel, f"{s['latency_p50_s']:.1f}", f"{s['overhead_share']:.1%}")
+    console.print(table)
+    for policy, runs in results.items():
+        for item, run in zip(items, runs):
+            mark = "[green]✓[/green]" if run["correct"] else "[red]✗[/red]"
+            answer = " ".join(str(run["answer"]).split())[:70]
+            console.print(f"  {mark} {policy:8} #{item.id:>4}: gold {run['gold']:>6}  answer: {answer}", highlight=False)
+
+
+def _reachable(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/healthz", timeout=3).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -20,6 +20,11 @@ def test_a_final_answer():
     assert parse_step("so 3 + 2 = 5\n#### 5").final_answer == "5"
 
 
+def test_a_subtask_that_mentions_the_final_answer_does_not_end_the_run():
+    step = parse_step("Subtask: Present the final answer.\nResult: They have 32 sheep.")
+    assert step.final_answer is None and step.result == "They have 32 sheep."
+
+
 def test_unformatted_output_becomes_the_result():
     step = parse_step("Paris is the capital.\nIt is in France.")
     assert step.subtask == "Paris is the capital."

@@ -1,0 +1,1 @@
+"""Evaluation: data sets read from installed packages, scorers, and (next) the benchmark."""
