@@ -42,7 +42,9 @@ def decisions_through_actor(console: Console, nodes: int, routes: int, in_flight
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, object_store_memory=200_000_000,
              namespace="hera-bench", log_to_driver=False)
     try:
-        config = HeraConfig.model_validate({"scheduler": {"registry_port": 0, "heartbeat_interval_s": 3600}})
+        # Stubs never heartbeat: give them an hour and a half before they count as down.
+        config = HeraConfig.model_validate({"scheduler": {"registry_port": 0, "heartbeat_interval_s": 60,
+                                                          "missed_heartbeats": 90}})
         actor = ray.remote(SubtaskScheduler).options(num_cpus=0, max_concurrency=1000).remote(
             config.model_dump(mode="json"))
         assert ray.get(actor.add_stub_nodes.remote(nodes, config.scheduler.edge_model)) == nodes
@@ -87,7 +89,7 @@ def decisions_in_process(nodes: int, routes: int) -> float:
     from hera_ray.scheduler.nodes import NodeSpec, NodeTable
     from hera_ray.scheduler.router import RouteRequest, Router
 
-    table = NodeTable(heartbeat_interval_s=3600)
+    table = NodeTable(heartbeat_interval_s=60, missed_heartbeats=90)
     for i in range(nodes):
         table.register(NodeSpec(f"stub-{i:05d}", f"127.0.0.1:{20000 + i}", "smollm2-135m", 2048, 1), "t")
     router = Router(table, build_policies(), "smollm2-135m", "qwen", 0.002)

@@ -306,7 +306,7 @@ def up_cmd(
     try:
         state = up(config, local_edges=local_edges, timeout_s=timeout, log=lambda m: err_console.print(m, highlight=False))
     except HeraError as e:
-        raise _fail(f"{e.message}\n(run `hera down` to clean up what started)") from None
+        raise _fail(e.message) from None
     console.print(f"ingress: {state.ingress_url}   registry: {state.registry}   token file: {state.token_file}")
 
 

@@ -113,33 +113,37 @@ def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, 
         state.started_ray = True
     state.ray_address = address
     _save_state(state)  # so `hera down` can clean up even if the rest fails
+    try:
+        if not ray.is_initialized():
+            ray.init(address=address, namespace=config.namespace, log_to_driver=False, logging_level=logging.WARNING)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        token_file = config.scheduler.token_file or default_token_file()
+        config = config.model_copy(update={"scheduler": config.scheduler.model_copy(update={"token_file": token_file})})
+        actor = get_or_create_scheduler(config)
+        ping = ray.get(actor.ping.remote(), timeout=60)
+        state.registry, state.token_file = ping["registry"], str(token_file)
+        log(f"scheduler actor up; edge registry at {state.registry}")
 
-    if not ray.is_initialized():
-        ray.init(address=address, namespace=config.namespace, log_to_driver=False, logging_level=logging.WARNING)
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    token_file = config.scheduler.token_file or default_token_file()
-    config = config.model_copy(update={"scheduler": config.scheduler.model_copy(update={"token_file": token_file})})
-    actor = get_or_create_scheduler(config)
-    ping = ray.get(actor.ping.remote(), timeout=60)
-    state.registry, state.token_file = ping["registry"], str(token_file)
-    log(f"scheduler actor up; edge registry at {state.registry}")
-
-    serve.start(http_options={"host": config.ingress.host, "port": config.ingress.port})
-    log(f"deploying the Serve app {config.app_name!r} (cloud LLM: {config.cloud.backend} {config.cloud.model})")
-    serve.run(build_app(config=config), name=config.app_name, route_prefix="/")
-    state.ingress_url = f"http://{config.ingress.host}:{config.ingress.port}"
-    _save_state(state)
-
-    logs = cache_dir() / "cluster" / "logs"
-    for i in range(local_edges):
-        edge = start_edge(logs, f"edge-{i}", state.registry, token_file, model=edge_model or config.scheduler.edge_model,
-                          detach=True)
-        state.edge_pids.append(edge.pid)
-        state.edge_addresses.append(edge.address)
+        serve.start(http_options={"host": config.ingress.host, "port": config.ingress.port})
+        log(f"deploying the Serve app {config.app_name!r} (cloud LLM: {config.cloud.backend} {config.cloud.model})")
+        serve.run(build_app(config=config), name=config.app_name, route_prefix="/")
+        state.ingress_url = f"http://{config.ingress.host}:{config.ingress.port}"
         _save_state(state)
-        log(f"edge node edge-{i} at {edge.address}")
 
-    wait_healthy(state, local_edges, timeout_s - (time.monotonic() - t0))
+        logs = cache_dir() / "cluster" / "logs"
+        for i in range(local_edges):
+            edge = start_edge(logs, f"edge-{i}", state.registry, token_file, model=edge_model or config.scheduler.edge_model,
+                              detach=True)
+            state.edge_pids.append(edge.pid)
+            state.edge_addresses.append(edge.address)
+            _save_state(state)
+            log(f"edge node edge-{i} at {edge.address}")
+
+        wait_healthy(state, local_edges, timeout_s - (time.monotonic() - t0))
+    except BaseException:
+        log("start-up failed: stopping what was started")
+        down(log=log)
+        raise
     log(f"hera-ray is up in {time.monotonic() - t0:.0f}s: {state.ingress_url}")
     return state
 
@@ -205,18 +209,31 @@ def down(log=print) -> bool:
 
 
 def _terminate(pid: int, timeout_s: float = 30.0) -> None:
+    """SIGTERM (an edge node drains), then SIGKILL after ``timeout_s``."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             return
         time.sleep(0.1)
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:  # reap it if it is our own child (`up` and `down` in one process), else it lingers as a zombie
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import generate, run
+from edge_helpers import generate, run
 from hera_ray.wire import edge_pb2, edge_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)

@@ -101,3 +101,30 @@ def test_unknown_node_heartbeat_and_deregister(table):
 def test_invalid_specs_are_refused(table, bad, words):
     with pytest.raises(InvalidRequest, match=words):
         table.register(spec(**bad), "t")
+
+
+def test_live_index_matches_the_table_after_random_changes(table, clock):
+    """The O(1) live index used for sampling agrees with a full scan after any mix of changes."""
+    import random
+
+    rng = random.Random(3)
+    tokens = {}
+    for step in range(2000):
+        node_id = f"n{rng.randrange(30)}"
+        op = rng.random()
+        if op < 0.3:
+            tokens.setdefault(node_id, "t")
+            table.register(spec(node_id, model=rng.choice(["a", "b"])), tokens[node_id])
+        elif op < 0.6 and node_id in tokens:
+            table.heartbeat(node_id, NodeLoad(), "t", draining=rng.random() < 0.3)
+        elif op < 0.7 and node_id in tokens:
+            table.deregister(node_id, "t")
+            del tokens[node_id]
+        elif op < 0.8:
+            clock.now += rng.random() * 2
+            table.expire()
+        for model in ("a", "b"):
+            live = {r.spec.node_id for r in table.live(model)}
+            assert table.live_count(model) == len(live)
+            sampled = table.sample_live(model, 2, rng)
+            assert {r.spec.node_id for r in sampled} <= live and len(sampled) == min(2, len(live))

@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from conftest import generate, list_nodes, run, wait_for
+from edge_helpers import generate, list_nodes, run, wait_for
 from hera_ray.wire import auth_metadata, registry_pb2, registry_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)

@@ -110,3 +110,11 @@ def test_random_policy_is_seeded_and_near_its_share():
     assert 0.26 < share < 0.34
     again = [asyncio.run(policy.decide(SubtaskContext(f"req-{i}", "", i % 5))) for i in range(50)]
     assert [d.placement for d in again] == [d.placement for d in decisions[:50]]
+
+
+def test_power_of_two_choices_spreads_load_over_many_nodes():
+    router, _ = make_router(nodes=[(f"n{i}", 1) for i in range(200)])
+    for i in range(400):  # two requests per node on average, none reported back yet
+        route(router, request_id=f"r{i}")
+    busiest = max(router.outstanding.values())
+    assert busiest <= 5  # one random choice would put ~7-8 on the busiest node

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import random
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -84,6 +85,28 @@ def _locked(method):
     return wrapper
 
 
+class _LiveIndex:
+    """Ids of the live nodes of one model: O(1) add, remove and uniform random choice."""
+
+    def __init__(self):
+        self.ids: list[str] = []
+        self.pos: dict[str, int] = {}
+
+    def add(self, node_id: str) -> None:
+        if node_id not in self.pos:
+            self.pos[node_id] = len(self.ids)
+            self.ids.append(node_id)
+
+    def remove(self, node_id: str) -> None:
+        i = self.pos.pop(node_id, None)
+        if i is None:
+            return
+        last = self.ids.pop()
+        if last != node_id:  # move the last id into the hole
+            self.ids[i] = last
+            self.pos[last] = i
+
+
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -106,7 +129,17 @@ class NodeTable:
         self._clock = clock
         self._wall = wall_clock
         self._nodes: dict[str, NodeRecord] = {}
+        self._live: dict[str, _LiveIndex] = {}
         self._lock = threading.RLock()
+
+    def _set_state(self, record: NodeRecord, state: NodeState) -> None:
+        """Every state change goes through here, so the live index stays exact."""
+        record.state = state
+        index = self._live.setdefault(record.spec.model, _LiveIndex())
+        if state is NodeState.UP:
+            index.add(record.spec.node_id)
+        else:
+            index.remove(record.spec.node_id)
 
     @property
     def down_after_s(self) -> float:
@@ -120,15 +153,18 @@ class NodeTable:
         old = self._nodes.get(spec.node_id)
         if old is not None and not hmac.compare_digest(old.token_digest, digest):
             raise NodeIdConflict(f"node id {spec.node_id!r} is already registered with another token")
+        if old is not None:
+            self._set_state(old, NodeState.DOWN)  # leaves the old model's index
         record = NodeRecord(
             spec=spec,
-            state=NodeState.UP,
+            state=NodeState.DOWN,
             load=NodeLoad(),
             registered_at=self._wall(),
             last_heartbeat=self._clock(),
             token_digest=digest,
         )
         self._nodes[spec.node_id] = record
+        self._set_state(record, NodeState.UP)
         return record
 
     @_locked
@@ -136,12 +172,13 @@ class NodeTable:
         record = self._owned(node_id, token)
         record.load = load
         record.last_heartbeat = self._clock()
-        record.state = NodeState.DRAINING if draining else NodeState.UP
+        self._set_state(record, NodeState.DRAINING if draining else NodeState.UP)
         return record
 
     @_locked
     def deregister(self, node_id: str, token: str) -> None:
-        self._owned(node_id, token)
+        record = self._owned(node_id, token)
+        self._set_state(record, NodeState.DOWN)
         del self._nodes[node_id]
 
     @_locked
@@ -151,7 +188,7 @@ class NodeTable:
         newly_down = []
         for record in self._nodes.values():
             if record.state is not NodeState.DOWN and now - record.last_heartbeat > self.down_after_s:
-                record.state = NodeState.DOWN
+                self._set_state(record, NodeState.DOWN)
                 newly_down.append(record.spec.node_id)
         return newly_down
 
@@ -182,6 +219,27 @@ class NodeTable:
         """Live records serving ``model`` (not copies: for the router's hot path, read-only)."""
         return [r for r in self._nodes.values()
                 if r.state is NodeState.UP and r.spec.model == model and r.spec.node_id not in exclude]
+
+    @_locked
+    def live_count(self, model: str) -> int:
+        index = self._live.get(model)
+        return len(index.ids) if index else 0
+
+    @_locked
+    def live_record(self, node_id: str, model: str) -> NodeRecord | None:
+        """The node if it is up and serves ``model``, else None (not a copy)."""
+        record = self._nodes.get(node_id)
+        return record if record is not None and record.state is NodeState.UP and record.spec.model == model else None
+
+    @_locked
+    def sample_live(self, model: str, k: int, rng: random.Random, exclude: tuple[str, ...] = ()) -> list[NodeRecord]:
+        """Up to ``k`` distinct live nodes of ``model``, drawn uniformly (not copies)."""
+        index = self._live.get(model)
+        if not index or not index.ids:
+            return []
+        ids = index.ids
+        picked = rng.sample(ids, min(len(ids), k + len(exclude)))
+        return [self._nodes[i] for i in picked if i not in exclude][:k]
 
     def __len__(self) -> int:
         return len(self._nodes)

@@ -3,10 +3,14 @@
 Plain code over the node table, the cost ledger and the policies; the SubtaskScheduler actor
 wraps it. Edge node choice: the least-loaded live node serving the model, but a request stays on
 the node that ran its previous subtask while that node is up (its KV cache holds the context).
+With many nodes the least-loaded one is found by "power of two choices" (the choice Ray Serve's
+own request router makes): the less loaded of two random live nodes, O(1) per decision instead
+of a scan, and with a maximum load exponentially closer to the ideal than one random choice.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -78,6 +82,7 @@ class Router:
         self.ledger = ledger or CostLedger()
         self.outstanding: dict[str, int] = defaultdict(int)
         self._affinity: dict[str, str] = {}
+        self._rng = random.Random(0)
 
     def policy(self, name: str) -> Policy:
         try:
@@ -115,15 +120,20 @@ class Router:
             route = Route(placement, decision.stage, decision.scores, "cloud", "", self.cloud_model, self.cloud_price, fallback)
         return _with_time(route, time.perf_counter() - t0)
 
+    #: Up to this many live nodes, scan them all; above, sample two.
+    SCAN_LIMIT = 16
+
     def pick_node(self, request_id: str, model: str, exclude: tuple[str, ...] = ()) -> NodeRecord | None:
-        candidates = self.table.candidates(model, exclude)
-        if not candidates:
-            return None
         sticky = self._affinity.get(request_id)
-        for record in candidates:
-            if record.spec.node_id == sticky:
+        if sticky is not None and sticky not in exclude:
+            record = self.table.live_record(sticky, model)
+            if record is not None:
                 return record
-        return min(candidates, key=self._load_key)
+        if self.table.live_count(model) <= self.SCAN_LIMIT:
+            candidates = self.table.candidates(model, exclude)
+        else:
+            candidates = self.table.sample_live(model, 2, self._rng, exclude) or self.table.candidates(model, exclude)
+        return min(candidates, key=self._load_key) if candidates else None
 
     def _load_key(self, r: NodeRecord) -> tuple[float, str]:
         # The heartbeat lags by up to a second; what this scheduler sent since is fresher.

@@ -8,25 +8,18 @@ Qwen2.5-Coder-1.5B deployment is exercised in test_cloud_qwen.py.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
 from hera_ray.cluster import LOCAL_RAY_ENV, RAY_ENV
 
-API_KEY = "test-key-0123456789"
-CLOUD_PRICE = 0.002
+from serving_settings import API_KEY, CLOUD_PRICE, free_port
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_head(tmp_path_factory):
     """A Ray head on loopback with free ports; HERA_API_KEY is in its environment for the replicas."""
+    saved = dict(os.environ)
     os.environ.update({**RAY_ENV, **LOCAL_RAY_ENV, "HERA_API_KEY": API_KEY,
                        "HERA_CACHE_DIR": str(tmp_path_factory.mktemp("hera-cache"))})
     from hera_ray.cluster import start_local_ray
@@ -41,9 +34,11 @@ def ray_head(tmp_path_factory):
 
     ray.shutdown()
     stop_local_ray()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster(ray_head):
     from hera_ray.cluster import down, up
     from hera_ray.config import HeraConfig

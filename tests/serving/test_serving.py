@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import API_KEY, CLOUD_PRICE
+from serving_settings import API_KEY, CLOUD_PRICE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -158,3 +158,21 @@ def test_prometheus_metrics_count_subtasks(client, ray_head):
         time.sleep(2)
     assert 'placement="cloud"' in text and "hera_subtasks" in text
     assert "hera_decision_latency_s" in text and "hera_node_load" in text
+
+
+def test_openai_backend_talks_to_an_openai_compatible_endpoint(cluster):
+    """The `openai` cloud backend, pointed at a real OpenAI-compatible server: hera-ray's own ingress."""
+    import asyncio
+
+    from cloud_node.backends import OpenAIBackend
+    from hera_ray.config import CloudLLMConfig
+    from hera_ray.errors import ConfigError
+    from hera_ray.generation import GenerationParams
+
+    config = CloudLLMConfig(backend="openai", model="all-slm", openai_base_url=f"{cluster.ingress_url}/v1",
+                            openai_api_key_env="HERA_API_KEY")
+    backend = OpenAIBackend(config)
+    result = asyncio.run(backend.generate(GenerationParams(messages=(("user", QUESTION),), max_tokens=32)))
+    assert result.text and result.prompt_tokens > 0 and result.completion_tokens > 0
+    with pytest.raises(ConfigError, match="NO_SUCH_KEY_VAR"):
+        OpenAIBackend(config.model_copy(update={"openai_api_key_env": "NO_SUCH_KEY_VAR"}))
