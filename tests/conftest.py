@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Ray reads these when it is first imported, and some test modules import it at collection:
+# token auth (Ray turns it on after its first start) and a loopback-only local cluster.
+from hera_ray.cluster import LOCAL_RAY_ENV, RAY_ENV  # noqa: E402
+
+for _key, _value in {**RAY_ENV, **LOCAL_RAY_ENV}.items():
+    os.environ.setdefault(_key, _value)
 
 import pytest
 
