@@ -21,10 +21,10 @@ from hera_ray import __version__
 from hera_ray.config import EdgeNodeConfig, read_tokens
 from hera_ray.errors import ConfigError
 from hera_ray.models import resolve_model
-from hera_ray.wire import (auth_metadata, edge_pb2, edge_pb2_grpc, grpc_errors, grpc_options, params_from_pb,
+from hera_ray.wire import (auth_metadata, edge_pb2, edge_pb2_grpc, grpc_errors, grpc_options, load_to_pb, params_from_pb,
                            registry_pb2, registry_pb2_grpc, server_options)
 
-from edge_node.worker import EdgeWorker, WorkerLoad
+from edge_node.worker import EdgeWorker
 from hera_ray.generation import GenerationResult
 
 log = logging.getLogger(__name__)
@@ -33,16 +33,6 @@ SERVICE_NAME = "hera.v1.EdgeWorker"
 # Registration errors that retrying cannot fix.
 _FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.PERMISSION_DENIED,
           grpc.StatusCode.INVALID_ARGUMENT}
-
-
-def load_to_pb(load: WorkerLoad) -> edge_pb2.NodeLoad:
-    return edge_pb2.NodeLoad(
-        in_flight=load.in_flight,
-        queued=load.queued,
-        tokens_per_s=load.tokens_per_s,
-        completed=load.completed,
-        tokens_generated=load.tokens_generated,
-    )
 
 
 class EdgeWorkerServicer(edge_pb2_grpc.EdgeWorkerServicer):

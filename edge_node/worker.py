@@ -16,27 +16,19 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
 from hera_ray.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded, Unavailable
 from hera_ray.generation import GenerationParams, GenerationResult, validate_params
+from hera_ray.scheduler.nodes import NodeLoad
 
 # OpenMP threads spin between tokens by default, which makes decode speed erratic on small
 # machines (MODELS.md); passive waiting must be set before llama.cpp loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EWMA_ALPHA = 0.3
-
-
-@dataclass
-class WorkerLoad:
-    in_flight: int = 0
-    queued: int = 0
-    tokens_per_s: float = 0.0
-    completed: int = 0
-    tokens_generated: int = 0
 
 
 def _valid_utf8_prefix(data: bytes) -> str:
@@ -194,9 +186,9 @@ class EdgeWorker:
 
     # -- load ---------------------------------------------------------------------------------
 
-    def load(self) -> WorkerLoad:
+    def load(self) -> NodeLoad:
         s = self._stats
-        return WorkerLoad(self._in_flight, self._queued, s.tokens_per_s, s.completed, s.tokens_generated)
+        return NodeLoad(self._in_flight, self._queued, s.tokens_per_s, s.completed, s.tokens_generated)
 
     async def wait_idle(self) -> None:
         """Return once nothing is in flight or queued."""

@@ -15,6 +15,7 @@ import grpc
 
 from hera_ray.errors import HeraError, InvalidRequest, ModelNotFound, Overloaded, Unauthenticated, Unavailable
 from hera_ray.generation import GenerationParams, GenerationResult
+from hera_ray.scheduler.nodes import NodeLoad
 
 try:
     from hera_ray._proto.hera.v1 import edge_pb2, edge_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -158,3 +159,13 @@ def error_from_rpc(e: grpc.RpcError, where: str) -> HeraError:
     code = e.code()
     cls = _RETRYABLE.get(code) or _FINAL.get(code) or Unavailable
     return cls(f"{where}: {code.name}: {e.details()}")
+
+
+def load_to_pb(load: NodeLoad) -> "edge_pb2.NodeLoad":
+    return edge_pb2.NodeLoad(in_flight=load.in_flight, queued=load.queued, tokens_per_s=load.tokens_per_s,
+                             completed=load.completed, tokens_generated=load.tokens_generated)
+
+
+def load_from_pb(m: "edge_pb2.NodeLoad") -> NodeLoad:
+    return NodeLoad(in_flight=m.in_flight, queued=m.queued, tokens_per_s=m.tokens_per_s, completed=m.completed,
+                    tokens_generated=m.tokens_generated)

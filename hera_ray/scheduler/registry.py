@@ -17,8 +17,9 @@ from grpc_health.v1.health import aio as health_aio
 
 from hera_ray.config import RegistryConfig, read_tokens
 from hera_ray.errors import ConfigError
-from hera_ray.scheduler.nodes import NodeLoad, NodeRecord, NodeSpec, NodeState, NodeTable
-from hera_ray.wire import bearer_token, check_token, grpc_errors, grpc_options, server_options, edge_pb2, registry_pb2, registry_pb2_grpc
+from hera_ray.scheduler.nodes import NodeRecord, NodeSpec, NodeState, NodeTable
+from hera_ray.wire import (bearer_token, check_token, grpc_errors, load_from_pb, load_to_pb, registry_pb2,
+                           registry_pb2_grpc, server_options)
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,6 @@ def spec_from_pb(m: registry_pb2.NodeSpec) -> NodeSpec:
     )
 
 
-def load_from_pb(m: edge_pb2.NodeLoad) -> NodeLoad:
-    return NodeLoad(
-        in_flight=m.in_flight,
-        queued=m.queued,
-        tokens_per_s=m.tokens_per_s,
-        completed=m.completed,
-        tokens_generated=m.tokens_generated,
-    )
-
-
 def status_to_pb(table: NodeTable, r: NodeRecord) -> registry_pb2.NodeStatus:
     s = r.spec
     return registry_pb2.NodeStatus(
@@ -68,7 +59,7 @@ def status_to_pb(table: NodeTable, r: NodeRecord) -> registry_pb2.NodeStatus:
             version=s.version,
         ),
         state=_STATE_TO_PB[r.state],
-        load=edge_pb2.NodeLoad(**r.load.__dict__),
+        load=load_to_pb(r.load),
         last_heartbeat_age_s=table.heartbeat_age(r),
         registered_at_unix=r.registered_at,
     )
