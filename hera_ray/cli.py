@@ -355,10 +355,10 @@ def ask_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    n: int = typer.Option(3, "--n", help="GSM8K test questions to answer."),
+    n: int = typer.Option(4, "--n", help="GSM8K test questions to answer."),
     policies: str = typer.Option("all-slm,all-llm", help="Comma-separated policies to compare."),
     edges: int = typer.Option(2, help="Local edge nodes to start."),
-    max_steps: int = typer.Option(3, help="Subtasks per question at most."),
+    max_steps: int = typer.Option(5, help="Subtasks per question at most."),
     keep: bool = typer.Option(False, "--keep", help="Leave the cluster running afterwards."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file of HeraConfig settings."),
 ) -> None:

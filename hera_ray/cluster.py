@@ -176,6 +176,8 @@ def down(log=print) -> bool:
     if state.edge_pids:
         log(f"stopped {len(state.edge_pids)} edge node(s)")
     try:
+        if not _port_open(state.ray_address):
+            raise HeraError(f"the Ray cluster at {state.ray_address} is gone")
         if state.started_ray:
             os.environ.update(LOCAL_RAY_ENV)
         _ray_env()
@@ -206,6 +208,18 @@ def down(log=print) -> bool:
         log("stopped the local Ray head")
     state_path().unlink(missing_ok=True)
     return True
+
+
+def _port_open(address: str, timeout_s: float = 2.0) -> bool:
+    """Is something listening at host:port? (Ray's own connect retries for a minute, then aborts.)"""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _terminate(pid: int, timeout_s: float = 30.0) -> None:

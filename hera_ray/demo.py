@@ -20,7 +20,7 @@ from hera_ray.config import HeraConfig
 DEMO_POLICIES = ("all-slm", "all-llm")
 
 
-def run_demo(n: int = 3, policies: tuple[str, ...] = DEMO_POLICIES, edges: int = 2, max_steps: int = 3,
+def run_demo(n: int = 4, policies: tuple[str, ...] = DEMO_POLICIES, edges: int = 2, max_steps: int = 5,
              keep: bool = False, config: HeraConfig | None = None, console: Console | None = None) -> dict:
     from hera_ray import cluster
     from hera_ray.client import Client
