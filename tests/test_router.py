@@ -118,3 +118,22 @@ def test_power_of_two_choices_spreads_load_over_many_nodes():
         route(router, request_id=f"r{i}")
     busiest = max(router.outstanding.values())
     assert busiest <= 5  # one random choice would put ~7-8 on the busiest node
+
+
+def test_a_policy_can_ask_for_a_particular_edge_model():
+    from hera_ray.policy.base import Decision, Policy
+
+    class WantsGemma(Policy):
+        name = "wants-gemma"
+
+        async def decide(self, ctx):
+            return Decision(Placement.EDGE, "test", edge_model="gemma-270m")
+
+    table = NodeTable()
+    table.register(NodeSpec("smol", "127.0.0.1:1", EDGE, 2048, 4), "t")
+    table.register(NodeSpec("gemma", "127.0.0.1:2", "gemma-270m", 2048, 1), "t")
+    router = Router(table, {**build_policies(), "wants-gemma": WantsGemma()}, EDGE, "qwen", 2.0)
+    for i in range(5):
+        r = route(router, "wants-gemma", request_id=f"r{i}")
+        assert (r.node_id, r.model) == ("gemma", "gemma-270m")  # never the idle node of the other model
+    assert route(router, "all-slm").node_id == "smol"

@@ -35,6 +35,8 @@ class Decision:
     #: Which rule decided (e.g. "all-slm", "random"; HERA's are "urc", "sse", "cd", "sd", "llm").
     stage: str
     scores: dict[str, float] = field(default_factory=dict)
+    #: For the edge: which edge model to run it on (None: the scheduler's default edge model).
+    edge_model: str | None = None
 
 
 class Policy(abc.ABC):

@@ -101,14 +101,15 @@ class Router:
         placement, fallback = decision.placement, ""
         if placement is Placement.CLOUD and self.over_budget(req.request_id, max_cloud_cost):
             placement, fallback = Placement.EDGE, "budget"
-        node = self.pick_node(req.request_id, self.edge_model, req.exclude_nodes) if placement is Placement.EDGE else None
+        edge_model = decision.edge_model or self.edge_model
+        node = self.pick_node(req.request_id, edge_model, req.exclude_nodes) if placement is Placement.EDGE else None
         if placement is Placement.EDGE and node is None:
             if fallback == "budget":
                 spent = self.ledger.request(req.request_id).cloud_cost
                 raise BudgetExceeded(
                     f"request {req.request_id} spent {spent:.6f} on the cloud, its cap is "
                     f"{self.max_cloud_cost if max_cloud_cost is None else max_cloud_cost}, and no edge node "
-                    f"serving {self.edge_model!r} is up to take its subtasks"
+                    f"serving {edge_model!r} is up to take its subtasks"
                 )
             placement, fallback = Placement.CLOUD, "no-edge"
         if node is not None:
