@@ -1,6 +1,6 @@
 """Start hera-ray servers as local processes: the embedded single-machine default.
 
-Used by ``hera demo``, by the tests, and (next) by ``hera up --local-edges N``. Each process
+Used by ``hera up --local-edges N``, the benchmarks and the tests. Each process
 writes its log to ``<workdir>/<name>.log``; it is ready when it prints its ready line there.
 """
 
@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from hera_ray.config import write_token_file
@@ -101,43 +101,3 @@ def start_edge(workdir: Path, name: str, registry: str | None = None, token_file
     proc.node_id = m.group(1).decode()
     proc.address = f"{m.group(3).decode()}:{m.group(4).decode()}"
     return proc
-
-
-@dataclass
-class LocalCluster:
-    """A registry and N edge nodes as local processes. Use as a context manager."""
-
-    workdir: Path
-    edges: int = 2
-    model: str = "smollm2-135m"
-    threads: int = 1
-    registry: LocalProcess | None = None
-    nodes: list[LocalProcess] = field(default_factory=list)
-
-    @property
-    def token_file(self) -> Path:
-        return self.workdir / "token"
-
-    def start(self) -> "LocalCluster":
-        write_token_file(self.token_file)
-        self.registry = start_registry(self.workdir, self.token_file)
-        try:
-            for i in range(self.edges):
-                self.nodes.append(start_edge(self.workdir, f"edge-{i}", self.registry.address, self.token_file,
-                                             model=self.model, threads=self.threads))
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-        if self.registry is not None:
-            self.registry.stop()
-
-    def __enter__(self) -> "LocalCluster":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
