@@ -29,3 +29,11 @@ def module_procs(tmp_path_factory):
     p = Procs(tmp_path_factory.mktemp("procs"))
     yield p
     p.stop_all()
+
+
+def pytest_unconfigure(config):
+    # Ray's handle-metrics thread can still log after pytest has closed its streams at exit;
+    # drop those records instead of printing "--- Logging error ---" tracebacks after the summary.
+    import logging
+
+    logging.raiseExceptions = False
