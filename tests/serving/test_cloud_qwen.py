@@ -27,6 +27,7 @@ def qwen_handle(cluster, ray_head, monkeypatch_module):
                             autoscaling={"min_replicas": 1, "max_replicas": 1})
     handle = serve.run(build_cloud_deployment(config), name="qwen-cloud", route_prefix=None)
     yield handle
+    handle.shutdown()  # stop this driver's router thread before Ray goes away
     serve.delete("qwen-cloud")
 
 
