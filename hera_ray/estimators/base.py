@@ -1,0 +1,34 @@
+"""The interface the HERA policy needs from its estimators, and nothing more.
+
+* **URC** ``request_simple_prob(question)``: probability the whole request is simple enough for
+  the SLM alone.
+* **SP** ``predict_subtask(side, ctx, extra)``: the next subtask the SLM (``side="slm"``) or the
+  LLM (``side="llm"``) would write, given the context plus ``extra`` predicted SLM subtasks
+  (for rolling forward).
+* **DP** ``distance(ctx)``: how many more SLM subtasks until the SLM's subtask lines up with the
+  LLM's current one; ``None`` means never (∞).
+* **SD** ``decompose(subtask, ctx)``: sub-subtasks of a subtask.
+* **SBERT** ``similarity(a, b)``: cosine similarity of sentence embeddings, in [-1, 1].
+
+All are async so implementations may call Serve deployments.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+from hera_ray.policy.base import SubtaskContext
+
+Side = Literal["slm", "llm"]
+
+
+class EstimatorSet(Protocol):
+    async def request_simple_prob(self, question: str) -> float: ...
+
+    async def predict_subtask(self, side: Side, ctx: SubtaskContext, extra: tuple[str, ...] = ()) -> str: ...
+
+    async def distance(self, ctx: SubtaskContext) -> int | None: ...
+
+    async def decompose(self, subtask: str, ctx: SubtaskContext) -> list[str]: ...
+
+    async def similarity(self, a: str, b: str) -> float: ...

@@ -1,0 +1,106 @@
+"""The HERA policy (arXiv 2504.00434), as plain code over an :class:`EstimatorSet`.
+
+For request R and subtask i:
+
+1. **URC** — if URC says R is simple (P(simple) >= ``tau_req``), every subtask of R runs on the
+   SLM (decided once per request).
+2. **SSE** — threshold κ_i = ``threshold_base`` + min(i, ``kappa_cap``) · ``kappa_step``.
+   s_S = SP_SLM(context), s_L = SP_LLM(context); if sim(s_S, s_L) >= κ_i, the SLM runs it.
+3. **SLE / CD** — else d = DP(context); if d is finite (and <= ``max_distance``), roll SP_SLM
+   forward d+1 steps; if that SLM subtask is >= κ_i similar to s_L, the SLM runs it: it is
+   expected to converge with the LLM's path.
+4. **SD** — else decompose s_L; if every sub-subtask passes SSE (its SLM prediction is >= κ_i
+   similar to it), the SLM runs the subtask; otherwise the LLM does (stage ``llm``).
+
+Each decision records its ``stage`` (``urc``, ``sse``, ``cd``, ``sd`` or ``llm``) and the scores
+that decided it. Stages can be switched off for ablations.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from hera_ray.estimators.base import EstimatorSet
+from hera_ray.policy.base import Decision, Placement, Policy, SubtaskContext
+
+
+@dataclass(frozen=True)
+class HeraPolicyConfig:
+    threshold_base: float = 0.6
+    kappa_step: float = 0.02
+    kappa_cap: int = 5
+    tau_req: float = 0.5
+    use_urc: bool = True
+    use_cd: bool = True
+    use_sd: bool = True
+    max_distance: int = 5
+    max_sub_subtasks: int = 6
+
+    def kappa(self, index: int) -> float:
+        """The position-aware similarity threshold of subtask ``index``."""
+        return self.threshold_base + min(index, self.kappa_cap) * self.kappa_step
+
+
+class HeraPolicy(Policy):
+    name = "hera"
+    description = "HERA: per-subtask placement by URC, subtask similarity, convergence and decomposition."
+
+    def __init__(self, estimators: EstimatorSet, config: HeraPolicyConfig | None = None, max_requests: int = 10_000):
+        self.est = estimators
+        self.config = config or HeraPolicyConfig()
+        self._urc: OrderedDict[str, float] = OrderedDict()  # request id -> P(simple), decided once
+        self._max_requests = max_requests
+
+    async def _request_simple_prob(self, ctx: SubtaskContext) -> float:
+        p = self._urc.get(ctx.request_id)
+        if p is None:
+            p = self._urc[ctx.request_id] = await self.est.request_simple_prob(ctx.question)
+            while len(self._urc) > self._max_requests:
+                self._urc.popitem(last=False)
+        return p
+
+    async def decide(self, ctx: SubtaskContext) -> Decision:
+        c = self.config
+        kappa = c.kappa(ctx.index)
+        scores: dict[str, float] = {"kappa": kappa}
+        if c.use_urc:
+            p_simple = await self._request_simple_prob(ctx)
+            scores["urc_p_simple"] = p_simple
+            if p_simple >= c.tau_req:
+                return Decision(Placement.EDGE, "urc", scores)
+
+        s_slm = await self.est.predict_subtask("slm", ctx)
+        s_llm = await self.est.predict_subtask("llm", ctx)
+        sim = await self.est.similarity(s_slm, s_llm)
+        scores["sse_sim"] = sim
+        if sim >= kappa:
+            return Decision(Placement.EDGE, "sse", scores)
+
+        if c.use_cd:
+            d = await self.est.distance(ctx)
+            scores["cd_distance"] = float("inf") if d is None else float(d)
+            if d is not None and 0 <= d <= c.max_distance:
+                rolled: tuple[str, ...] = ()
+                for _ in range(d + 1):
+                    rolled += (await self.est.predict_subtask("slm", ctx, rolled),)
+                cd_sim = await self.est.similarity(rolled[-1], s_llm)
+                scores["cd_sim"] = cd_sim
+                if cd_sim >= kappa:
+                    return Decision(Placement.EDGE, "cd", scores)
+
+        if c.use_sd:
+            parts = (await self.est.decompose(s_llm, ctx))[: c.max_sub_subtasks]
+            scores["sd_parts"] = float(len(parts))
+            if parts:
+                worst = 1.0
+                for k, part in enumerate(parts):
+                    predicted = await self.est.predict_subtask("slm", ctx, tuple(parts[:k]))
+                    worst = min(worst, await self.est.similarity(predicted, part))
+                    if worst < kappa:
+                        break
+                scores["sd_min_sim"] = worst
+                if worst >= kappa:
+                    return Decision(Placement.EDGE, "sd", scores)
+
+        return Decision(Placement.CLOUD, "llm", scores)

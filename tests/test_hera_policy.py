@@ -1,0 +1,121 @@
+"""The HERA decision procedure as pure code, over a scripted stand-in for trained estimators.
+
+``ScriptedEstimators`` is a stand-in: it returns the values each test scripts, so every branch of
+the policy (URC, SSE, CD, SD, LLM) and the κ schedule are checked without models. The real,
+trained estimators plug into the same interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hera_ray.policy.base import Placement, SubtaskContext
+from hera_ray.policy.hera import HeraPolicy, HeraPolicyConfig
+
+
+class ScriptedEstimators:
+    """Stand-in estimator set: scripted answers, and a log of what the policy asked."""
+
+    def __init__(self, p_simple=0.0, slm="s", llm="l", sims=None, distance=None, rolled=None, parts=(), part_preds=None):
+        self.p_simple, self.slm, self.llm = p_simple, slm, llm
+        self.sims = sims or {}  # (a, b) -> similarity; default 0
+        self.dist, self.rolled, self.parts = distance, rolled or {}, list(parts)
+        self.part_preds = part_preds or {}
+        self.calls: list[str] = []
+
+    async def request_simple_prob(self, question):
+        self.calls.append("urc")
+        return self.p_simple
+
+    async def predict_subtask(self, side, ctx, extra=()):
+        self.calls.append(f"sp_{side}:{len(extra)}")
+        if side == "llm":
+            return self.llm
+        if extra and extra[-1] in self.part_preds:  # predicting after a sub-subtask
+            return self.part_preds[extra[-1]]
+        return self.rolled.get(len(extra), self.slm)
+
+    async def distance(self, ctx):
+        self.calls.append("dp")
+        return self.dist
+
+    async def decompose(self, subtask, ctx):
+        self.calls.append("sd")
+        return self.parts
+
+    async def similarity(self, a, b):
+        return self.sims.get((a, b), 0.0)
+
+
+def decide(est, index=0, config=None, request_id="r"):
+    policy = HeraPolicy(est, config or HeraPolicyConfig())
+    return asyncio.run(policy.decide(SubtaskContext(request_id, "q", index))), policy
+
+
+@pytest.mark.parametrize("index, kappa", [(0, 0.60), (1, 0.62), (3, 0.66), (5, 0.70), (9, 0.70)])
+def test_kappa_grows_with_position_then_caps(index, kappa):
+    assert HeraPolicyConfig().kappa(index) == pytest.approx(kappa)
+    assert HeraPolicyConfig(threshold_base=0.7).kappa(index) == pytest.approx(kappa + 0.1)
+
+
+def test_urc_simple_request_goes_to_the_slm_and_is_asked_once_per_request():
+    est = ScriptedEstimators(p_simple=0.9)
+    d, policy = decide(est)
+    assert (d.placement, d.stage, d.scores["urc_p_simple"]) == (Placement.EDGE, "urc", 0.9)
+    asyncio.run(policy.decide(SubtaskContext("r", "q", 1)))
+    assert est.calls.count("urc") == 1 and not any(c.startswith("sp_") for c in est.calls)
+
+
+def test_sse_similar_predictions_go_to_the_slm():
+    est = ScriptedEstimators(sims={("s", "l"): 0.61})
+    d, _ = decide(est, index=0)
+    assert (d.placement, d.stage) == (Placement.EDGE, "sse")
+    d, _ = decide(ScriptedEstimators(sims={("s", "l"): 0.61}), index=1)  # κ_1 = 0.62: not enough
+    assert d.stage != "sse"
+
+
+def test_cd_rolls_the_slm_forward_distance_plus_one_steps():
+    est = ScriptedEstimators(sims={("s", "l"): 0.1, ("s3", "l"): 0.9}, distance=2, rolled={2: "s3"})
+    d, _ = decide(est)
+    assert (d.placement, d.stage, d.scores["cd_distance"], d.scores["cd_sim"]) == (Placement.EDGE, "cd", 2.0, 0.9)
+    # SP_SLM asked for the current step, then 3 rolled steps (with 0, 1, 2 predicted subtasks before)
+    assert [c for c in est.calls if c.startswith("sp_slm")] == ["sp_slm:0", "sp_slm:0", "sp_slm:1", "sp_slm:2"]
+
+
+def test_infinite_distance_skips_cd():
+    est = ScriptedEstimators(distance=None)
+    d, _ = decide(est)
+    assert d.scores["cd_distance"] == float("inf") and "cd_sim" not in d.scores
+
+
+def test_sd_all_parts_similar_go_to_the_slm():
+    est = ScriptedEstimators(parts=["p1", "p2"], part_preds={"p1": "q2"},
+                             sims={("s", "p1"): 0.8, ("q2", "p2"): 0.75})
+    d, _ = decide(est)
+    assert (d.placement, d.stage, d.scores["sd_parts"], d.scores["sd_min_sim"]) == (Placement.EDGE, "sd", 2.0, 0.75)
+
+
+def test_sd_one_dissimilar_part_sends_it_to_the_llm():
+    est = ScriptedEstimators(parts=["p1", "p2"], part_preds={"p1": "q2"}, sims={("s", "p1"): 0.8, ("q2", "p2"): 0.3})
+    d, _ = decide(est)
+    assert (d.placement, d.stage) == (Placement.CLOUD, "llm")
+
+
+def test_nothing_passes_goes_to_the_llm():
+    d, _ = decide(ScriptedEstimators())
+    assert (d.placement, d.stage) == (Placement.CLOUD, "llm")
+    assert {"kappa", "urc_p_simple", "sse_sim", "cd_distance", "sd_parts"} <= set(d.scores)
+
+
+def test_ablations_switch_stages_off():
+    est = ScriptedEstimators(p_simple=0.99, distance=1, rolled={1: "x"}, sims={("x", "l"): 0.99})
+    d, _ = decide(est, config=HeraPolicyConfig(use_urc=False))
+    assert d.stage == "cd" and "urc" not in est.calls
+    est = ScriptedEstimators(distance=0, parts=["p"], sims={("s", "l"): 0.0, ("s", "p"): 0.99})
+    d, _ = decide(est, config=HeraPolicyConfig(use_urc=False, use_cd=False))
+    assert d.stage == "sd" and "dp" not in est.calls
+    d, _ = decide(ScriptedEstimators(parts=["p"], sims={("s", "p"): 0.99}),
+                  config=HeraPolicyConfig(use_urc=False, use_cd=False, use_sd=False))
+    assert d.stage == "llm"
