@@ -123,6 +123,8 @@ class SubtaskScheduler:
 
     async def ping(self) -> dict[str, Any]:
         nodes = self.table.nodes()
+        for r in nodes:  # health checks come often: keep the per-node load gauges fresh
+            self._m_load.set(r.utilisation, {"node": r.spec.node_id})
         return {"registry": self.registry_address, "nodes": len(nodes),
                 "nodes_up": sum(1 for r in nodes if r.state.value == "up"), "policies": sorted(self.router.policies)}
 
