@@ -71,7 +71,8 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
         subtasks = sum(len(r["trace"]) for r in runs)
         edge = sum(t["placement"] == "edge" for r in runs for t in r["trace"])
         cost = sum(r["cost"] for r in runs)
-        gen = sum(t["generation_s"] for r in runs for t in r["trace"])
+        # Overhead as bench/control_plane.py defines it: time outside the engines' own prefill + decode.
+        model = sum(t["model_s"] for r in runs for t in r["trace"])
         lat = sum(r["latency_s"] for r in runs)
         out[policy] = {
             "accuracy": sum(r["correct"] for r in runs) / len(runs) if runs else 0.0,
@@ -81,7 +82,7 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
             "cost": cost,
             "cost_vs_all_llm": cost / llm_cost if llm_cost else None,
             "latency_p50_s": statistics.median(r["latency_s"] for r in runs) if runs else 0.0,
-            "overhead_share": (lat - gen) / lat if lat else 0.0,
+            "overhead_share": (lat - model) / lat if lat else 0.0,
         }
     return out
 

@@ -97,7 +97,7 @@ class SubtaskScheduler:
         self._m_decision.observe(route.decision_s)
         if route.placement is Placement.EDGE:
             record = self.table.get(route.node_id)
-            self._m_load.set(self.router._load_key(record)[0], {"node": route.node_id})
+            self._m_load.set(self.router.load_of(record)[0], {"node": route.node_id})
         return route.to_dict()
 
     async def report(self, report: dict[str, Any]) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from hera_ray.errors import BudgetExceeded, UnknownPolicy
 from hera_ray.policy.base import PastStep, Placement, Policy, SubtaskContext
@@ -119,7 +119,7 @@ class Router:
                           node.spec.model, node.spec.price_per_1k_tokens, fallback)
         else:
             route = Route(placement, decision.stage, decision.scores, "cloud", "", self.cloud_model, self.cloud_price, fallback)
-        return _with_time(route, time.perf_counter() - t0)
+        return replace(route, decision_s=time.perf_counter() - t0)
 
     #: Up to this many live nodes, scan them all; above, sample two.
     SCAN_LIMIT = 16
@@ -134,10 +134,11 @@ class Router:
             candidates = self.table.candidates(model, exclude)
         else:
             candidates = self.table.sample_live(model, 2, self._rng, exclude) or self.table.candidates(model, exclude)
-        return min(candidates, key=self._load_key) if candidates else None
+        return min(candidates, key=self.load_of) if candidates else None
 
-    def _load_key(self, r: NodeRecord) -> tuple[float, str]:
-        # The heartbeat lags by up to a second; what this scheduler sent since is fresher.
+    def load_of(self, r: NodeRecord) -> tuple[float, str]:
+        """(busy per slot, node id): the node-choice key. The heartbeat lags by up to a second;
+        what this scheduler sent since is fresher, so the larger of the two counts."""
         busy = max(self.outstanding.get(r.spec.node_id, 0), r.load.in_flight + r.load.queued)
         return busy / max(1, r.spec.slots), r.spec.node_id
 
@@ -156,7 +157,3 @@ class Router:
         """The request is done: forget its node affinity and return its usage."""
         self._affinity.pop(request_id, None)
         return self.ledger.close(request_id)
-
-
-def _with_time(route: Route, seconds: float) -> Route:
-    return Route(**{**route.__dict__, "decision_s": seconds})
