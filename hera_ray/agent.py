@@ -34,8 +34,10 @@ SYSTEM_PROMPT = (
 NEXT_STEP = ("Continue with the next step. If the results so far answer the task, reply only with "
              "'Final Answer: <answer>'.")
 
-# "Final Answer:" needs its colon (a subtask may say "present the final answer"); "the answer is" not.
-_FINAL = re.compile(r"(?:final\s+answer\s*[:：]|the\s+answer\s+is\s*[:：]?)\s*(.+)", re.IGNORECASE | re.DOTALL)
+# "Final Answer:" needs its colon or an "is" (a subtask may say "present the final answer");
+# "the answer is" needs neither.
+_FINAL = re.compile(r"(?:final\s+answer\s*[:：]|final\s+answer\s+is\s*[:：]?|the\s+answer\s+is\s*[:：]?)\s*(.+)",
+                    re.IGNORECASE | re.DOTALL)
 _HASHES = re.compile(r"####\s*(.+)")
 _SUBTASK = re.compile(r"subtask\s*\d*\s*[:：]\s*(.*?)(?=\n\s*result\s*[:：]|\n\s*final\s+answer|\Z)", re.IGNORECASE | re.DOTALL)
 _RESULT = re.compile(r"result\s*[:：]\s*(.*?)(?=\n\s*final\s+answer|\Z)", re.IGNORECASE | re.DOTALL)

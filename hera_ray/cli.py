@@ -52,11 +52,16 @@ def _cli_type(annotation: Any) -> Any:
     return annotation
 
 
-def settings_command(group: typer.Typer, name: str, settings_cls: type[BaseSettings]) -> Callable:
-    """Register ``fn(config)`` as a command whose flags are ``settings_cls``'s fields."""
+def settings_command(group: typer.Typer, name: str, settings_cls: type[BaseSettings],
+                     extra: dict[str, tuple[Any, Any]] | None = None) -> Callable:
+    """Register ``fn(config, **extra)`` as a command whose flags are ``settings_cls``'s fields, plus
+    ``extra`` options (name -> (annotation, typer.Option)) that are not settings (e.g. ``--out``)."""
 
-    def decorator(fn: Callable[[Any], Any]) -> Callable:
+    def decorator(fn: Callable[..., Any]) -> Callable:
         params = [
+            inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+            for key, (annotation, option) in (extra or {}).items()
+        ] + [
             inspect.Parameter(
                 "config_file",
                 inspect.Parameter.KEYWORD_ONLY,
@@ -78,6 +83,7 @@ def settings_command(group: typer.Typer, name: str, settings_cls: type[BaseSetti
 
         def command(**kwargs: Any) -> Any:
             config_file = kwargs.pop("config_file")
+            extras = {key: kwargs.pop(key) for key in (extra or {})}
             try:
                 config = load_settings(settings_cls, config_file, **kwargs)
             except ValidationError as e:
@@ -85,7 +91,7 @@ def settings_command(group: typer.Typer, name: str, settings_cls: type[BaseSetti
                 raise _fail(f"invalid settings: {problems}", 2) from None
             except HeraError as e:
                 raise _fail(e.message, 2) from None
-            return fn(config)
+            return fn(config, **extras)
 
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__doc__ = fn.__doc__
@@ -348,6 +354,103 @@ def ask_cmd(
                       str(t["tokens"]), f"{t['cost']:.6f}", f"{t['latency_s']:.2f}", t["subtask"][:80])
     console.print(table)
     console.print(f"[bold]answer:[/bold] {run['answer']}", highlight=False)
+
+
+# -- offline: profile and train -------------------------------------------------------------------
+
+from hera_ray.offline.profile import ProfileConfig  # noqa: E402 - light (pydantic only)
+
+
+@settings_command(app, "profile", ProfileConfig, extra={
+    "n": (Optional[int], typer.Option(None, "--n", help="Requests to profile (the first N of the split) (default: all).")),
+    "out": (Path, typer.Option(Path("runs/profile"), "--out", help="Run folder: profile.jsonl goes here; re-runs resume.")),
+    "concurrency": (int, typer.Option(2, help="Requests profiled at once.")),
+})
+def profile_cmd(config: ProfileConfig, n: Optional[int], out: Path, concurrency: int) -> None:
+    """Run each request with both the SLM and the LLM at each step on the live cluster; record the tree."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from hera_ray.eval.datasets import load
+    from hera_ray.eval.scorers import SCORERS
+    from hera_ray.offline.profile import Profiler, connect_cluster, prepare_run_folder, run_profile
+
+    try:
+        items = load(config.dataset, config.split, n)
+        done = prepare_run_folder(out, config)
+        models = connect_cluster()
+    except HeraError as e:
+        raise _fail(e.message) from None
+    from hera_ray.estimators.similarity import SbertSimilarity
+
+    sbert = SbertSimilarity()
+
+    async def similarity(pairs):
+        return await asyncio.to_thread(sbert.similarities, pairs)
+
+    profiler = Profiler(models, similarity, SCORERS[config.dataset], config)
+    todo = sum(1 for it in items if f"{config.dataset}-{it.id}" not in done)
+    err_console.print(f"profiling {len(items)} {config.dataset}/{config.split} request(s) into {out} "
+                      f"({len(items) - todo} already there); {len(models.edges)} edge node(s)", highlight=False)
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[calls]}"))
+    with Progress(*columns, console=err_console) as progress:
+        task = progress.add_task("requests", total=todo, calls="")
+
+        def on_done(record: dict) -> None:
+            c = profiler.counters
+            progress.update(task, advance=1, calls=f"LLM steps {c.llm_calls}, SLM steps {c.slm_calls}, "
+                                                   f"last: LLM {'✓' if record['all_llm']['correct'] else '✗'} "
+                                                   f"SLM {'✓' if record['all_slm']['correct'] else '✗'}")
+
+        summary = asyncio.run(run_profile(profiler, items, out, concurrency=concurrency, on_done=on_done))
+    table = Table(title=f"profile of {summary.requests} request(s) in {out} ({summary.new} new, {summary.seconds:.0f} s)")
+    for col in ("requests", "nodes", "All-SLM acc", "All-LLM acc", "mean sim", "S-L distance", "switch ✓"):
+        table.add_column(col, justify="right")
+    dist = " ".join(f"{k}:{v}" for k, v in sorted(summary.distances.items()))
+    r = max(summary.requests, 1)
+    table.add_row(str(summary.requests), str(summary.nodes), f"{summary.all_slm_correct / r:.0%}",
+                  f"{summary.all_llm_correct / r:.0%}", f"{summary.mean_similarity:.2f}", dist,
+                  f"{summary.switch_correct}/{summary.switch_branches}")
+    console.print(table)
+
+
+from hera_ray.offline.train import TrainConfig  # noqa: E402 - light (pydantic only)
+
+
+@settings_command(app, "train", TrainConfig, extra={
+    "profile": (Path, typer.Option(..., "--profile", help="Profile run folder (from `hera profile --out`).")),
+    "out": (Path, typer.Option(Path("runs/estimators"), "--out", help="Output folder: adapters and manifest.json.")),
+})
+def train_cmd(config: TrainConfig, profile: Path, out: Path) -> None:
+    """Fine-tune the URC, HybridLLM, DP, SP and SD estimators with LoRA on a profile; report held-out accuracy."""
+    from hera_ray.offline.train import train_all
+
+    try:
+        manifest = train_all(profile, out, config, log=lambda m: err_console.print(m, highlight=False))
+    except HeraError as e:
+        raise _fail(e.message) from None
+    print_estimator_table(manifest, title=f"estimators in {out} (held-out accuracy, %)")
+
+
+def print_estimator_table(manifest: dict, title: str) -> None:
+    table = Table(title=title)
+    for col in ("estimator", "kind", "train", "held out", "accuracy", "baseline", "paper"):
+        table.add_column(col, justify="left" if col in ("estimator", "kind") else "right")
+
+    def pct(x) -> str:
+        return "—" if x is None else f"{100 * x:.1f}"
+
+    for name, e in manifest["estimators"].items():
+        m = e.get("metrics", {})
+        baseline = m.get("majority_baseline", m.get("base_accuracy"))
+        paper = e.get("paper_accuracy")
+        table.add_row(name, e["kind"], str(e["train_examples"]), str(e["heldout_examples"]), pct(m.get("accuracy")),
+                      pct(baseline), "—" if paper is None else f"{paper:.1f}")
+        if name == "dp" and m.get("cd_accuracy") is not None:
+            table.add_row("cd (from dp)", "encoder", str(e["train_examples"]), str(e["heldout_examples"]),
+                          pct(m["cd_accuracy"]), "—", f"{manifest['paper_accuracy']['cd']:.1f}")
+    console.print(table)
+    console.print("baseline: majority class (encoders) / the untuned SLM (SP, SD)", style="dim")
 
 
 # -- demo ------------------------------------------------------------------------------------------

@@ -165,6 +165,26 @@ def wait_healthy(state: ClusterState, edges: int, timeout_s: float) -> dict:
     raise HeraError(f"hera-ray did not become healthy within {timeout_s:.0f}s: {last}")
 
 
+def attach(state: ClusterState | None = None) -> ClusterState:
+    """Connect this process to the cluster ``hera up`` started (or the one at ``RAY_ADDRESS``) as a driver."""
+    state = state or load_state()
+    address = os.environ.get("RAY_ADDRESS") or (state.ray_address if state else "")
+    if not address:
+        raise HeraError("no running hera-ray: run `hera up --local-edges 1` first (or set RAY_ADDRESS)")
+    if state is None:
+        state = ClusterState(ray_address=address)
+    if not address.startswith("ray://") and not _port_open(address):
+        raise HeraError(f"the Ray cluster at {address} is gone: run `hera up` again")
+    if state.started_ray and address == state.ray_address:
+        os.environ.update(LOCAL_RAY_ENV)  # a local head lives on loopback; the driver must too
+    _ray_env()
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=state.namespace, log_to_driver=False, logging_level=logging.WARNING)
+    return state
+
+
 def down(log=print) -> bool:
     """Stop what ``up`` started, and nothing else. Returns False if nothing was recorded."""
     state = load_state()
@@ -176,16 +196,10 @@ def down(log=print) -> bool:
     if state.edge_pids:
         log(f"stopped {len(state.edge_pids)} edge node(s)")
     try:
-        if not _port_open(state.ray_address):
-            raise HeraError(f"the Ray cluster at {state.ray_address} is gone")
-        if state.started_ray:
-            os.environ.update(LOCAL_RAY_ENV)
-        _ray_env()
+        attach(state)
         import ray
         from ray import serve
 
-        if not ray.is_initialized():
-            ray.init(address=state.ray_address, namespace=state.namespace, log_to_driver=False)
         try:
             serve.delete(state.app_name)
             log(f"deleted the Serve app {state.app_name!r}")

@@ -1,0 +1,350 @@
+"""``hera profile``: run each request with both the SLM and the LLM at each step, and record the tree.
+
+The tree of SLM/LLM choices and how it is pruned
+------------------------------------------------
+A full binary tree of SLM/LLM choices has 2^depth paths; on a CPU the LLM writes ~7 tokens/s,
+so the profiler keeps the part of the tree the estimators learn from and prunes the rest:
+
+* **The LLM spine.** The request is run with the LLM choosing every step (the All-LLM path).
+  At each spine node of depth < ``max_depth`` the SLM also writes its step from the *same*
+  context: the node's two candidate subtasks, their outputs and their SBERT similarity.
+* **SLM rollouts (the SLM child of every node).** From every spine node the SLM continues alone
+  for ``max_distance + 1`` steps: the S-L distance d = the fewest further SLM steps
+  (0..``max_distance``) until an SLM subtask is at least ``match_threshold`` similar to the LLM's
+  subtask at the node (``None`` = ∞), and whether the SLM's path ended correct when it finished
+  within those steps. The rollout from the root runs to the end: the All-SLM path.
+* **Switch branches.** At the first ``max_branches`` spine nodes where the two subtasks differ
+  (similarity < ``match_threshold``), the SLM's step is taken and the LLM continues to the end:
+  did one SLM step here cost the answer? Other divergent nodes are pruned there.
+* Beyond the first switch every path continues with one model (greedy, temperature 0), so
+  per request the LLM writes at most ``max_steps · (1 + max_branches)`` steps.
+
+Output: ``<out>/profile.jsonl``, one JSON line per finished request (its nodes inside), appended
+as each request finishes; ``<out>/profile_config.json`` holds the settings. A re-run with the
+same ``--out`` skips the requests already there (resume); a run with different settings is
+refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Literal, Protocol, Sequence
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hera_ray.agent import parse_step, step_messages
+from hera_ray.errors import ConfigError
+from hera_ray.generation import GenerationParams, GenerationResult
+
+Side = Literal["slm", "llm"]
+PROFILE_FILE = "profile.jsonl"
+CONFIG_FILE = "profile_config.json"
+
+
+class ProfileConfig(BaseSettings):
+    """How the tree of SLM/LLM choices is grown and pruned."""
+
+    model_config = SettingsConfigDict(env_prefix="HERA_PROFILE_", extra="forbid")
+
+    dataset: str = Field("gsm8k", description="Data set to profile.")
+    split: str = Field("profile", description="Split of the data set (profile / dev / test).")
+    max_steps: int = Field(6, ge=1, le=30, description="Steps per path at most (as the agent's step limit).")
+    max_depth: int = Field(4, ge=1, le=30, description="Spine nodes (from the root) at which both models write the step.")
+    max_branches: int = Field(1, ge=0, le=30, description="Switch branches (SLM step, then LLM to the end) per request.")
+    max_distance: int = Field(3, ge=0, le=10, description="Largest S-L distance looked for; beyond it d is ∞.")
+    match_threshold: float = Field(0.7, ge=0, le=1, description="SBERT similarity at which two subtasks count as the same.")
+    max_tokens: int = Field(160, ge=8, le=4096, description="Tokens a model may write per step.")
+
+    def fingerprint(self) -> str:
+        """Settings that change what is recorded (not how many requests)."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+@dataclass
+class Step:
+    """One step written by one model."""
+
+    subtask: str
+    output: str
+    final_answer: str | None
+    by: Side
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def is_final(self) -> bool:
+        return self.final_answer is not None
+
+
+class StepModels(Protocol):
+    """Generates one agent step on one side. The live-cluster adapter is :class:`ClusterStepModels`."""
+
+    async def generate(self, side: Side, params: GenerationParams) -> GenerationResult: ...
+
+
+Similarity = Callable[[Sequence[tuple[str, str]]], Awaitable[list[float]]]
+
+
+def path_answer(steps: Sequence[Step]) -> str:
+    """The answer of a path, as the agent gives it: the final answer, else the last result."""
+    if not steps:
+        return ""
+    return steps[-1].final_answer if steps[-1].is_final else steps[-1].output
+
+
+@dataclass
+class Counters:
+    slm_calls: int = 0
+    llm_calls: int = 0
+    slm_tokens: int = 0
+    llm_tokens: int = 0
+
+
+class Profiler:
+    """Grows the pruned tree for one request at a time (several requests may run at once)."""
+
+    def __init__(self, models: StepModels, similarity: Similarity, scorer: Callable[[str, str], bool],
+                 config: ProfileConfig):
+        self.models, self.similarity, self.scorer, self.config = models, similarity, scorer, config
+        self.counters = Counters()
+
+    async def step(self, side: Side, question: str, history: Sequence[Step], request_id: str) -> Step:
+        params = GenerationParams(messages=step_messages(question, list(history)), max_tokens=self.config.max_tokens,
+                                  temperature=0.0, stop=("\nSubtask:",), request_id=f"profile:{request_id}:{side}:{len(history)}")
+        t0 = time.perf_counter()
+        result = await self.models.generate(side, params)
+        parsed = parse_step(result.text)
+        tokens = result.prompt_tokens + result.completion_tokens
+        if side == "slm":
+            self.counters.slm_calls += 1
+            self.counters.slm_tokens += tokens
+        else:
+            self.counters.llm_calls += 1
+            self.counters.llm_tokens += tokens
+        return Step(parsed.subtask, parsed.result, parsed.final_answer, side, tokens, time.perf_counter() - t0)
+
+    async def continue_path(self, side: Side, question: str, history: list[Step], request_id: str,
+                            limit: int | None = None) -> list[Step]:
+        """Continue ``history`` with one model until a final answer or ``max_steps`` (or ``limit``
+        steps in all); returns the whole path."""
+        path = list(history)
+        limit = min(limit or self.config.max_steps, self.config.max_steps)
+        while len(path) < limit and not (path and path[-1].is_final):
+            path.append(await self.step(side, question, path, request_id))
+        return path
+
+    async def profile(self, request_id: str, question: str, gold: str) -> dict[str, Any]:
+        c = self.config
+        t0 = time.perf_counter()
+        spine: list[Step] = []
+        nodes: list[dict[str, Any]] = []
+        rollouts: list[asyncio.Task] = []
+        # The LLM spine; at each node of depth < max_depth the SLM writes its step from the same context.
+        while len(spine) < c.max_steps and not (spine and spine[-1].is_final):
+            depth = len(spine)
+            if depth < c.max_depth:
+                slm_step, llm_step = await asyncio.gather(self.step("slm", question, spine, request_id),
+                                                          self.step("llm", question, spine, request_id))
+                nodes.append({"depth": depth, "context": [asdict(s) for s in spine], "slm": asdict(slm_step),
+                              "llm": asdict(llm_step)})
+                # The SLM's own path from this node runs while the LLM writes the next spine step.
+                # From the root it runs to the end (the All-SLM path); deeper, max_distance + 1 steps are
+                # enough for the S-L distance.
+                limit = None if depth == 0 else depth + c.max_distance + 1
+                rollouts.append(asyncio.ensure_future(
+                    self.continue_path("slm", question, spine + [slm_step], request_id, limit)))
+            else:
+                llm_step = await self.step("llm", question, spine, request_id)
+            spine.append(llm_step)
+        slm_paths: list[list[Step]] = list(await asyncio.gather(*rollouts))
+
+        # Similarities: each node's two subtasks, and the SLM rollout's subtasks against the LLM's.
+        pairs: list[tuple[str, str]] = []
+        for node, path in zip(nodes, slm_paths):
+            rolled = path[node["depth"]: node["depth"] + c.max_distance + 1]
+            pairs += [(s.subtask, node["llm"]["subtask"]) for s in rolled]
+        sims = await self.similarity(pairs) if pairs else []
+        k = 0
+        for node, path in zip(nodes, slm_paths):
+            rolled = path[node["depth"]: node["depth"] + c.max_distance + 1]
+            node_sims = sims[k: k + len(rolled)]
+            k += len(rolled)
+            node["similarity"] = node_sims[0]
+            node["distance"] = next((d for d, s in enumerate(node_sims) if s >= c.match_threshold), None)
+            node["rollout_sims"] = node_sims
+            node["slm_rollout"] = [asdict(s) for s in rolled]
+            finished = bool(path) and path[-1].is_final or len(path) >= c.max_steps
+            node["slm_path_answer"] = path_answer(path) if finished else None
+            node["slm_path_correct"] = self.scorer(path_answer(path), gold) if finished else None
+
+        llm_answer = path_answer(spine)
+        llm_correct = self.scorer(llm_answer, gold)
+        for node in nodes:
+            node["llm_path_correct"] = llm_correct  # the spine continues with the LLM from every node
+            node["switch_path_correct"] = None
+        # Switch branches: the SLM's step at the first divergent nodes, then the LLM to the end.
+        divergent = [n for n in nodes if n["similarity"] < c.match_threshold][: c.max_branches]
+        branches = await asyncio.gather(*(
+            self.continue_path("llm", question, spine[: n["depth"]] + [Step(**n["slm"])], request_id) for n in divergent))
+        for node, path in zip(divergent, branches):
+            node["switch_path_answer"] = path_answer(path)
+            node["switch_path_correct"] = self.scorer(path_answer(path), gold)
+
+        all_slm = slm_paths[0] if slm_paths else []
+        return {
+            "request_id": request_id, "question": question, "gold": gold,
+            "all_llm": {"answer": llm_answer, "correct": llm_correct, "steps": [asdict(s) for s in spine]},
+            "all_slm": {"answer": path_answer(all_slm), "correct": self.scorer(path_answer(all_slm), gold),
+                        "steps": [asdict(s) for s in all_slm]},
+            "nodes": nodes,
+            "profile_s": time.perf_counter() - t0,
+        }
+
+
+# -- the run folder -------------------------------------------------------------------------------
+
+
+def read_profile(folder: Path) -> list[dict[str, Any]]:
+    """Every finished request of a profile run (a torn last line from a crash is skipped)."""
+    path = Path(folder) / PROFILE_FILE
+    if not path.exists():
+        raise ConfigError(f"no profile at {path}: run `hera profile --out {folder}` first")
+    records = []
+    with path.open() as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def prepare_run_folder(out: Path, config: ProfileConfig) -> set[str]:
+    """Create or resume ``out``; the request ids already profiled there."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / CONFIG_FILE
+    if cfg_path.exists():
+        stored = ProfileConfig.model_validate_json(cfg_path.read_text())
+        if stored.fingerprint() != config.fingerprint():
+            diff = {k: (v, getattr(config, k)) for k, v in stored.model_dump().items() if getattr(config, k) != v}
+            raise ConfigError(f"{out} holds a profile made with other settings {diff} (stored, given): "
+                              "use another --out or the same settings")
+    else:
+        cfg_path.write_text(config.model_dump_json(indent=2))
+    return {r["request_id"] for r in read_profile(out)} if (out / PROFILE_FILE).exists() else set()
+
+
+@dataclass
+class ProfileSummary:
+    requests: int = 0
+    new: int = 0
+    nodes: int = 0
+    all_slm_correct: int = 0
+    all_llm_correct: int = 0
+    mean_similarity: float = 0.0
+    distances: dict[str, int] = field(default_factory=dict)
+    switch_branches: int = 0
+    switch_correct: int = 0
+    seconds: float = 0.0
+
+
+def summarise(records: list[dict[str, Any]]) -> ProfileSummary:
+    s = ProfileSummary(requests=len(records))
+    sims = []
+    for r in records:
+        s.all_slm_correct += r["all_slm"]["correct"]
+        s.all_llm_correct += r["all_llm"]["correct"]
+        for n in r["nodes"]:
+            s.nodes += 1
+            sims.append(n["similarity"])
+            key = "∞" if n["distance"] is None else str(n["distance"])
+            s.distances[key] = s.distances.get(key, 0) + 1
+            if n.get("switch_path_correct") is not None:
+                s.switch_branches += 1
+                s.switch_correct += n["switch_path_correct"]
+    s.mean_similarity = sum(sims) / len(sims) if sims else 0.0
+    return s
+
+
+async def run_profile(profiler: Profiler, items: Sequence[Any], out: Path, concurrency: int = 2,
+                      on_done: Callable[[dict[str, Any]], None] | None = None) -> ProfileSummary:
+    """Profile ``items`` (with ``.id``, ``.question``, ``.answer``) into ``out``, skipping those done."""
+    done = prepare_run_folder(out, profiler.config)
+    todo = [it for it in items if _request_id(profiler.config, it.id) not in done]
+    t0 = time.perf_counter()
+    sem = asyncio.Semaphore(concurrency)
+    lock = asyncio.Lock()
+    path = out / PROFILE_FILE
+
+    async def one(item) -> None:
+        async with sem:
+            record = await profiler.profile(_request_id(profiler.config, item.id), item.question, item.answer)
+            record["item_id"] = item.id
+            record["dataset"] = profiler.config.dataset
+        async with lock:  # one whole line per request: a crash never leaves half a request behind
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if on_done is not None:
+            on_done(record)
+
+    await asyncio.gather(*(one(it) for it in todo))
+    wanted = {_request_id(profiler.config, it.id) for it in items}
+    summary = summarise([r for r in read_profile(out) if r["request_id"] in wanted])
+    summary.new = len(todo)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _request_id(config: ProfileConfig, item_id: str) -> str:
+    return f"{config.dataset}-{item_id}"
+
+
+# -- the live cluster's models ------------------------------------------------------------------
+
+
+class ClusterStepModels:
+    """Steps on the live cluster: the SLM on the registered edge nodes (gRPC), the LLM on the
+    cloud Serve deployment (its handle). Edge nodes are taken round-robin among those up."""
+
+    def __init__(self, executor, edge_addresses: list[str], edge_slots: int = 1, cloud_concurrency: int = 2):
+        if not edge_addresses:
+            raise ConfigError("no edge node is up in the cluster: start one (`hera up --local-edges 1`)")
+        self.executor = executor
+        self.edges = edge_addresses
+        self._next = 0
+        self._edge_sem = asyncio.Semaphore(max(1, edge_slots))
+        self._cloud_sem = asyncio.Semaphore(max(1, cloud_concurrency))
+
+    async def generate(self, side: Side, params: GenerationParams) -> GenerationResult:
+        if side == "slm":
+            async with self._edge_sem:
+                address = self.edges[self._next % len(self.edges)]
+                self._next += 1
+                return await self.executor.edge(address, params)
+        async with self._cloud_sem:
+            return await self.executor.cloud(params)
+
+
+def connect_cluster(edge_model: str | None = None) -> ClusterStepModels:
+    """Attach to the running hera-ray (``hera up``'s record, or ``RAY_ADDRESS``): its edge nodes and cloud LLM."""
+    from hera_ray import cluster
+
+    state = cluster.attach()
+    import ray
+    from ray import serve
+
+    from cloud_node.deployment import DEPLOYMENT_NAME
+    from hera_ray.scheduler.actor import scheduler_handle
+    from hera_ray.serve.executor import ClusterExecutor
+
+    nodes = ray.get(scheduler_handle(state.namespace).nodes.remote(), timeout=30)
+    up = [n for n in nodes if n["state"] == "up" and (edge_model is None or n["model"] == edge_model)]
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=state.app_name)
+    return ClusterStepModels(ClusterExecutor(handle), [n["address"] for n in up],
+                             edge_slots=sum(int(n["slots"]) for n in up))
