@@ -1,0 +1,101 @@
+"""The inputs every estimator sees, written once for training (``hera train``) and serving.
+
+The estimators do not see the agent's full chat: a compact, prefix-growing rendering of the
+request and the steps so far is enough to tell what comes next, and it keeps the SP/SD prompts
+short (prefill dominates an estimator call on a CPU) and reusable in llama.cpp's KV cache from
+one decision of a request to the next.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+#: How much of a step's result the estimators see (the subtask line matters most).
+RESULT_CHARS = 160
+#: Tokens an SP prediction may take: a subtask is one short line.
+SP_MAX_TOKENS = 40
+SD_MAX_TOKENS = 96
+
+SP_SYSTEM = "You predict the next step an assistant writes while solving a task step by step. Reply with the step only."
+SD_SYSTEM = "Split the given step into two or three smaller steps. One step per line, each starting with '- '."
+
+_FINAL_PREFIX = re.compile(r"^\s*final\s+answer\s*[:：]?\s*", re.IGNORECASE)
+_SUBTASK_PREFIX = re.compile(r"^\s*(?:subtask|step)\s*\d*\s*[:：.]\s*", re.IGNORECASE)
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def render_context(question: str, steps: Sequence[tuple[str, str]], extra: Sequence[str] = ()) -> str:
+    """The request and the (subtask, result) steps so far, then ``extra`` predicted subtasks (no results yet)."""
+    lines = [f"Task: {_short(question, 1200)}"]
+    for i, (subtask, result) in enumerate(steps, 1):
+        lines.append(f"Step {i}: {_short(subtask, 240)}")
+        if result:
+            lines.append(f"Result {i}: {_short(result, RESULT_CHARS)}")
+    for j, subtask in enumerate(extra, len(steps) + 1):
+        lines.append(f"Step {j}: {_short(subtask, 240)}")
+    return "\n".join(lines)
+
+
+def sp_messages(question: str, steps: Sequence[tuple[str, str]], extra: Sequence[str] = ()) -> list[dict[str, str]]:
+    """SP's prompt: what is the next step? (The SLM and LLM adapters share it.)"""
+    n = len(steps) + len(extra) + 1
+    return [{"role": "system", "content": SP_SYSTEM},
+            {"role": "user", "content": f"{render_context(question, steps, extra)}\nStep {n}:"}]
+
+
+def sp_target(subtask: str) -> str:
+    """What SP learns to write for a step: its subtask line ('Final Answer: ...' for a final step)."""
+    line = " ".join((subtask or "").split())
+    return _SUBTASK_PREFIX.sub("", line)
+
+
+def clean_prediction(text: str) -> str:
+    """An SP output as a subtask: first line, without a 'Step n:'/'Subtask:' prefix."""
+    first = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return _SUBTASK_PREFIX.sub("", first).strip()
+
+
+def is_final(subtask: str) -> bool:
+    return bool(_FINAL_PREFIX.match(subtask or ""))
+
+
+def sd_messages(question: str, subtask: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SD_SYSTEM},
+            {"role": "user", "content": f"Task: {_short(question, 600)}\nStep: {_short(subtask, 240)}"}]
+
+
+def sd_target(parts: Sequence[str]) -> str:
+    return "\n".join(f"- {sp_target(p)}" for p in parts)
+
+
+def parse_parts(text: str, limit: int = 6) -> list[str]:
+    """SD's output as sub-subtasks: the '- ' lines (or any non-empty lines)."""
+    parts = []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        line = re.sub(r"^(?:[-*•]|\d+[.)])\s*", "", line).strip()
+        if line:
+            parts.append(line)
+    return parts[:limit]
+
+
+def encoder_context(question: str, steps: Sequence[tuple[str, str]]) -> str:
+    """DP's input: the request and the subtasks so far (results omitted: the encoder's window is short)."""
+    lines = [_short(question, 800)]
+    lines += [f"Step {i}: {_short(s, 200)}" for i, (s, _) in enumerate(steps, 1)]
+    return "\n".join(lines)
+
+
+def distance_label(distance: int | None) -> str:
+    return "inf" if distance is None else str(distance)
+
+
+def distance_labels(max_distance: int) -> list[str]:
+    return [str(d) for d in range(max_distance + 1)] + ["inf"]

@@ -1,0 +1,122 @@
+"""A trained estimator set (``hera train``'s output folder) loaded in this process.
+
+The folder holds ``manifest.json`` and one sub-folder per estimator: ``urc/``, ``hybridllm/``,
+``dp/`` (peft LoRA adapters on the MiniLM encoder) and ``sp_slm/``, ``sp_llm/``, ``sd/`` (llama.cpp
+LoRA adapters, ``adapter.gguf``, on the SLM). :class:`LocalEstimators` implements the policy's
+:class:`~hera_ray.estimators.base.EstimatorSet` over them; the Serve deployments in
+``hera_ray.serve.estimators`` host the same object on a replica.
+
+A set ships inside the package (``BUNDLED_ESTIMATORS``) so the ``hera`` policy runs out of the box.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from hera_ray.errors import ConfigError
+from hera_ray.estimators.prompts import (SD_MAX_TOKENS, SP_MAX_TOKENS, clean_prediction, encoder_context,
+                                         parse_parts, sd_messages, sp_messages)
+from hera_ray.policy.base import SubtaskContext
+
+MANIFEST = "manifest.json"
+BUNDLED_ESTIMATORS = Path(__file__).parent / "trained" / "gsm8k"
+ENCODERS = ("urc", "hybridllm", "dp")
+GENERATORS = ("sp_slm", "sp_llm", "sd")
+
+
+def estimators_path(path: str | Path | None = None) -> Path:
+    """The estimator folder: ``path`` if given, else the bundled set. Checked to hold a manifest."""
+    folder = Path(path).expanduser() if path else BUNDLED_ESTIMATORS
+    if not (folder / MANIFEST).is_file():
+        raise ConfigError(f"no trained estimators at {folder} ({MANIFEST} missing): run `hera train --out {folder}`")
+    return folder
+
+
+def load_manifest(path: str | Path | None = None) -> dict[str, Any]:
+    folder = estimators_path(path)
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def _steps(ctx: SubtaskContext) -> list[tuple[str, str]]:
+    return [(h.subtask, h.output) for h in ctx.history]
+
+
+class LocalEstimators:
+    """URC, HybridLLM, DP, SP (both sides), SD and SBERT in this process.
+
+    Blocking model calls run in threads (``asyncio.to_thread``); SP's two sides are separate
+    llama.cpp contexts, so the policy can predict both at once.
+    """
+
+    def __init__(self, path: str | Path | None = None, n_threads: int = 1, load: Sequence[str] | None = None):
+        from hera_ray.estimators.encoders import EncoderClassifier
+        from hera_ray.estimators.generative import LoraGenerator
+        from hera_ray.estimators.similarity import SbertSimilarity
+
+        self.folder = estimators_path(path)
+        self.manifest = json.loads((self.folder / MANIFEST).read_text())
+        entries = self.manifest["estimators"]
+        wanted = set(load or entries)
+        self.encoders: dict[str, Any] = {}
+        self.generators: dict[str, Any] = {}
+        for name in ENCODERS:
+            if name in entries and name in wanted:
+                self.encoders[name] = EncoderClassifier(self.folder / entries[name]["path"])
+        for name in GENERATORS:
+            if name in entries and name in wanted:
+                self.generators[name] = LoraGenerator(entries[name]["base"], self.folder / entries[name]["path"],
+                                                      n_threads=n_threads)
+        self.sbert = SbertSimilarity(self.manifest.get("similarity_model", "minilm-l6"))
+        self.max_distance = int(self.manifest.get("max_distance", 3))
+
+    def _need(self, table: dict[str, Any], name: str) -> Any:
+        try:
+            return table[name]
+        except KeyError:
+            raise ConfigError(f"the estimator set at {self.folder} has no {name!r} estimator") from None
+
+    # -- synchronous calls (batched where the model allows) ----------------------------------
+
+    def simple_probs(self, name: str, questions: list[str]) -> list[float]:
+        """P(simple) of each request under the URC (``name="urc"``) or the HybridLLM router."""
+        return [p.get("simple", 0.0) for p in self._need(self.encoders, name).predict_proba(questions)]
+
+    def distances(self, contexts: list[str]) -> list[int | None]:
+        out = []
+        for label in self._need(self.encoders, "dp").predict(contexts):
+            out.append(None if label == "inf" else int(label))
+        return out
+
+    def predict_subtask_sync(self, side: str, question: str, steps: list[tuple[str, str]], extra: Sequence[str] = ()) -> str:
+        gen = self._need(self.generators, f"sp_{side}")
+        return clean_prediction(gen.generate(sp_messages(question, steps, extra), max_tokens=SP_MAX_TOKENS, stop=("\n",)))
+
+    def decompose_sync(self, question: str, subtask: str) -> list[str]:
+        return parse_parts(self._need(self.generators, "sd").generate(sd_messages(question, subtask), max_tokens=SD_MAX_TOKENS))
+
+    # -- the EstimatorSet interface ---------------------------------------------------------------
+
+    async def request_simple_prob(self, question: str) -> float:
+        return (await asyncio.to_thread(self.simple_probs, "urc", [question]))[0]
+
+    async def hybrid_simple_prob(self, question: str) -> float:
+        return (await asyncio.to_thread(self.simple_probs, "hybridllm", [question]))[0]
+
+    async def predict_subtask(self, side: str, ctx: SubtaskContext, extra: tuple[str, ...] = ()) -> str:
+        return await asyncio.to_thread(self.predict_subtask_sync, side, ctx.question, _steps(ctx), extra)
+
+    async def distance(self, ctx: SubtaskContext) -> int | None:
+        return (await asyncio.to_thread(self.distances, [encoder_context(ctx.question, _steps(ctx))]))[0]
+
+    async def decompose(self, subtask: str, ctx: SubtaskContext) -> list[str]:
+        return await asyncio.to_thread(self.decompose_sync, ctx.question, subtask)
+
+    async def similarity(self, a: str, b: str) -> float:
+        return (await asyncio.to_thread(self.sbert.similarities, [(a, b)]))[0]
+
+    def close(self) -> None:
+        for gen in self.generators.values():
+            gen.close()

@@ -1,0 +1,122 @@
+"""Each estimator's data set, built from a profile (``hera profile``'s ``profile.jsonl``).
+
+Pure code over the profile records, so what an estimator learns from is easy to read and test:
+
+* **URC** (request → simple?): *simple* when the SLM alone loses nothing on the request: its
+  All-SLM path ended correct, or the All-LLM path did not either. (HybridLLM's label, q(S) ≥ q(L),
+  for a 0/1 score.)
+* **HybridLLM** (request → SLM?): the same label; a router of its own with its own threshold.
+* **SP_SLM / SP_LLM** (context → the next subtask that side writes): every step of every path the
+  profile holds, by who wrote it: node candidates, the SLM rollouts, the LLM spine, the switch
+  branches.
+* **DP** (context → S-L distance class 0..max or ``inf``): one example per tree node.
+* **SD** (an LLM subtask → its sub-subtasks): where the SLM converged to the LLM's subtask after
+  d ≥ 1 further steps, those d+1 SLM subtasks are a finer split of the LLM's one.
+
+Held out: whole requests (a stable hash of the request id), so no request's steps are on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from hera_ray.estimators.prompts import (distance_label, encoder_context, sd_messages, sd_target, sp_messages,
+                                         sp_target)
+
+HELDOUT_SHARE = 0.2
+
+
+def is_heldout(request_id: str, share: float = HELDOUT_SHARE) -> bool:
+    bucket = int.from_bytes(hashlib.blake2b(f"heldout:{request_id}".encode(), digest_size=4).digest(), "big")
+    return bucket % 1000 < share * 1000
+
+
+@dataclass
+class Split:
+    """Training and held-out examples of one estimator."""
+
+    train: list[Any] = field(default_factory=list)
+    heldout: list[Any] = field(default_factory=list)
+
+    def add(self, request_id: str, example: Any) -> None:
+        (self.heldout if is_heldout(request_id) else self.train).append(example)
+
+
+def _steps(steps: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(s["subtask"], s["output"]) for s in steps]
+
+
+def request_simple(record: dict[str, Any]) -> bool:
+    return bool(record["all_slm"]["correct"] or not record["all_llm"]["correct"])
+
+
+def urc_examples(records: list[dict[str, Any]]) -> Split:
+    split = Split()
+    for r in records:
+        split.add(r["request_id"], (r["question"], "simple" if request_simple(r) else "complex"))
+    return split
+
+
+def sp_examples(records: list[dict[str, Any]], side: str) -> Split:
+    """(messages, target) pairs: the subtask ``side`` wrote after each context it was given. Deduplicated."""
+    split = Split()
+    for r in records:
+        q, seen = r["question"], set()
+
+        def add(history: list[tuple[str, str]], subtask: str) -> None:
+            key = (tuple(history), subtask)
+            if key in seen or not subtask.strip():
+                return
+            seen.add(key)
+            split.add(r["request_id"], (sp_messages(q, history), sp_target(subtask)))
+
+        if side == "llm":
+            spine = _steps(r["all_llm"]["steps"])
+            for k in range(len(spine)):
+                add(spine[:k], spine[k][0])
+            for n in r["nodes"]:
+                add(_steps(n["context"]), n["llm"]["subtask"])
+        else:
+            for n in r["nodes"]:
+                context = _steps(n["context"])
+                add(context, n["slm"]["subtask"])
+                rolled = _steps(n.get("slm_rollout", []))
+                for k in range(1, len(rolled)):
+                    add(context + rolled[:k], rolled[k][0])
+            slm = _steps(r["all_slm"]["steps"])
+            for k in range(len(slm)):
+                add(slm[:k], slm[k][0])
+    return split
+
+
+def dp_examples(records: list[dict[str, Any]]) -> Split:
+    split = Split()
+    for r in records:
+        for n in r["nodes"]:
+            split.add(r["request_id"], (encoder_context(r["question"], _steps(n["context"])), distance_label(n["distance"])))
+    return split
+
+
+def sd_examples(records: list[dict[str, Any]]) -> Split:
+    split = Split()
+    for r in records:
+        for n in r["nodes"]:
+            d = n["distance"]
+            if d is None or d < 1:
+                continue
+            parts = [s["subtask"] for s in n["slm_rollout"][: d + 1]]
+            split.add(r["request_id"], (sd_messages(r["question"], n["llm"]["subtask"]), sd_target(parts)))
+    return split
+
+
+def cd_labels(records: list[dict[str, Any]], max_distance: int) -> Split:
+    """(DP input, converges?) pairs: does the SLM's path line up with the LLM's subtask within max_distance steps?"""
+    split = Split()
+    for r in records:
+        for n in r["nodes"]:
+            d = n["distance"]
+            split.add(r["request_id"], (encoder_context(r["question"], _steps(n["context"])),
+                                        d is not None and d <= max_distance))
+    return split

@@ -1,0 +1,239 @@
+"""``hera train``: build each estimator's data set from a profile, fine-tune it with LoRA, measure it.
+
+* URC, HybridLLM, DP: LoRA + a classification head on the MiniLM encoder (``offline/encoders.py``).
+* SP_SLM, SP_LLM, SD: LoRA on the SLM itself (SmolLM2-135M, loaded from its GGUF by transformers;
+  ``offline/causal.py``), exported as llama.cpp adapters, because at serving time they run in
+  llama.cpp beside the edge SLM. The SLM is the base because it is the smallest causal LM here
+  that already writes this task's steps, and because SP_SLM then starts out as the model it
+  imitates (SP_LLM is the real estimation problem: a 135M model guessing a 1.5B model's step).
+
+Held-out accuracy, on requests no estimator trained on:
+
+* URC, HybridLLM, DP: exact class accuracy (with the majority-class baseline beside it).
+* SP_SLM, SP_LLM: a prediction counts as right when its SBERT similarity to the subtask the model
+  actually wrote is >= ``match_threshold`` (0.7): the test the policy's SSE stage makes.
+* CD: does DP's distance say "converges within max_distance" exactly when the profile's SLM path did?
+* SD: the joined sub-subtasks are >= 0.7 similar to the SLM's actual finer steps.
+
+The output folder gets one sub-folder per estimator and ``manifest.json`` (base models, the
+profile's data hash, metrics, paper figures). An estimator whose folder already holds metrics for
+the same data hash and settings is not trained again: an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hera_ray.errors import ConfigError
+from hera_ray.estimators.prompts import SD_MAX_TOKENS, SP_MAX_TOKENS, clean_prediction, distance_labels, parse_parts
+from hera_ray.estimators.trained import MANIFEST
+from hera_ray.offline import datasets as ds
+from hera_ray.offline.profile import CONFIG_FILE, ProfileConfig, read_profile
+
+#: Held-out accuracy reported by the revised HERA paper (Table 5, without continual fine-tuning).
+PAPER_ACCURACY = {"urc": 77.9, "sp_slm": 76.1, "sp_llm": 75.1, "dp": 76.2, "cd": 75.8}
+
+
+class TrainConfig(BaseSettings):
+    """How the estimators are fine-tuned."""
+
+    model_config = SettingsConfigDict(env_prefix="HERA_TRAIN_", extra="forbid")
+
+    encoder_base: str = Field("minilm-l6", description="Encoder for URC, HybridLLM and DP (bundled name or folder).")
+    causal_base: str = Field("smollm2-135m", description="Causal LM for SP and SD (bundled name or GGUF path).")
+    encoder_epochs: int = Field(8, ge=1, le=100, description="Epochs over the URC / HybridLLM / DP data.")
+    causal_epochs: int = Field(1, ge=1, le=20, description="Epochs over the SP / SD data.")
+    encoder_lr: float = Field(1e-3, gt=0, description="Learning rate of the encoder LoRA.")
+    causal_lr: float = Field(1e-3, gt=0, description="Learning rate of the causal LoRA.")
+    lora_r: int = Field(8, ge=1, le=256, description="LoRA rank.")
+    max_examples: int = Field(400, ge=1, description="Training examples per generative estimator at most (sampled).")
+    max_eval: int = Field(120, ge=1, description="Held-out examples evaluated per generative estimator at most.")
+    max_len: int = Field(512, ge=64, le=4096, description="Tokens per causal training example at most.")
+    seed: int = Field(0, description="Sampling and initialisation seed.")
+    only: str = Field("", description="Comma-separated estimators to train (default: all).")
+
+    def wanted(self) -> list[str]:
+        all_ = ["urc", "hybridllm", "dp", "sp_slm", "sp_llm", "sd"]
+        chosen = [s.strip() for s in self.only.split(",") if s.strip()]
+        unknown = sorted(set(chosen) - set(all_))
+        if unknown:
+            raise ConfigError(f"unknown estimator(s) {unknown}: choose from {', '.join(all_)}")
+        return chosen or all_
+
+
+def data_hash(records: list[dict[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for r in sorted(records, key=lambda r: r["request_id"]):
+        h.update(json.dumps(r, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _sample(items: list[Any], limit: int, seed: int) -> list[Any]:
+    if len(items) <= limit:
+        return list(items)
+    return random.Random(seed).sample(items, limit)
+
+
+def _done(folder: Path, key: str) -> dict[str, Any] | None:
+    path = folder / "metrics.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored
+    return None
+
+
+def _save_metrics(folder: Path, key: str, entry: dict[str, Any]) -> dict[str, Any]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps({"key": key, **entry}, indent=2))
+    return entry
+
+
+def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train every estimator from ``profile_dir`` into ``out``; write and return the manifest."""
+    from hera_ray.estimators.similarity import SbertSimilarity
+    from hera_ray.models import resolve_model
+
+    config = config or TrainConfig()
+    records = read_profile(profile_dir)
+    if not records:
+        raise ConfigError(f"the profile at {profile_dir} holds no finished request yet")
+    pcfg_path = Path(profile_dir) / CONFIG_FILE
+    pcfg = ProfileConfig.model_validate_json(pcfg_path.read_text()) if pcfg_path.exists() else ProfileConfig()
+    out.mkdir(parents=True, exist_ok=True)
+    dhash = data_hash(records)
+    heldout_requests = sum(ds.is_heldout(r["request_id"]) for r in records)
+    log(f"{len(records)} profiled request(s) ({heldout_requests} held out), data sha256 {dhash[:12]}")
+    sbert = SbertSimilarity(config.encoder_base)
+    estimators: dict[str, dict[str, Any]] = {}
+    settings_key = config.model_dump_json(exclude={"only"})
+
+    def key_for(name: str) -> str:
+        return hashlib.sha256(f"{name}:{dhash}:{settings_key}:{pcfg.match_threshold}".encode()).hexdigest()[:16]
+
+    # -- encoders: URC, HybridLLM, DP (CD is read off DP) ----------------------------------------
+    from hera_ray.offline.encoders import train_encoder_classifier
+
+    encoder_sets = {
+        "urc": (ds.urc_examples(records), ["complex", "simple"]),
+        "hybridllm": (ds.urc_examples(records), ["complex", "simple"]),
+        "dp": (ds.dp_examples(records), distance_labels(pcfg.max_distance)),
+    }
+    for name, (split, labels) in encoder_sets.items():
+        if name not in config.wanted():
+            continue
+        folder, key = out / name, key_for(name)
+        entry = _done(folder, key)
+        if entry is None:
+            if not split.train:
+                log(f"{name}: no training examples; skipped")
+                continue
+            log(f"{name}: {len(split.train)} training / {len(split.heldout)} held-out example(s)")
+            shutil.rmtree(folder, ignore_errors=True)
+            stats = train_encoder_classifier(
+                [t for t, _ in split.train], [y for _, y in split.train], folder, label_names=labels,
+                base=config.encoder_base, r=config.lora_r, epochs=config.encoder_epochs, lr=config.encoder_lr,
+                seed=config.seed + (1 if name == "hybridllm" else 0),
+                eval_texts=[t for t, _ in split.heldout] or None, eval_labels=[y for _, y in split.heldout] or None)
+            entry = {"kind": "encoder", "base": config.encoder_base, "path": name, "labels": labels,
+                     "train_examples": len(split.train), "heldout_examples": len(split.heldout),
+                     "metrics": {k: stats[k] for k in ("accuracy", "majority_baseline") if k in stats},
+                     "train_s": stats.get("train_s")}
+            if name == "dp":
+                entry["metrics"]["cd_accuracy"] = _cd_accuracy(folder, records, pcfg.max_distance)
+            _save_metrics(folder, key, entry)
+        estimators[name] = entry
+
+    # -- causal: SP_SLM, SP_LLM, SD (trained in torch, served by llama.cpp) ---------------------
+    from hera_ray.estimators.generative import LoraGenerator
+    from hera_ray.offline.causal import train_causal_lora
+
+    base_gguf = resolve_model(config.causal_base).path
+    causal_sets = {"sp_slm": ds.sp_examples(records, "slm"), "sp_llm": ds.sp_examples(records, "llm"),
+                   "sd": ds.sd_examples(records)}
+    for name, split in causal_sets.items():
+        if name not in config.wanted():
+            continue
+        folder, key = out / name, key_for(name)
+        entry = _done(folder, key)
+        if entry is None:
+            if not split.train:
+                log(f"{name}: no training examples; skipped")
+                continue
+            train = _sample(split.train, config.max_examples, config.seed)
+            log(f"{name}: {len(train)} of {len(split.train)} training / {len(split.heldout)} held-out example(s)")
+            shutil.rmtree(folder, ignore_errors=True)
+            stats = train_causal_lora(train, Path(base_gguf), folder, r=config.lora_r, alpha=2 * config.lora_r,
+                                      epochs=config.causal_epochs, lr=config.causal_lr, max_len=config.max_len,
+                                      seed=config.seed)
+            heldout = _sample(split.heldout, config.max_eval, config.seed)
+            metrics: dict[str, Any] = {}
+            if heldout:
+                tuned = LoraGenerator(config.causal_base, folder / "adapter.gguf")
+                base = LoraGenerator(config.causal_base)
+                try:
+                    metrics["accuracy"] = _generative_accuracy(tuned, heldout, sbert, pcfg.match_threshold, name)
+                    metrics["base_accuracy"] = _generative_accuracy(base, heldout, sbert, pcfg.match_threshold, name)
+                finally:
+                    tuned.close()
+                    base.close()
+            entry = {"kind": "causal", "base": config.causal_base, "path": f"{name}/adapter.gguf",
+                     "train_examples": len(train), "train_pool": len(split.train), "heldout_examples": len(heldout),
+                     "metrics": metrics, "train_s": stats.get("train_s"), "final_loss": stats.get("final_loss")}
+            _save_metrics(folder, key, entry)
+        estimators[name] = entry
+
+    for name, entry in estimators.items():
+        if name in PAPER_ACCURACY:
+            entry["paper_accuracy"] = PAPER_ACCURACY[name]
+    manifest = {
+        "format": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "profile": {"path": str(profile_dir), "dataset": pcfg.dataset, "split": pcfg.split, "requests": len(records),
+                    "heldout_requests": heldout_requests, "data_sha256": dhash, "settings": pcfg.model_dump()},
+        "train_settings": config.model_dump(),
+        "similarity_model": config.encoder_base,
+        "match_threshold": pcfg.match_threshold,
+        "max_distance": pcfg.max_distance,
+        "paper_accuracy": PAPER_ACCURACY,
+        "estimators": estimators,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _cd_accuracy(dp_folder: Path, records: list[dict[str, Any]], max_distance: int) -> float | None:
+    from hera_ray.estimators.encoders import EncoderClassifier
+
+    heldout = ds.cd_labels(records, max_distance).heldout
+    if not heldout:
+        return None
+    dp = EncoderClassifier(dp_folder)
+    predicted = dp.predict([t for t, _ in heldout])
+    hits = sum((label != "inf") == converges for label, (_, converges) in zip(predicted, heldout))
+    return hits / len(heldout)
+
+
+def _generative_accuracy(gen, heldout: list[tuple[list[dict[str, str]], str]], sbert, threshold: float, name: str) -> float:
+    from tqdm.auto import tqdm
+
+    pairs = []
+    for messages, target in tqdm(heldout, desc=f"{name}: held-out", leave=False):
+        if name == "sd":
+            pred = " ".join(parse_parts(gen.generate(messages, max_tokens=SD_MAX_TOKENS)))
+            target = " ".join(parse_parts(target))
+        else:
+            pred = clean_prediction(gen.generate(messages, max_tokens=SP_MAX_TOKENS, stop=("\n",)))
+        pairs.append((pred, target))
+    sims = sbert.similarities(pairs)
+    return sum(s >= threshold for s in sims) / len(sims)
