@@ -304,11 +304,20 @@ def up_cmd(
     local_edges: int = typer.Option(0, "--local-edges", help="Edge nodes to start on this machine."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file of HeraConfig settings."),
     timeout: float = typer.Option(900.0, help="Seconds to wait for every part to report healthy."),
+    estimators: Optional[Path] = typer.Option(None, "--estimators", help="Trained estimator folder for the hera policy [default: bundled]."),
+    threshold_base: Optional[float] = typer.Option(None, "--threshold-base", help="HERA's κ base (κ_i = base + min(i, 5)·0.02) [default: 0.6]."),
+    no_urc: bool = typer.Option(False, "--no-urc", help="Ablation: the hera policy skips its URC stage."),
+    no_cd: bool = typer.Option(False, "--no-cd", help="Ablation: the hera policy skips its SLE/CD stage."),
+    no_sd: bool = typer.Option(False, "--no-sd", help="Ablation: the hera policy skips its SD stage."),
 ) -> None:
     """Start (or join, with RAY_ADDRESS) a Ray cluster, the scheduler, the Serve app and local edges."""
     from hera_ray.cluster import up
 
     config = _load_hera_config(config_file)
+    hera = {k: v for k, v in {"estimators": estimators, "threshold_base": threshold_base}.items() if v is not None}
+    hera.update({f"use_{stage}": False for stage, off in (("urc", no_urc), ("cd", no_cd), ("sd", no_sd)) if off})
+    if hera:
+        config = config.model_copy(update={"hera": config.hera.model_copy(update=hera)})
     try:
         state = up(config, local_edges=local_edges, timeout_s=timeout, log=lambda m: err_console.print(m, highlight=False))
     except HeraError as e:

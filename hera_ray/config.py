@@ -173,6 +173,26 @@ class IngressConfig(BaseModel):
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one ingress replica works on at once (Serve queues or refuses the rest).")
 
 
+class HeraPolicySettings(BaseModel):
+    """The HERA policy and its estimators (Serve deployments); also the HybridLLM baseline's router."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Deploy the estimators and offer the hera, hera-no-*, and hybridllm policies.")
+    estimators: Path | None = Field(None, description="Folder of trained estimators (`hera train --out`); default: the set bundled with hera-ray.")
+    threshold_base: float = Field(0.6, ge=-1, le=1, description="Base of the position-aware similarity threshold: κ_i = base + min(i, 5) · kappa_step.")
+    kappa_step: float = Field(0.02, ge=0, le=1, description="How much κ rises per subtask position (up to position 5).")
+    tau_req: float = Field(0.5, ge=0, le=1, description="URC: a request with P(simple) at least this runs wholly on the SLM.")
+    tau_hybrid: float = Field(0.5, ge=0, le=1, description="hybridllm: a request with P(simple) at least this runs wholly on the SLM, else wholly on the LLM.")
+    use_urc: bool = Field(True, description="Stage URC on (off: --no-urc ablation).")
+    use_cd: bool = Field(True, description="Stage SLE/CD on (off: --no-cd ablation).")
+    use_sd: bool = Field(True, description="Stage SD on (off: --no-sd ablation).")
+    max_distance: int = Field(3, ge=0, le=10, description="CD: largest predicted distance rolled forward.")
+    replicas: int = Field(1, ge=1, description="Replicas of the estimator deployment.")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves per estimator replica.")
+    threads: int = Field(1, ge=1, description="llama.cpp threads per generative estimator (SP_SLM, SP_LLM, SD).")
+
+
 class HeraConfig(BaseSettings):
     """The whole cluster side: what ``hera up`` and the Serve builder read."""
 
@@ -184,6 +204,7 @@ class HeraConfig(BaseSettings):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="The scheduler actor and edge registry.")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="The agent loop.")
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="The HTTP ingress.")
+    hera: HeraPolicySettings = Field(default_factory=HeraPolicySettings, description="The HERA policy and its estimators.")
 
 
 def default_token_file() -> Path:

@@ -119,3 +119,44 @@ def test_ablations_switch_stages_off():
     d, _ = decide(ScriptedEstimators(parts=["p"], sims={("s", "p"): 0.99}),
                   config=HeraPolicyConfig(use_urc=False, use_cd=False, use_sd=False))
     assert d.stage == "llm"
+
+
+class ScriptedQueryRouter:
+    """Stand-in for the trained HybridLLM classifier: a scripted P(simple) per question."""
+
+    def __init__(self, p: dict[str, float]):
+        self.p, self.asked = p, []
+
+    async def hybrid_simple_prob(self, question):
+        self.asked.append(question)
+        return self.p[question]
+
+
+def test_hybridllm_decides_once_per_request_for_every_subtask():
+    from hera_ray.policy.hybrid import HybridLLMPolicy
+
+    router = ScriptedQueryRouter({"easy": 0.8, "hard": 0.2})
+    policy = HybridLLMPolicy(router, tau=0.5)
+    easy = [asyncio.run(policy.decide(SubtaskContext("r1", "easy", i))) for i in range(3)]
+    hard = [asyncio.run(policy.decide(SubtaskContext("r2", "hard", i))) for i in range(3)]
+    assert {d.placement for d in easy} == {Placement.EDGE}
+    assert {d.placement for d in hard} == {Placement.CLOUD}
+    assert {d.stage for d in easy + hard} == {"hybridllm"}
+    assert easy[0].scores == {"p_simple": 0.8, "tau": 0.5}
+    assert router.asked == ["easy", "hard"]  # one classifier call per request, not per subtask
+
+
+def test_build_policies_offers_hera_its_ablations_and_hybridllm_only_with_estimators():
+    from hera_ray.policy import build_policies
+
+    assert set(build_policies()) == {"all-slm", "all-llm", "random"}
+    est = ScriptedEstimators(p_simple=0.9)
+    policies = build_policies(estimators=est, hera=HeraPolicyConfig(threshold_base=0.7), tau_hybrid=0.3)
+    assert set(policies) == {"all-slm", "all-llm", "random", "hera", "hera-no-urc", "hera-no-cd", "hera-no-sd", "hybridllm"}
+    assert policies["hera"].config.threshold_base == 0.7
+    assert not policies["hera-no-urc"].config.use_urc and policies["hera-no-urc"].config.threshold_base == 0.7
+    assert policies["hera-no-sd"].name == "hera-no-sd" and policies["hera"].name == "hera"
+    # URC on: a simple request goes to the edge; with URC off the same request reaches SSE.
+    ctx = SubtaskContext("r", "q", 0)
+    assert asyncio.run(policies["hera"].decide(ctx)).stage == "urc"
+    assert asyncio.run(policies["hera-no-urc"].decide(ctx)).stage == "llm"

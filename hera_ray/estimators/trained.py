@@ -95,6 +95,8 @@ class LocalEstimators:
         return clean_prediction(gen.generate(sp_messages(question, steps, extra), max_tokens=SP_MAX_TOKENS, stop=("\n",)))
 
     def decompose_sync(self, question: str, subtask: str) -> list[str]:
+        if "sd" not in self.generators:  # a set trained without SD data: the SD stage finds no parts
+            return []
         return parse_parts(self._need(self.generators, "sd").generate(sd_messages(question, subtask), max_tokens=SD_MAX_TOKENS))
 
     # -- the EstimatorSet interface ---------------------------------------------------------------

@@ -49,7 +49,28 @@ class RandomPolicy(Policy):
         return Decision(placement, self.name, {"draw": u, "slm_share": self.slm_share})
 
 
-def build_policies(random_slm_share: float = 0.5, seed: int = 0) -> dict[str, Policy]:
-    """The policies a scheduler offers, by name (the model name clients pass)."""
-    policies: list[Policy] = [AllSLM(), AllLLM(), RandomPolicy(random_slm_share, seed)]
-    return {p.name: p for p in policies}
+def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None, hera=None,
+                   tau_hybrid: float = 0.5) -> dict[str, Policy]:
+    """The policies a scheduler offers, by name (the model name clients pass).
+
+    With ``estimators`` (an :class:`~hera_ray.estimators.base.EstimatorSet` that also has
+    ``hybrid_simple_prob``) it adds ``hera`` (configured by ``hera``, a
+    :class:`~hera_ray.policy.hera.HeraPolicyConfig`), its ablations ``hera-no-urc``,
+    ``hera-no-cd``, ``hera-no-sd``, and ``hybridllm``.
+    """
+    from dataclasses import replace
+
+    from hera_ray.policy.hera import HeraPolicy, HeraPolicyConfig
+    from hera_ray.policy.hybrid import HybridLLMPolicy
+
+    policies: dict[str, Policy] = {p.name: p for p in (AllSLM(), AllLLM(), RandomPolicy(random_slm_share, seed))}
+    if estimators is not None:
+        hera = hera or HeraPolicyConfig()
+        policies["hera"] = HeraPolicy(estimators, hera)
+        for stage in ("urc", "cd", "sd"):
+            variant = HeraPolicy(estimators, replace(hera, **{f"use_{stage}": False}))
+            variant.name = f"hera-no-{stage}"
+            variant.description = f"HERA without its {stage.upper()} stage (ablation)."
+            policies[variant.name] = variant
+        policies["hybridllm"] = HybridLLMPolicy(estimators, tau_hybrid)
+    return policies

@@ -18,6 +18,7 @@ that decided it. Stages can be switched off for ablations.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -70,8 +71,8 @@ class HeraPolicy(Policy):
             if p_simple >= c.tau_req:
                 return Decision(Placement.EDGE, "urc", scores)
 
-        s_slm = await self.est.predict_subtask("slm", ctx)
-        s_llm = await self.est.predict_subtask("llm", ctx)
+        # The two sides are separate models: predict both at once.
+        s_slm, s_llm = await asyncio.gather(self.est.predict_subtask("slm", ctx), self.est.predict_subtask("llm", ctx))
         sim = await self.est.similarity(s_slm, s_llm)
         scores["sse_sim"] = sim
         if sim >= kappa:

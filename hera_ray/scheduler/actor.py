@@ -50,6 +50,19 @@ class _RegistryThread(threading.Thread):
         loop.run_forever()
 
 
+def _hera_policies(cfg: HeraConfig) -> dict[str, Any]:
+    """The hera / hybridllm policies' estimators: the estimator deployment, by name, when enabled."""
+    if not cfg.hera.enabled:
+        return {}
+    from hera_ray.policy.hera import HeraPolicyConfig
+    from hera_ray.serve.estimators import ServeEstimatorSet
+
+    h = cfg.hera
+    hera = HeraPolicyConfig(threshold_base=h.threshold_base, kappa_step=h.kappa_step, tau_req=h.tau_req,
+                            use_urc=h.use_urc, use_cd=h.use_cd, use_sd=h.use_sd, max_distance=h.max_distance)
+    return {"estimators": ServeEstimatorSet(cfg.app_name), "hera": hera, "tau_hybrid": h.tau_hybrid}
+
+
 class SubtaskScheduler:
     """Routes subtasks (``route``), records their cost (``report``), and lists nodes and usage."""
 
@@ -59,7 +72,7 @@ class SubtaskScheduler:
         self.table = NodeTable(s.heartbeat_interval_s, s.missed_heartbeats)
         self.router = Router(
             self.table,
-            build_policies(s.random_slm_share, s.seed),
+            build_policies(s.random_slm_share, s.seed, **_hera_policies(cfg)),
             edge_model=s.edge_model,
             cloud_model=cfg.cloud.model_id or cfg.cloud.model,
             cloud_price_per_1k_tokens=cfg.cloud.price_per_1k_tokens,

@@ -13,6 +13,8 @@ from typing import Any
 
 from cloud_node.deployment import build_cloud_deployment
 from hera_ray.config import HeraConfig, load_settings
+from hera_ray.estimators.trained import estimators_path
+from hera_ray.serve.estimators import build_estimator_deployment
 from hera_ray.serve.openai_api import HeraIngress
 
 
@@ -22,7 +24,12 @@ def build_app(args: dict[str, Any] | None = None, config: HeraConfig | None = No
         config_file = args.pop("config_file", None)
         config = load_settings(HeraConfig, Path(config_file) if config_file else None, **args)
     cloud = build_cloud_deployment(config.cloud)
+    estimators = None
+    if config.hera.enabled:
+        h = config.hera
+        path = estimators_path(h.estimators)  # fails here, at build time, if the folder holds no manifest
+        estimators = build_estimator_deployment(str(path), threads=h.threads, num_cpus=h.num_cpus, replicas=h.replicas)
     return HeraIngress.options(
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
-    ).bind(config.model_dump(mode="json"), cloud)
+    ).bind(config.model_dump(mode="json"), cloud, estimators)

@@ -4,6 +4,7 @@ HERA policy asks several similarities per decision, and many agents decide at on
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ray import serve
@@ -31,3 +32,94 @@ def build_similarity_deployment(model: str = "minilm-l6", options: dict[str, Any
     opts = {"name": SIMILARITY_DEPLOYMENT, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 256,
             **(options or {})}
     return serve.deployment(SimilarityServer, **opts).bind(model)
+
+
+# -- the HERA estimators -----------------------------------------------------------------------
+
+ESTIMATOR_DEPLOYMENT = "HeraEstimators"
+
+
+class EstimatorServer:
+    """URC, HybridLLM, DP (MiniLM + LoRA, batched across callers), SP_SLM, SP_LLM, SD (llama.cpp
+    adapters on the SLM, one context each) and SBERT, on one CPU replica.
+
+    Arguments and results are plain data, so the policy in the scheduler actor reaches it through
+    a handle (:class:`ServeEstimatorSet`) without importing torch.
+    """
+
+    def __init__(self, path: str | None = None, threads: int = 1):
+        from hera_ray.estimators.trained import LocalEstimators
+
+        self.est = LocalEstimators(path, n_threads=threads)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def simple_prob(self, requests: list[tuple[str, str]]) -> list[float]:
+        """Batched over (estimator name, question) pairs: P(simple) from ``urc`` or ``hybridllm``."""
+        out: list[float] = [0.0] * len(requests)
+        for name in {n for n, _ in requests}:
+            idx = [i for i, (n, _) in enumerate(requests) if n == name]
+            for i, p in zip(idx, await asyncio.to_thread(self.est.simple_probs, name, [requests[i][1] for i in idx])):
+                out[i] = p
+        return out
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def distance(self, contexts: list[str]) -> list[int | None]:
+        return await asyncio.to_thread(self.est.distances, contexts)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def similarity(self, pairs: list[tuple[str, str]]) -> list[float]:
+        return await asyncio.to_thread(self.est.sbert.similarities, pairs)
+
+    async def predict_subtask(self, side: str, question: str, steps: list[tuple[str, str]], extra: list[str]) -> str:
+        return await asyncio.to_thread(self.est.predict_subtask_sync, side, question, [tuple(s) for s in steps], tuple(extra))
+
+    async def decompose(self, question: str, subtask: str) -> list[str]:
+        return await asyncio.to_thread(self.est.decompose_sync, question, subtask)
+
+    async def manifest(self) -> dict[str, Any]:
+        return self.est.manifest
+
+    async def check_health(self) -> None:
+        self.est.sbert.similarities([("ok", "ok")])
+
+
+def build_estimator_deployment(path: str | None = None, threads: int = 1, num_cpus: float = 0.5, replicas: int = 1,
+                               options: dict[str, Any] | None = None):
+    opts = {"name": ESTIMATOR_DEPLOYMENT, "ray_actor_options": {"num_cpus": num_cpus}, "num_replicas": replicas,
+            "max_ongoing_requests": 256, **(options or {})}
+    return serve.deployment(EstimatorServer, **opts).bind(path, threads)
+
+
+class ServeEstimatorSet:
+    """The policy's EstimatorSet over the estimator deployment's handle (found lazily by name)."""
+
+    def __init__(self, app_name: str = "hera"):
+        self.app_name = app_name
+        self._handle = None
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            self._handle = serve.get_deployment_handle(ESTIMATOR_DEPLOYMENT, app_name=self.app_name)
+        return self._handle
+
+    async def request_simple_prob(self, question: str) -> float:
+        return await self.handle.simple_prob.remote(("urc", question))
+
+    async def hybrid_simple_prob(self, question: str) -> float:
+        return await self.handle.simple_prob.remote(("hybridllm", question))
+
+    async def predict_subtask(self, side: str, ctx, extra: tuple[str, ...] = ()) -> str:
+        steps = [(h.subtask, h.output) for h in ctx.history]
+        return await self.handle.predict_subtask.remote(side, ctx.question, steps, list(extra))
+
+    async def distance(self, ctx) -> int | None:
+        from hera_ray.estimators.prompts import encoder_context
+
+        return await self.handle.distance.remote(encoder_context(ctx.question, [(h.subtask, h.output) for h in ctx.history]))
+
+    async def decompose(self, subtask: str, ctx) -> list[str]:
+        return await self.handle.decompose.remote(ctx.question, subtask)
+
+    async def similarity(self, a: str, b: str) -> float:
+        return await self.handle.similarity.remote((a, b))

@@ -145,8 +145,9 @@ def _completion(model: str, run: AgentRun) -> dict[str, Any]:
 class HeraIngress:
     """Runs agents: the scheduler actor places each subtask, the executors run it."""
 
-    def __init__(self, config: dict[str, Any], cloud_handle):
+    def __init__(self, config: dict[str, Any], cloud_handle, estimators_handle=None):
         self.config = HeraConfig.model_validate(config)
+        self.estimators = estimators_handle  # the HERA estimators' deployment (the scheduler calls it by name)
         api.state.api_key = os.environ.get(self.config.ingress.api_key_env) or None
         api.state.max_body_bytes = self.config.ingress.max_body_bytes
         self.actor = get_or_create_scheduler(self.config)
@@ -180,6 +181,13 @@ class HeraIngress:
         except Exception as e:  # noqa: BLE001 - any failure means not healthy
             return _json_error(503, f"scheduler unreachable: {e}")
         return JSONResponse({"status": "ok", **status})
+
+    @api.get("/v1/estimators", dependencies=_AUTH)
+    async def estimators_manifest(self) -> dict[str, Any]:
+        """The trained estimators the hera policy uses: base models, data hash, held-out accuracy."""
+        if self.estimators is None:
+            raise HeraError("the HERA estimators are not deployed (hera.enabled is false)")
+        return await self.estimators.manifest.remote()
 
     @api.get("/v1/models", dependencies=_AUTH)
     async def models(self) -> dict[str, Any]:

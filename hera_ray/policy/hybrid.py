@@ -1,0 +1,37 @@
+"""HybridLLM (Ding et al., ICLR 2024): one decision per request, the paper's main baseline.
+
+A difficulty classifier trained on the same profile gives P(the SLM's answer is as good as the
+LLM's); at or above ``tau`` the whole request runs on the SLM, else wholly on the LLM. Subtask
+positions after the first reuse the request's decision.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Protocol
+
+from hera_ray.policy.base import Decision, Placement, Policy, SubtaskContext
+
+
+class QueryRouterModel(Protocol):
+    async def hybrid_simple_prob(self, question: str) -> float: ...
+
+
+class HybridLLMPolicy(Policy):
+    name = "hybridllm"
+    description = "HybridLLM: the whole request on the SLM or the LLM, by a trained difficulty classifier."
+
+    def __init__(self, router: QueryRouterModel, tau: float = 0.5, max_requests: int = 10_000):
+        self.router = router
+        self.tau = tau
+        self._p: OrderedDict[str, float] = OrderedDict()
+        self._max_requests = max_requests
+
+    async def decide(self, ctx: SubtaskContext) -> Decision:
+        p = self._p.get(ctx.request_id)
+        if p is None:
+            p = self._p[ctx.request_id] = await self.router.hybrid_simple_prob(ctx.question)
+            while len(self._p) > self._max_requests:
+                self._p.popitem(last=False)
+        placement = Placement.EDGE if p >= self.tau else Placement.CLOUD
+        return Decision(placement, "hybridllm", {"p_simple": p, "tau": self.tau})

@@ -1,0 +1,38 @@
+"""Copy what serving needs from a `hera train` folder into the package's bundled estimator set.
+
+    python scripts/bundle_estimators.py runs/estimators [hera_ray/estimators/trained/gsm8k]
+
+Serving needs the manifest, the encoder adapters (peft) with their labels, and the llama.cpp
+adapters (``adapter.gguf``) of SP and SD; the peft copies of the causal adapters stay behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ENCODER_FILES = ("adapter_config.json", "adapter_model.safetensors", "labels.json", "metrics.json")
+CAUSAL_FILES = ("adapter.gguf", "metrics.json")
+
+
+def bundle(src: Path, dst: Path) -> None:
+    manifest = json.loads((src / "manifest.json").read_text())
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for name, entry in manifest["estimators"].items():
+        files = ENCODER_FILES if entry["kind"] == "encoder" else CAUSAL_FILES
+        (dst / name).mkdir()
+        for f in files:
+            shutil.copy2(src / name / f, dst / name / f)
+    manifest["profile"]["path"] = f"(bundled from {manifest['profile']['path']})"
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    size = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
+    print(f"bundled {len(manifest['estimators'])} estimators into {dst} ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    bundle(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else
+           Path(__file__).resolve().parents[1] / "hera_ray" / "estimators" / "trained" / "gsm8k")
