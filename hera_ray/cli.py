@@ -443,7 +443,7 @@ def train_cmd(config: TrainConfig, profile: Path, out: Path) -> None:
 
 def print_estimator_table(manifest: dict, title: str) -> None:
     table = Table(title=title)
-    for col in ("estimator", "kind", "train", "held out", "accuracy", "baseline", "paper"):
+    for col in ("estimator", "kind", "train", "held out", "accuracy", "baseline", "k-fold acc", "paper"):
         table.add_column(col, justify="left" if col in ("estimator", "kind") else "right")
 
     def pct(x) -> str:
@@ -453,13 +453,15 @@ def print_estimator_table(manifest: dict, title: str) -> None:
         m = e.get("metrics", {})
         baseline = m.get("majority_baseline", m.get("base_accuracy"))
         paper = e.get("paper_accuracy")
+        cv = "—" if "cv_accuracy" not in m else f"{100 * m['cv_accuracy']:.1f} (maj. {100 * m['cv_majority_baseline']:.0f})"
         table.add_row(name, e["kind"], str(e["train_examples"]), str(e["heldout_examples"]), pct(m.get("accuracy")),
-                      pct(baseline), "—" if paper is None else f"{paper:.1f}")
+                      pct(baseline), cv, "—" if paper is None else f"{paper:.1f}")
         if name == "dp" and m.get("cd_accuracy") is not None:
             table.add_row("cd (from dp)", "encoder", str(e["train_examples"]), str(e["heldout_examples"]),
-                          pct(m["cd_accuracy"]), "—", f"{manifest['paper_accuracy']['cd']:.1f}")
+                          pct(m["cd_accuracy"]), "—", "—", f"{manifest['paper_accuracy']['cd']:.1f}")
     console.print(table)
-    console.print("baseline: majority class (encoders) / the untuned SLM (SP, SD)", style="dim")
+    console.print("baseline: majority class (encoders) / the untuned SLM (SP, SD); k-fold: over all profiled requests",
+                  style="dim")
 
 
 # -- demo ------------------------------------------------------------------------------------------
@@ -468,7 +470,7 @@ def print_estimator_table(manifest: dict, title: str) -> None:
 @app.command("demo")
 def demo_cmd(
     n: int = typer.Option(4, "--n", help="GSM8K test questions to answer."),
-    policies: str = typer.Option("all-slm,all-llm", help="Comma-separated policies to compare."),
+    policies: str = typer.Option("all-slm,all-llm,hera", help="Comma-separated policies to compare."),
     edges: int = typer.Option(2, help="Local edge nodes to start."),
     max_steps: int = typer.Option(5, help="Subtasks per question at most."),
     keep: bool = typer.Option(False, "--keep", help="Leave the cluster running afterwards."),

@@ -2,7 +2,8 @@
 
 It starts a local cluster (Ray head, scheduler actor with its edge registry, the Serve app with
 the bundled Qwen2.5-Coder-1.5B as the cloud LLM, and 2 local edge nodes serving SmolLM2-135M),
-answers a handful of GSM8K test questions under ``all-slm`` and ``all-llm``, prints a table of
+answers a handful of GSM8K test questions under ``all-slm``, ``all-llm`` and ``hera`` (the bundled
+trained estimators), prints a table of
 accuracy, SLM share, cloud tokens, cost and latency, and stops what it started.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 
 from rich.console import Console
 from rich.progress import Progress
@@ -17,7 +19,7 @@ from rich.table import Table
 
 from hera_ray.config import HeraConfig
 
-DEMO_POLICIES = ("all-slm", "all-llm")
+DEMO_POLICIES = ("all-slm", "all-llm", "hera")
 
 
 def run_demo(n: int = 4, policies: tuple[str, ...] = DEMO_POLICIES, edges: int = 2, max_steps: int = 5,
@@ -83,6 +85,8 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
             "cost_vs_all_llm": cost / llm_cost if llm_cost else None,
             "latency_p50_s": statistics.median(r["latency_s"] for r in runs) if runs else 0.0,
             "overhead_share": (lat - model) / lat if lat else 0.0,
+            "decision_share": sum(t["decision_s"] for r in runs for t in r["trace"]) / lat if lat else 0.0,
+            "stages": dict(Counter(t["stage"] for r in runs for t in r["trace"])),
         }
     return out
 
@@ -97,6 +101,11 @@ def _print(console: Console, results: dict, summary: dict, items) -> None:
         table.add_row(policy, f"{s['accuracy']:.0%}", f"{s['slm_share']:.0%}", str(s["subtasks"]), str(s["cloud_tokens"]),
                       f"{s['cost']:.4f}", rel, f"{s['latency_p50_s']:.1f}", f"{s['overhead_share']:.1%}")
     console.print(table)
+    for policy, s in summary.items():
+        if policy.startswith("hera") or policy == "hybridllm":
+            stages = ", ".join(f"{k} {v}" for k, v in sorted(s["stages"].items()))
+            console.print(f"  {policy}: decided by {stages}; decisions took {s['decision_share']:.1%} of request time",
+                          highlight=False)
     for policy, runs in results.items():
         for item, run in zip(items, runs):
             mark = "[green]✓[/green]" if run["correct"] else "[red]✗[/red]"
