@@ -73,3 +73,13 @@ def test_sp_output_cleaning():
     assert clean_prediction("Subtask: Add them") == "Add them"
     assert clean_prediction("") == ""
     assert parse_parts("- a\n2. b\n\n* c") == ["a", "b", "c"]
+
+
+def test_sd_learns_the_llms_own_split_where_the_slm_never_lined_up():
+    r = record()
+    r["nodes"][0]["distance"] = None  # the SLM never reached the LLM's subtask here ...
+    r["nodes"][0]["llm_decomposition"] = ["Take 2", "Add 3 to it"]  # ... so the LLM's split is the target
+    r["nodes"][1]["llm_decomposition"] = ["only one part"]  # one part is no decomposition
+    sd = ds.sd_examples([r])
+    (messages, target), = sd.train + sd.heldout
+    assert parse_parts(target) == ["Take 2", "Add 3 to it"]

@@ -11,7 +11,8 @@ Pure code over the profile records, so what an estimator learns from is easy to 
   branches.
 * **DP** (context → S-L distance class 0..max or ``inf``): one example per tree node.
 * **SD** (an LLM subtask → its sub-subtasks): where the SLM converged to the LLM's subtask after
-  d ≥ 1 further steps, those d+1 SLM subtasks are a finer split of the LLM's one.
+  d ≥ 1 further steps, those d+1 SLM subtasks are a finer split of the LLM's one; at the other
+  nodes where the two sides differed, the LLM's own split of its subtask (the profiler asks it).
 
 Held out: whole requests (a stable hash of the request id), so no request's steps are on both sides.
 """
@@ -104,9 +105,12 @@ def sd_examples(records: list[dict[str, Any]]) -> Split:
     for r in records:
         for n in r["nodes"]:
             d = n["distance"]
-            if d is None or d < 1:
+            if d is not None and d >= 1:  # the SLM's own finer steps that reached the LLM's subtask
+                parts = [s["subtask"] for s in n["slm_rollout"][: d + 1]]
+            elif len(n.get("llm_decomposition") or ()) >= 2:  # else the LLM's split of it, as teacher
+                parts = n["llm_decomposition"]
+            else:
                 continue
-            parts = [s["subtask"] for s in n["slm_rollout"][: d + 1]]
             split.add(r["request_id"], (sd_messages(r["question"], n["llm"]["subtask"]), sd_target(parts)))
     return split
 

@@ -16,6 +16,8 @@ so the profiler keeps the part of the tree the estimators learn from and prunes 
 * **Switch branches.** At the first ``max_branches`` spine nodes where the two subtasks differ
   (similarity < ``match_threshold``), the SLM's step is taken and the LLM continues to the end:
   did one SLM step here cost the answer? Other divergent nodes are pruned there.
+* **SD's teacher.** At every node where the two subtasks differ, the LLM also splits its own
+  subtask into smaller steps (``llm_decomposition``): what the decomposer learns to write.
 * Beyond the first switch every path continues with one model (greedy, temperature 0), so
   per request the LLM writes at most ``max_steps · (1 + max_branches)`` steps.
 
@@ -129,6 +131,28 @@ class Profiler:
             self.counters.llm_tokens += tokens
         return Step(parsed.subtask, parsed.result, parsed.final_answer, side, tokens, time.perf_counter() - t0)
 
+    async def decompose(self, question: str, subtask: str, request_id: str) -> list[str]:
+        """The LLM's own split of one of its subtasks into smaller steps (SD's teacher)."""
+        from hera_ray.estimators.prompts import SD_MAX_TOKENS, parse_parts, sd_messages
+
+        messages = tuple((m["role"], m["content"]) for m in sd_messages(question, subtask))
+        params = GenerationParams(messages=messages, max_tokens=SD_MAX_TOKENS, temperature=0.0,
+                                  request_id=f"profile:{request_id}:sd")
+        result = await self.models.generate("llm", params)
+        self.counters.llm_calls += 1
+        self.counters.llm_tokens += result.prompt_tokens + result.completion_tokens
+        return parse_parts(result.text)
+
+    async def decompose_divergent(self, record: dict[str, Any]) -> bool:
+        """Add the LLM's decomposition to every node where the two subtasks differ; True if any was added."""
+        todo = [n for n in record["nodes"]
+                if n["similarity"] < self.config.match_threshold and "llm_decomposition" not in n]
+        parts = await asyncio.gather(*(self.decompose(record["question"], n["llm"]["subtask"], record["request_id"])
+                                       for n in todo))
+        for node, p in zip(todo, parts):
+            node["llm_decomposition"] = p
+        return bool(todo)
+
     async def continue_path(self, side: Side, question: str, history: list[Step], request_id: str,
                             limit: int | None = None) -> list[Step]:
         """Continue ``history`` with one model until a final answer or ``max_steps`` (or ``limit``
@@ -197,14 +221,16 @@ class Profiler:
             node["switch_path_correct"] = self.scorer(path_answer(path), gold)
 
         all_slm = slm_paths[0] if slm_paths else []
-        return {
+        record = {
             "request_id": request_id, "question": question, "gold": gold,
             "all_llm": {"answer": llm_answer, "correct": llm_correct, "steps": [asdict(s) for s in spine]},
             "all_slm": {"answer": path_answer(all_slm), "correct": self.scorer(path_answer(all_slm), gold),
                         "steps": [asdict(s) for s in all_slm]},
             "nodes": nodes,
-            "profile_s": time.perf_counter() - t0,
         }
+        await self.decompose_divergent(record)
+        record["profile_s"] = time.perf_counter() - t0
+        return record
 
 
 # -- the run folder -------------------------------------------------------------------------------
@@ -294,11 +320,25 @@ async def run_profile(profiler: Profiler, items: Sequence[Any], out: Path, concu
             on_done(record)
 
     await asyncio.gather(*(one(it) for it in todo))
+    await backfill_decompositions(profiler, out)
     wanted = {_request_id(profiler.config, it.id) for it in items}
     summary = summarise([r for r in read_profile(out) if r["request_id"] in wanted])
     summary.new = len(todo)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+async def backfill_decompositions(profiler: Profiler, out: Path) -> int:
+    """Give records profiled before SD's teacher existed their LLM decompositions; rewrites the file atomically."""
+    records = read_profile(out)
+    changed = 0
+    for record in records:
+        changed += await profiler.decompose_divergent(record)
+    if changed:
+        tmp = out / (PROFILE_FILE + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(out / PROFILE_FILE)
+    return changed
 
 
 def _request_id(config: ProfileConfig, item_id: str) -> str:
