@@ -47,6 +47,8 @@ def test_profile_records_both_candidates_at_every_node_and_resumes(tiny_profile)
             assert n["distance"] is None or 0 <= n["distance"] <= 1
             assert n["llm_path_correct"] == r["all_llm"]["correct"]
             assert len(n["context"]) == n["depth"]
+            if n["similarity"] < 0.5:  # where the two sides differ, the LLM split its subtask (SD's teacher)
+                assert isinstance(n["llm_decomposition"], list)
     # Resume: a second run finds every request done and adds nothing.
     again = hera(*args)
     assert again.returncode == 0, again.stderr[-2000:]
