@@ -80,8 +80,15 @@ def test_cd_rolls_the_slm_forward_distance_plus_one_steps():
     est = ScriptedEstimators(sims={("s", "l"): 0.1, ("s3", "l"): 0.9}, distance=2, rolled={2: "s3"})
     d, _ = decide(est)
     assert (d.placement, d.stage, d.scores["cd_distance"], d.scores["cd_sim"]) == (Placement.EDGE, "cd", 2.0, 0.9)
-    # SP_SLM asked for the current step, then 3 rolled steps (with 0, 1, 2 predicted subtasks before)
-    assert [c for c in est.calls if c.startswith("sp_slm")] == ["sp_slm:0", "sp_slm:0", "sp_slm:1", "sp_slm:2"]
+    # SP_SLM asked for the current step (the 1st SLM subtask), then rolled 2 more (after 1, then 2 predicted)
+    assert [c for c in est.calls if c.startswith("sp_slm")] == ["sp_slm:0", "sp_slm:1", "sp_slm:2"]
+
+
+def test_distance_zero_does_not_repeat_the_sse_test():
+    est = ScriptedEstimators(sims={("s", "l"): 0.1}, distance=0)
+    d, _ = decide(est)
+    assert d.stage == "llm" and d.scores["cd_distance"] == 0.0 and "cd_sim" not in d.scores
+    assert [c for c in est.calls if c.startswith("sp_slm")] == ["sp_slm:0"]
 
 
 def test_infinite_distance_skips_cd():

@@ -6,9 +6,9 @@ For request R and subtask i:
    SLM (decided once per request).
 2. **SSE** — threshold κ_i = ``threshold_base`` + min(i, ``kappa_cap``) · ``kappa_step``.
    s_S = SP_SLM(context), s_L = SP_LLM(context); if sim(s_S, s_L) >= κ_i, the SLM runs it.
-3. **SLE / CD** — else d = DP(context); if d is finite (and <= ``max_distance``), roll SP_SLM
-   forward d+1 steps; if that SLM subtask is >= κ_i similar to s_L, the SLM runs it: it is
-   expected to converge with the LLM's path.
+3. **SLE / CD** — else d = DP(context); if 1 <= d <= ``max_distance``, roll SP_SLM forward to
+   its (d+1)-th subtask (the first is s_S); if that one is >= κ_i similar to s_L, the SLM runs
+   it: it is expected to converge with the LLM's path. (d = 0 would repeat SSE's test.)
 4. **SD** — else decompose s_L; if every sub-subtask passes SSE (its SLM prediction is >= κ_i
    similar to it), the SLM runs the subtask; otherwise the LLM does (stage ``llm``).
 
@@ -81,9 +81,10 @@ class HeraPolicy(Policy):
         if c.use_cd:
             d = await self.est.distance(ctx)
             scores["cd_distance"] = float("inf") if d is None else float(d)
-            if d is not None and 0 <= d <= c.max_distance:
-                rolled: tuple[str, ...] = ()
-                for _ in range(d + 1):
+            # d = 0 says the SLM's current subtask already lines up: SSE just tested exactly that.
+            if d is not None and 1 <= d <= c.max_distance:
+                rolled: tuple[str, ...] = (s_slm,)  # the 1st SLM subtask is SSE's prediction; roll d more
+                for _ in range(d):
                     rolled += (await self.est.predict_subtask("slm", ctx, rolled),)
                 cd_sim = await self.est.similarity(rolled[-1], s_llm)
                 scores["cd_sim"] = cd_sim
