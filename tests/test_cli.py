@@ -84,3 +84,14 @@ def test_help_lists_the_commands():
         assert word in out.stdout
     out = hera("edge", "serve", "--help")
     assert "--registry" in out.stdout and "--slots" in out.stdout and "RESOURCE_EXHAUSTED" in out.stdout
+
+
+def test_profile_and_train_refuse_bad_input_clearly(tmp_path):
+    out = hera("train", "--profile", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e"))
+    assert out.returncode == 1 and "no profile at" in out.stderr and "hera profile" in out.stderr
+    out = hera("train", "--profile", str(tmp_path), "--only", "urc,xyz")
+    assert out.returncode != 0 and "xyz" in out.stderr
+    out = hera("profile", "--max-depth", "0", "--out", str(tmp_path / "p"))
+    assert out.returncode == 2 and "--max-depth" in out.stderr
+    out = hera("profile", "--dataset", "nope", "--out", str(tmp_path / "p"))
+    assert out.returncode == 1 and "unknown data set 'nope'" in out.stderr

@@ -106,6 +106,7 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
     from hera_ray.models import resolve_model
 
     config = config or TrainConfig()
+    config.wanted()  # an unknown --only name fails before any work
     records = read_profile(profile_dir)
     if not records:
         raise ConfigError(f"the profile at {profile_dir} holds no finished request yet")
