@@ -1,6 +1,6 @@
 """Copy what serving needs from a `hera train` folder into the package's bundled estimator set.
 
-    python scripts/bundle_estimators.py runs/estimators [hera_ray/estimators/trained/gsm8k]
+    python scripts/bundle_estimators.py runs/estimators [hera_ray/estimators/trained/gsm8k] [data/profiles/gsm8k]
 
 Serving needs the manifest, the encoder adapters (peft) with their labels, and the llama.cpp
 adapters (``adapter.gguf``) of SP and SD; the peft copies of the causal adapters stay behind.
@@ -17,7 +17,8 @@ ENCODER_FILES = ("adapter_config.json", "adapter_model.safetensors", "labels.jso
 CAUSAL_FILES = ("adapter.gguf", "metrics.json")
 
 
-def bundle(src: Path, dst: Path) -> None:
+def bundle(src: Path, dst: Path, profile_path: str | None = None) -> None:
+    """``profile_path``: where the profile lives in the repo (the manifest records the training run's path)."""
     manifest = json.loads((src / "manifest.json").read_text())
     if dst.exists():
         shutil.rmtree(dst)
@@ -27,7 +28,7 @@ def bundle(src: Path, dst: Path) -> None:
         (dst / name).mkdir()
         for f in files:
             shutil.copy2(src / name / f, dst / name / f)
-    manifest["profile"]["path"] = f"(bundled from {manifest['profile']['path']})"
+    manifest["profile"]["path"] = profile_path or manifest["profile"]["path"]
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     size = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
     print(f"bundled {len(manifest['estimators'])} estimators into {dst} ({size / 1e6:.1f} MB)")
@@ -35,4 +36,5 @@ def bundle(src: Path, dst: Path) -> None:
 
 if __name__ == "__main__":
     bundle(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else
-           Path(__file__).resolve().parents[1] / "hera_ray" / "estimators" / "trained" / "gsm8k")
+           Path(__file__).resolve().parents[1] / "hera_ray" / "estimators" / "trained" / "gsm8k",
+           sys.argv[3] if len(sys.argv) > 3 else None)
