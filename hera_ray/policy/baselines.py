@@ -50,7 +50,7 @@ class RandomPolicy(Policy):
 
 
 def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None, hera=None,
-                   tau_hybrid: float = 0.5) -> dict[str, Policy]:
+                   tau_hybrid: float = 0.78) -> dict[str, Policy]:
     """The policies a scheduler offers, by name (the model name clients pass).
 
     With ``estimators`` (an :class:`~hera_ray.estimators.base.EstimatorSet` that also has

@@ -21,7 +21,7 @@ class HybridLLMPolicy(Policy):
     name = "hybridllm"
     description = "HybridLLM: the whole request on the SLM or the LLM, by a trained difficulty classifier."
 
-    def __init__(self, router: QueryRouterModel, tau: float = 0.5, max_requests: int = 10_000):
+    def __init__(self, router: QueryRouterModel, tau: float = 0.78, max_requests: int = 10_000):
         self.router = router
         self.tau = tau
         self._p: OrderedDict[str, float] = OrderedDict()
