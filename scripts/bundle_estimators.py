@@ -28,6 +28,11 @@ def bundle(src: Path, dst: Path, profile_path: str | None = None) -> None:
         (dst / name).mkdir()
         for f in files:
             shutil.copy2(src / name / f, dst / name / f)
+        if entry["kind"] == "encoder":  # name the base as bundled, not by this machine's path
+            cfg_path = dst / name / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["base_model_name_or_path"] = json.loads((dst / name / "labels.json").read_text())["base"]
+            cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     manifest["profile"]["path"] = profile_path or manifest["profile"]["path"]
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     size = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
