@@ -381,7 +381,7 @@ def profile_cmd(config: ProfileConfig, n: Optional[int], out: Path, concurrency:
 
     from hera_ray.eval.datasets import load
     from hera_ray.eval.scorers import SCORERS
-    from hera_ray.offline.profile import Profiler, connect_cluster, prepare_run_folder, run_profile
+    from hera_ray.offline.profile import Profiler, connect_cluster, prepare_run_folder, request_id, run_profile
 
     try:
         items = load(config.dataset, config.split, n)
@@ -397,7 +397,7 @@ def profile_cmd(config: ProfileConfig, n: Optional[int], out: Path, concurrency:
         return await asyncio.to_thread(sbert.similarities, pairs)
 
     profiler = Profiler(models, similarity, SCORERS[config.dataset], config)
-    todo = sum(1 for it in items if f"{config.dataset}-{it.id}" not in done)
+    todo = sum(1 for it in items if request_id(config, it.id) not in done)
     err_console.print(f"profiling {len(items)} {config.dataset}/{config.split} request(s) into {out} "
                       f"({len(items) - todo} already there); {len(models.edges)} edge node(s)", highlight=False)
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -411,7 +411,7 @@ def profile_cmd(config: ProfileConfig, n: Optional[int], out: Path, concurrency:
                                                    f"last: LLM {'✓' if record['all_llm']['correct'] else '✗'} "
                                                    f"SLM {'✓' if record['all_slm']['correct'] else '✗'}")
 
-        summary = asyncio.run(run_profile(profiler, items, out, concurrency=concurrency, on_done=on_done))
+        summary = asyncio.run(run_profile(profiler, items, out, concurrency=concurrency, on_done=on_done, done=done))
     table = Table(title=f"profile of {summary.requests} request(s) in {out} ({summary.new} new, {summary.seconds:.0f} s)")
     for col in ("requests", "nodes", "All-SLM acc", "All-LLM acc", "mean sim", "S-L distance", "switch ✓"):
         table.add_column(col, justify="right")

@@ -32,3 +32,8 @@ class EstimatorSet(Protocol):
     async def decompose(self, subtask: str, ctx: SubtaskContext) -> list[str]: ...
 
     async def similarity(self, a: str, b: str) -> float: ...
+
+
+def history_steps(ctx: SubtaskContext) -> list[tuple[str, str]]:
+    """The (subtask, result) steps before this subtask: what every estimator prompt renders."""
+    return [(h.subtask, h.output) for h in ctx.history]

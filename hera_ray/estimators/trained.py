@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hera_ray.errors import ConfigError
+from hera_ray.estimators.base import history_steps
 from hera_ray.estimators.prompts import (SD_MAX_TOKENS, SP_MAX_TOKENS, clean_prediction, encoder_context,
                                          parse_parts, sd_messages, sp_messages)
 from hera_ray.policy.base import SubtaskContext
@@ -38,10 +39,6 @@ def estimators_path(path: str | Path | None = None) -> Path:
 def load_manifest(path: str | Path | None = None) -> dict[str, Any]:
     folder = estimators_path(path)
     return json.loads((folder / MANIFEST).read_text())
-
-
-def _steps(ctx: SubtaskContext) -> list[tuple[str, str]]:
-    return [(h.subtask, h.output) for h in ctx.history]
 
 
 class LocalEstimators:
@@ -108,10 +105,10 @@ class LocalEstimators:
         return (await asyncio.to_thread(self.simple_probs, "hybridllm", [question]))[0]
 
     async def predict_subtask(self, side: str, ctx: SubtaskContext, extra: tuple[str, ...] = ()) -> str:
-        return await asyncio.to_thread(self.predict_subtask_sync, side, ctx.question, _steps(ctx), extra)
+        return await asyncio.to_thread(self.predict_subtask_sync, side, ctx.question, history_steps(ctx), extra)
 
     async def distance(self, ctx: SubtaskContext) -> int | None:
-        return (await asyncio.to_thread(self.distances, [encoder_context(ctx.question, _steps(ctx))]))[0]
+        return (await asyncio.to_thread(self.distances, [encoder_context(ctx.question, history_steps(ctx))]))[0]
 
     async def decompose(self, subtask: str, ctx: SubtaskContext) -> list[str]:
         return await asyncio.to_thread(self.decompose_sync, ctx.question, subtask)

@@ -29,10 +29,11 @@ import random
 import re
 import shutil
 import struct
-import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from hera_ray.offline.loop import fit
 
 if TYPE_CHECKING:
     import numpy as np
@@ -151,23 +152,6 @@ def encode_example(tokenizer: Any, messages: list[dict[str, str]], target: str,
     return p_ids + t_ids, [-100] * len(p_ids) + t_ids
 
 
-def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Index batches of similar lengths (little padding), in random order.
-
-    Examples are shuffled, then sorted by length inside windows of 8 batches, so batches differ
-    from epoch to epoch but each one pads to a near-equal length.
-    """
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = batch_size * 8
-    batches: list[list[int]] = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
-        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
 @contextlib.contextmanager
 def _quiet_peft() -> Iterator[None]:
     """Hide the FutureWarning peft triggers by reading a property transformers 5 deprecated."""
@@ -207,7 +191,6 @@ def train_causal_lora(examples: list[Example], base_gguf: Path, out_dir: Path, *
     """
     import torch
     from peft import LoraConfig, get_peft_model
-    from tqdm.auto import tqdm
 
     if not examples:
         raise ValueError("no training examples")
@@ -227,47 +210,24 @@ def train_causal_lora(examples: list[Example], base_gguf: Path, out_dir: Path, *
                         bias="none", task_type="CAUSAL_LM")
     with _quiet_peft():
         model = get_peft_model(copy.deepcopy(base), config)  # the cached base stays clean
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(encoded) / batch_size)
-    total = steps_per_epoch * epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
 
-    t0 = time.perf_counter()
-    step = 0
-    epoch_losses: list[float] = []
-    bar = tqdm(total=total, desc="LoRA", unit="step", disable=not progress, dynamic_ncols=True)
-    for _epoch in range(epochs):
-        epoch_losses = []
-        for idx in _batches([len(e[0]) for e in encoded], batch_size, rng):
-            width = max(len(encoded[i][0]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(idx), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):  # right padding: positions stay 0.. as in inference
-                tokens, labs = encoded[i]
-                ids[row, :len(tokens)] = torch.tensor(tokens)
-                labels[row, :len(labs)] = torch.tensor(labs)
-                mask[row, :len(tokens)] = 1
-            loss = _target_loss(model, ids, mask, labels)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            epoch_losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
-    bar.close()
-    train_s = time.perf_counter() - t0
+    def batch_loss(idx: list[int]) -> Any:
+        width = max(len(encoded[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):  # right padding: positions stay 0.. as in inference
+            tokens, labs = encoded[i]
+            ids[row, :len(tokens)] = torch.tensor(tokens)
+            labels[row, :len(labs)] = torch.tensor(labs)
+            mask[row, :len(tokens)] = 1
+        return _target_loss(model, ids, mask, labels)
 
-    model.eval()
+    stats = fit(model, [len(e[0]) for e in encoded], batch_loss, epochs=epochs, lr=lr, batch_size=batch_size,
+                rng=rng, desc="LoRA", progress=progress)
     model.save_pretrained(out_dir)
     export_lora_gguf(out_dir, base_gguf, out_dir / "adapter.gguf")
-    return {"steps": step, "final_loss": sum(epoch_losses) / len(epoch_losses), "train_s": round(train_s, 2),
-            "examples": len(examples)}
+    return {**stats, "examples": len(examples)}
 
 
 def load_adapter(base_gguf: Path, peft_dir: Path) -> tuple[Any, Any]:

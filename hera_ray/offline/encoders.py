@@ -14,17 +14,15 @@ torch, transformers and peft are imported inside the functions so that importing
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
-import time
 import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 from hera_ray.estimators.encoders import HEAD_TOKENS, LABELS_FILE, encode_head_tail, load_base_classifier, pad_batch
-from hera_ray.offline.causal import _batches
+from hera_ray.offline.loop import fit
 
 
 def natural_label_order(labels: Sequence[str]) -> list[str]:
@@ -75,7 +73,6 @@ def train_encoder_classifier(texts: list[str], labels: list[str], out_dir: Path,
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
-    from tqdm.auto import tqdm
 
     if not texts:
         raise ValueError("no training examples")
@@ -108,41 +105,18 @@ def train_encoder_classifier(texts: list[str], labels: list[str], out_dir: Path,
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         model = get_peft_model(model, config)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(encoded) / batch_size)
-    total = steps_per_epoch * epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
 
-    t0 = time.perf_counter()
-    step = 0
-    epoch_losses: list[float] = []
-    bar = tqdm(total=total, desc="encoder LoRA", unit="step", disable=not progress, dynamic_ncols=True)
-    for _epoch in range(epochs):
-        epoch_losses = []
-        for idx in _batches([len(e) for e in encoded], batch_size, rng):
-            ids, mask = pad_batch([encoded[i] for i in idx], pad_id)
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = F.cross_entropy(logits.float(), torch.tensor([targets[i] for i in idx]), weight=weight)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            epoch_losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
-    bar.close()
-    train_s = time.perf_counter() - t0
+    def batch_loss(idx: list[int]) -> Any:
+        ids, mask = pad_batch([encoded[i] for i in idx], pad_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return F.cross_entropy(logits.float(), torch.tensor([targets[i] for i in idx]), weight=weight)
 
-    model.eval()
+    stats = fit(model, [len(e) for e in encoded], batch_loss, epochs=epochs, lr=lr, batch_size=batch_size,
+                rng=rng, desc="encoder LoRA", progress=progress)
     model.save_pretrained(out_dir)
     (out_dir / LABELS_FILE).write_text(json.dumps(
         {"labels": names, "max_len": max_len, "head_tokens": HEAD_TOKENS, "base": _portable_base(base)}, indent=2) + "\n")
-    result: dict[str, Any] = {"train_examples": len(texts), "steps": step, "train_s": round(train_s, 2),
-                              "final_loss": sum(epoch_losses) / len(epoch_losses)}
+    result: dict[str, Any] = {"train_examples": len(texts), **stats}
     if eval_texts is not None and eval_labels is not None:
         predicted = _predict_ids(model, tokenizer, eval_texts, max_len, pad_id, batch_size=32)
         gold = [index[str(x)] for x in eval_labels]

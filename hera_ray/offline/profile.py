@@ -120,8 +120,14 @@ class Profiler:
         params = GenerationParams(messages=step_messages(question, list(history)), max_tokens=self.config.max_tokens,
                                   temperature=0.0, stop=("\nSubtask:",), request_id=f"profile:{request_id}:{side}:{len(history)}")
         t0 = time.perf_counter()
-        result = await self.models.generate(side, params)
+        result = await self._generate(side, params)
         parsed = parse_step(result.text)
+        tokens = result.prompt_tokens + result.completion_tokens
+        return Step(parsed.subtask, parsed.result, parsed.final_answer, side, tokens, time.perf_counter() - t0)
+
+    async def _generate(self, side: Side, params: GenerationParams) -> GenerationResult:
+        """One model call, counted for the progress bar."""
+        result = await self.models.generate(side, params)
         tokens = result.prompt_tokens + result.completion_tokens
         if side == "slm":
             self.counters.slm_calls += 1
@@ -129,7 +135,7 @@ class Profiler:
         else:
             self.counters.llm_calls += 1
             self.counters.llm_tokens += tokens
-        return Step(parsed.subtask, parsed.result, parsed.final_answer, side, tokens, time.perf_counter() - t0)
+        return result
 
     async def decompose(self, question: str, subtask: str, request_id: str) -> list[str]:
         """The LLM's own split of one of its subtasks into smaller steps (SD's teacher)."""
@@ -138,10 +144,7 @@ class Profiler:
         messages = tuple((m["role"], m["content"]) for m in sd_messages(question, subtask))
         params = GenerationParams(messages=messages, max_tokens=SD_MAX_TOKENS, temperature=0.0,
                                   request_id=f"profile:{request_id}:sd")
-        result = await self.models.generate("llm", params)
-        self.counters.llm_calls += 1
-        self.counters.llm_tokens += result.prompt_tokens + result.completion_tokens
-        return parse_parts(result.text)
+        return parse_parts((await self._generate("llm", params)).text)
 
     async def decompose_divergent(self, record: dict[str, Any]) -> bool:
         """Add the LLM's decomposition to every node where the two subtasks differ; True if any was added."""
@@ -299,10 +302,15 @@ def summarise(records: list[dict[str, Any]]) -> ProfileSummary:
 
 
 async def run_profile(profiler: Profiler, items: Sequence[Any], out: Path, concurrency: int = 2,
-                      on_done: Callable[[dict[str, Any]], None] | None = None) -> ProfileSummary:
-    """Profile ``items`` (with ``.id``, ``.question``, ``.answer``) into ``out``, skipping those done."""
-    done = prepare_run_folder(out, profiler.config)
-    todo = [it for it in items if _request_id(profiler.config, it.id) not in done]
+                      on_done: Callable[[dict[str, Any]], None] | None = None,
+                      done: set[str] | None = None) -> ProfileSummary:
+    """Profile ``items`` (with ``.id``, ``.question``, ``.answer``) into ``out``, skipping those done.
+
+    ``done``: what :func:`prepare_run_folder` returned, if the caller already prepared ``out``.
+    """
+    if done is None:
+        done = prepare_run_folder(out, profiler.config)
+    todo = [it for it in items if request_id(profiler.config, it.id) not in done]
     t0 = time.perf_counter()
     sem = asyncio.Semaphore(concurrency)
     lock = asyncio.Lock()
@@ -310,7 +318,7 @@ async def run_profile(profiler: Profiler, items: Sequence[Any], out: Path, concu
 
     async def one(item) -> None:
         async with sem:
-            record = await profiler.profile(_request_id(profiler.config, item.id), item.question, item.answer)
+            record = await profiler.profile(request_id(profiler.config, item.id), item.question, item.answer)
             record["item_id"] = item.id
             record["dataset"] = profiler.config.dataset
         async with lock:  # one whole line per request: a crash never leaves half a request behind
@@ -320,16 +328,17 @@ async def run_profile(profiler: Profiler, items: Sequence[Any], out: Path, concu
             on_done(record)
 
     await asyncio.gather(*(one(it) for it in todo))
-    await backfill_decompositions(profiler, out)
-    wanted = {_request_id(profiler.config, it.id) for it in items}
-    summary = summarise([r for r in read_profile(out) if r["request_id"] in wanted])
+    records = await backfill_decompositions(profiler, out)
+    wanted = {request_id(profiler.config, it.id) for it in items}
+    summary = summarise([r for r in records if r["request_id"] in wanted])
     summary.new = len(todo)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-async def backfill_decompositions(profiler: Profiler, out: Path) -> int:
-    """Give records profiled before SD's teacher existed their LLM decompositions; rewrites the file atomically."""
+async def backfill_decompositions(profiler: Profiler, out: Path) -> list[dict[str, Any]]:
+    """Give records profiled before SD's teacher existed their LLM decompositions; rewrites the file
+    atomically if any changed. Returns every record."""
     records = read_profile(out)
     changed = 0
     for record in records:
@@ -338,10 +347,11 @@ async def backfill_decompositions(profiler: Profiler, out: Path) -> int:
         tmp = out / (PROFILE_FILE + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         tmp.replace(out / PROFILE_FILE)
-    return changed
+    return records
 
 
-def _request_id(config: ProfileConfig, item_id: str) -> str:
+def request_id(config: ProfileConfig, item_id: str) -> str:
+    """The request id a data set item is profiled (and trained) under."""
     return f"{config.dataset}-{item_id}"
 
 

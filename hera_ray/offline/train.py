@@ -22,6 +22,7 @@ the same data hash and settings is not trained again: an interrupted run resumes
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -88,7 +89,7 @@ def _done(folder: Path, key: str) -> dict[str, Any] | None:
     path = folder / "metrics.json"
     if path.exists():
         stored = json.loads(path.read_text())
-        if stored.get("key") == key:
+        if stored.pop("key", None) == key:
             return stored
     return None
 
@@ -116,32 +117,34 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
     dhash = data_hash(records)
     heldout_requests = sum(ds.is_heldout(r["request_id"]) for r in records)
     log(f"{len(records)} profiled request(s) ({heldout_requests} held out), data sha256 {dhash[:12]}")
-    sbert = SbertSimilarity(config.encoder_base)
     estimators: dict[str, dict[str, Any]] = {}
     settings_key = config.model_dump_json(exclude={"only"})
 
-    def key_for(name: str) -> str:
-        return hashlib.sha256(f"{name}:{dhash}:{settings_key}:{pcfg.match_threshold}".encode()).hexdigest()[:16]
+    @functools.cache
+    def sbert():  # loaded on first use: a resumed run may never need it
+        return SbertSimilarity(config.encoder_base)
 
-    # -- encoders: URC, HybridLLM, DP (CD is read off DP) ----------------------------------------
-    from hera_ray.offline.encoders import train_encoder_classifier
-
-    encoder_sets = {
-        "urc": (ds.urc_examples(records), ["complex", "simple"]),
-        "hybridllm": (ds.urc_examples(records), ["complex", "simple"]),
-        "dp": (ds.dp_examples(records), distance_labels(pcfg.max_distance)),
-    }
-    for name, (split, labels) in encoder_sets.items():
+    def train_one(name: str, split: ds.Split, fit_entry: Callable[[Path], dict[str, Any]]) -> None:
+        """Reuse ``name``'s metrics if its folder has them for this data and these settings, else train it."""
         if name not in config.wanted():
-            continue
-        folder, key = out / name, key_for(name)
+            return
+        folder = out / name
+        key = hashlib.sha256(f"{name}:{dhash}:{settings_key}:{pcfg.match_threshold}".encode()).hexdigest()[:16]
         entry = _done(folder, key)
         if entry is None:
             if not split.train:
                 log(f"{name}: no training examples; skipped")
-                continue
-            log(f"{name}: {len(split.train)} training / {len(split.heldout)} held-out example(s)")
+                return
             shutil.rmtree(folder, ignore_errors=True)
+            entry = _save_metrics(folder, key, fit_entry(folder))
+        estimators[name] = entry
+
+    # -- encoders: URC, HybridLLM, DP (CD is read off DP) ----------------------------------------
+    from hera_ray.offline.encoders import train_encoder_classifier
+
+    def encoder(name: str, split: ds.Split, labels: list[str]) -> Callable[[Path], dict[str, Any]]:
+        def fit_entry(folder: Path) -> dict[str, Any]:
+            log(f"{name}: {len(split.train)} training / {len(split.heldout)} held-out example(s)")
             stats = train_encoder_classifier(
                 [t for t, _ in split.train], [y for _, y in split.train], folder, label_names=labels,
                 base=config.encoder_base, r=config.lora_r, epochs=config.encoder_epochs, lr=config.encoder_lr,
@@ -155,28 +158,24 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
                 entry["metrics"]["cd_accuracy"] = _cd_accuracy(folder, records, pcfg.max_distance)
             elif config.cv_folds > 1:
                 entry["metrics"].update(_cross_validate(split.train + split.heldout, labels, config, folder.parent))
-            _save_metrics(folder, key, entry)
-        estimators[name] = entry
+            return entry
+        return fit_entry
+
+    request_labels = ["complex", "simple"]
+    train_one("urc", urc := ds.urc_examples(records), encoder("urc", urc, request_labels))
+    train_one("hybridllm", urc, encoder("hybridllm", urc, request_labels))
+    train_one("dp", dp := ds.dp_examples(records), encoder("dp", dp, distance_labels(pcfg.max_distance)))
 
     # -- causal: SP_SLM, SP_LLM, SD (trained in torch, served by llama.cpp) ---------------------
     from hera_ray.estimators.generative import LoraGenerator
     from hera_ray.offline.causal import train_causal_lora
 
     base_gguf = resolve_model(config.causal_base).path
-    causal_sets = {"sp_slm": ds.sp_examples(records, "slm"), "sp_llm": ds.sp_examples(records, "llm"),
-                   "sd": ds.sd_examples(records)}
-    for name, split in causal_sets.items():
-        if name not in config.wanted():
-            continue
-        folder, key = out / name, key_for(name)
-        entry = _done(folder, key)
-        if entry is None:
-            if not split.train:
-                log(f"{name}: no training examples; skipped")
-                continue
+
+    def causal(name: str, split: ds.Split) -> Callable[[Path], dict[str, Any]]:
+        def fit_entry(folder: Path) -> dict[str, Any]:
             train = _sample(split.train, config.max_examples, config.seed)
             log(f"{name}: {len(train)} of {len(split.train)} training / {len(split.heldout)} held-out example(s)")
-            shutil.rmtree(folder, ignore_errors=True)
             stats = train_causal_lora(train, Path(base_gguf), folder, r=config.lora_r, alpha=2 * config.lora_r,
                                       epochs=config.causal_epochs, lr=config.causal_lr, max_len=config.max_len,
                                       seed=config.seed)
@@ -186,16 +185,19 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
                 tuned = LoraGenerator(config.causal_base, folder / "adapter.gguf")
                 base = LoraGenerator(config.causal_base)
                 try:
-                    metrics["accuracy"] = _generative_accuracy(tuned, heldout, sbert, pcfg.match_threshold, name)
-                    metrics["base_accuracy"] = _generative_accuracy(base, heldout, sbert, pcfg.match_threshold, name)
+                    metrics["accuracy"] = _generative_accuracy(tuned, heldout, sbert(), pcfg.match_threshold, name)
+                    metrics["base_accuracy"] = _generative_accuracy(base, heldout, sbert(), pcfg.match_threshold, name)
                 finally:
                     tuned.close()
                     base.close()
-            entry = {"kind": "causal", "base": config.causal_base, "path": f"{name}/adapter.gguf",
-                     "train_examples": len(train), "train_pool": len(split.train), "heldout_examples": len(heldout),
-                     "metrics": metrics, "train_s": stats.get("train_s"), "final_loss": stats.get("final_loss")}
-            _save_metrics(folder, key, entry)
-        estimators[name] = entry
+            return {"kind": "causal", "base": config.causal_base, "path": f"{name}/adapter.gguf",
+                    "train_examples": len(train), "train_pool": len(split.train), "heldout_examples": len(heldout),
+                    "metrics": metrics, "train_s": stats.get("train_s"), "final_loss": stats.get("final_loss")}
+        return fit_entry
+
+    for name, split in (("sp_slm", ds.sp_examples(records, "slm")), ("sp_llm", ds.sp_examples(records, "llm")),
+                        ("sd", ds.sd_examples(records))):
+        train_one(name, split, causal(name, split))
 
     for name, entry in estimators.items():
         if name in PAPER_ACCURACY:

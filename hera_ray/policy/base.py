@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import abc
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 from enum import Enum
 
 
@@ -47,3 +49,20 @@ class Policy(abc.ABC):
 
     @abc.abstractmethod
     async def decide(self, ctx: SubtaskContext) -> Decision: ...
+
+
+class RequestMemo:
+    """A value decided once per request (URC's or HybridLLM's P(simple)), kept for the request's
+    later subtasks; the oldest requests are forgotten past ``max_requests``."""
+
+    def __init__(self, max_requests: int = 10_000):
+        self._values: OrderedDict[str, float] = OrderedDict()
+        self._max = max_requests
+
+    async def get(self, request_id: str, compute: Callable[[], Awaitable[float]]) -> float:
+        value = self._values.get(request_id)
+        if value is None:
+            value = self._values[request_id] = await compute()
+            while len(self._values) > self._max:
+                self._values.popitem(last=False)
+        return value

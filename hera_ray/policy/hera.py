@@ -19,11 +19,10 @@ that decided it. Stages can be switched off for ablations.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from hera_ray.estimators.base import EstimatorSet
-from hera_ray.policy.base import Decision, Placement, Policy, SubtaskContext
+from hera_ray.policy.base import Decision, Placement, Policy, RequestMemo, SubtaskContext
 
 
 @dataclass(frozen=True)
@@ -50,16 +49,10 @@ class HeraPolicy(Policy):
     def __init__(self, estimators: EstimatorSet, config: HeraPolicyConfig | None = None, max_requests: int = 10_000):
         self.est = estimators
         self.config = config or HeraPolicyConfig()
-        self._urc: OrderedDict[str, float] = OrderedDict()  # request id -> P(simple), decided once
-        self._max_requests = max_requests
+        self._urc = RequestMemo(max_requests)  # request id -> P(simple), decided once
 
     async def _request_simple_prob(self, ctx: SubtaskContext) -> float:
-        p = self._urc.get(ctx.request_id)
-        if p is None:
-            p = self._urc[ctx.request_id] = await self.est.request_simple_prob(ctx.question)
-            while len(self._urc) > self._max_requests:
-                self._urc.popitem(last=False)
-        return p
+        return await self._urc.get(ctx.request_id, lambda: self.est.request_simple_prob(ctx.question))
 
     async def decide(self, ctx: SubtaskContext) -> Decision:
         c = self.config

@@ -7,10 +7,9 @@ positions after the first reuse the request's decision.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Protocol
 
-from hera_ray.policy.base import Decision, Placement, Policy, SubtaskContext
+from hera_ray.policy.base import Decision, Placement, Policy, RequestMemo, SubtaskContext
 
 
 class QueryRouterModel(Protocol):
@@ -24,14 +23,9 @@ class HybridLLMPolicy(Policy):
     def __init__(self, router: QueryRouterModel, tau: float = 0.78, max_requests: int = 10_000):
         self.router = router
         self.tau = tau
-        self._p: OrderedDict[str, float] = OrderedDict()
-        self._max_requests = max_requests
+        self._p = RequestMemo(max_requests)
 
     async def decide(self, ctx: SubtaskContext) -> Decision:
-        p = self._p.get(ctx.request_id)
-        if p is None:
-            p = self._p[ctx.request_id] = await self.router.hybrid_simple_prob(ctx.question)
-            while len(self._p) > self._max_requests:
-                self._p.popitem(last=False)
+        p = await self._p.get(ctx.request_id, lambda: self.router.hybrid_simple_prob(ctx.question))
         placement = Placement.EDGE if p >= self.tau else Placement.CLOUD
         return Decision(placement, "hybridllm", {"p_simple": p, "tau": self.tau})

@@ -9,6 +9,9 @@ from typing import Any
 
 from ray import serve
 
+from hera_ray.estimators.base import history_steps
+from hera_ray.estimators.prompts import encoder_context
+
 SIMILARITY_DEPLOYMENT = "SbertSimilarity"
 
 
@@ -110,13 +113,10 @@ class ServeEstimatorSet:
         return await self.handle.simple_prob.remote(("hybridllm", question))
 
     async def predict_subtask(self, side: str, ctx, extra: tuple[str, ...] = ()) -> str:
-        steps = [(h.subtask, h.output) for h in ctx.history]
-        return await self.handle.predict_subtask.remote(side, ctx.question, steps, list(extra))
+        return await self.handle.predict_subtask.remote(side, ctx.question, history_steps(ctx), list(extra))
 
     async def distance(self, ctx) -> int | None:
-        from hera_ray.estimators.prompts import encoder_context
-
-        return await self.handle.distance.remote(encoder_context(ctx.question, [(h.subtask, h.output) for h in ctx.history]))
+        return await self.handle.distance.remote(encoder_context(ctx.question, history_steps(ctx)))
 
     async def decompose(self, subtask: str, ctx) -> list[str]:
         return await self.handle.decompose.remote(ctx.question, subtask)
