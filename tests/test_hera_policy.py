@@ -159,7 +159,8 @@ def test_build_policies_offers_hera_its_ablations_and_hybridllm_only_with_estima
     assert set(build_policies()) == {"all-slm", "all-llm", "random"}
     est = ScriptedEstimators(p_simple=0.9)
     policies = build_policies(estimators=est, hera=HeraPolicyConfig(threshold_base=0.7), tau_hybrid=0.3)
-    assert set(policies) == {"all-slm", "all-llm", "random", "hera", "hera-no-urc", "hera-no-cd", "hera-no-sd", "hybridllm"}
+    assert set(policies) == {"all-slm", "all-llm", "random", "hera", "hera-no-urc", "hera-no-cd", "hera-no-sd",
+                             "hera-urc-only", "hybridllm"}
     assert policies["hera"].config.threshold_base == 0.7
     assert not policies["hera-no-urc"].config.use_urc and policies["hera-no-urc"].config.threshold_base == 0.7
     assert policies["hera-no-sd"].name == "hera-no-sd" and policies["hera"].name == "hera"
@@ -167,3 +168,28 @@ def test_build_policies_offers_hera_its_ablations_and_hybridllm_only_with_estima
     ctx = SubtaskContext("r", "q", 0)
     assert asyncio.run(policies["hera"].decide(ctx)).stage == "urc"
     assert asyncio.run(policies["hera-no-urc"].decide(ctx)).stage == "llm"
+
+
+def test_urc_only_keeps_simple_requests_on_the_slm_and_sends_the_rest_to_the_llm():
+    from hera_ray.policy import build_policies
+
+    policies = build_policies(estimators=ScriptedEstimators(p_simple=0.9))
+    ctx = SubtaskContext("r", "q", 0)
+    assert asyncio.run(policies["hera-urc-only"].decide(ctx)).stage == "urc"
+    est = ScriptedEstimators(p_simple=0.1, sims={("s", "l"): 0.99})  # SSE would say SLM: never asked
+    d = asyncio.run(build_policies(estimators=est)["hera-urc-only"].decide(ctx))
+    assert (d.placement, d.stage) == (Placement.CLOUD, "llm") and est.calls == ["urc"]
+
+
+def test_tuned_hera_moves_only_the_threshold_and_shares_the_urc_memo():
+    est = ScriptedEstimators(sims={("s", "l"): 0.75})
+    policy = HeraPolicy(est, HeraPolicyConfig(use_urc=True, use_cd=False, use_sd=False))
+    low, high = policy.tuned(0.7), policy.tuned(0.8)
+    assert (low.name, high.name) == ("hera@0.7", "hera@0.8")
+    ctx = SubtaskContext("r", "q", 0)
+    assert asyncio.run(low.decide(ctx)).placement is Placement.EDGE   # 0.75 >= 0.70
+    assert asyncio.run(high.decide(ctx)).placement is Placement.CLOUD  # 0.75 <  0.80
+    assert est.calls.count("urc") == 1  # P(simple) is the request's, whatever the threshold
+    assert policy.config.threshold_base == 0.6 and not high.config.use_cd
+    with pytest.raises(ValueError, match="threshold_base"):
+        policy.tuned(3.0)

@@ -40,6 +40,22 @@ def test_unknown_policy_names_the_choices():
         route(router, "gpt-9")
 
 
+def test_a_policy_with_a_knob_is_tuned_by_name_and_bad_values_are_refused():
+    router, _ = make_router()
+    assert route(router, "random@0").placement is Placement.CLOUD
+    assert route(router, "random@1").placement is Placement.EDGE
+    assert router.policy("random@0.25").slm_share == 0.25 and router.policy("random@0.25") is router.policy("random@0.25")
+    assert router.policy("random").slm_share == 0.5  # the configured policy is untouched
+    with pytest.raises(UnknownPolicy, match="slm_share"):
+        route(router, "random@1.5")
+    with pytest.raises(UnknownPolicy, match="slm_share"):
+        route(router, "random@lots")
+    with pytest.raises(UnknownPolicy, match="has no knob"):
+        route(router, "all-slm@0.3")
+    with pytest.raises(UnknownPolicy, match="unknown policy 'gpt@0.3'"):
+        route(router, "gpt@0.3")
+
+
 def test_least_loaded_node_is_picked_and_a_request_sticks_to_its_node():
     router, table = make_router()
     first = route(router, request_id="r1")

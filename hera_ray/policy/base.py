@@ -46,9 +46,16 @@ class Policy(abc.ABC):
 
     name: str = ""
     description: str = ""
+    #: The policy's one operating-point knob, if it has one (``hera``: "threshold_base"); clients
+    #: pick a value per request with the name ``<policy>@<value>`` (``hera@0.7``), for sweeps.
+    knob: str = ""
 
     @abc.abstractmethod
     async def decide(self, ctx: SubtaskContext) -> Decision: ...
+
+    def tuned(self, value: float) -> "Policy":
+        """This policy at another value of its knob (a new object; shared estimators and memos)."""
+        raise ValueError(f"policy {self.name!r} has no knob to set with '@'")
 
 
 class RequestMemo:

@@ -32,6 +32,7 @@ class RandomPolicy(Policy):
 
     name = "random"
     description = "Each subtask on the edge with a fixed probability."
+    knob = "slm_share"
 
     def __init__(self, slm_share: float = 0.5, seed: int = 0):
         if not 0.0 <= slm_share <= 1.0:
@@ -43,10 +44,15 @@ class RandomPolicy(Policy):
         digest = hashlib.blake2b(f"{self.seed}:{ctx.request_id}:{ctx.index}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") / 2**64
 
+    def tuned(self, value: float) -> "RandomPolicy":
+        other = RandomPolicy(value, self.seed)
+        other.name = f"{self.name}@{value:g}"
+        return other
+
     async def decide(self, ctx: SubtaskContext) -> Decision:
         u = self.draw(ctx)
         placement = Placement.EDGE if u < self.slm_share else Placement.CLOUD
-        return Decision(placement, self.name, {"draw": u, "slm_share": self.slm_share})
+        return Decision(placement, "random", {"draw": u, "slm_share": self.slm_share})
 
 
 def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None, hera=None,
@@ -56,7 +62,8 @@ def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None
     With ``estimators`` (an :class:`~hera_ray.estimators.base.EstimatorSet` that also has
     ``hybrid_simple_prob``) it adds ``hera`` (configured by ``hera``, a
     :class:`~hera_ray.policy.hera.HeraPolicyConfig`), its ablations ``hera-no-urc``,
-    ``hera-no-cd``, ``hera-no-sd``, and ``hybridllm``.
+    ``hera-no-cd``, ``hera-no-sd``, ``hera-urc-only`` (URC, then the LLM: the paper's Table 4
+    "URC alone" row), and ``hybridllm``.
     """
     from dataclasses import replace
 
@@ -72,5 +79,9 @@ def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None
             variant.name = f"hera-no-{stage}"
             variant.description = f"HERA without its {stage.upper()} stage (ablation)."
             policies[variant.name] = variant
+        urc_only = HeraPolicy(estimators, replace(hera, use_urc=True, use_sse=False))
+        urc_only.name = "hera-urc-only"
+        urc_only.description = "URC alone: a simple request on the SLM, every other subtask on the LLM (ablation)."
+        policies[urc_only.name] = urc_only
         policies["hybridllm"] = HybridLLMPolicy(estimators, tau_hybrid)
     return policies

@@ -19,7 +19,7 @@ that decided it. Stages can be switched off for ablations.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hera_ray.estimators.base import EstimatorSet
 from hera_ray.policy.base import Decision, Placement, Policy, RequestMemo, SubtaskContext
@@ -32,6 +32,8 @@ class HeraPolicyConfig:
     kappa_cap: int = 5
     tau_req: float = 0.78  # the paper's operating point (τ_req 0.50 -> 0.78 raised accuracy 74.3 -> 77.9)
     use_urc: bool = True
+    #: Off: no subtask-level stage (SSE, CD, SD) runs; what URC does not keep goes to the LLM.
+    use_sse: bool = True
     use_cd: bool = True
     use_sd: bool = True
     max_distance: int = 5
@@ -45,11 +47,20 @@ class HeraPolicyConfig:
 class HeraPolicy(Policy):
     name = "hera"
     description = "HERA: per-subtask placement by URC, subtask similarity, convergence and decomposition."
+    knob = "threshold_base"
 
     def __init__(self, estimators: EstimatorSet, config: HeraPolicyConfig | None = None, max_requests: int = 10_000):
         self.est = estimators
         self.config = config or HeraPolicyConfig()
         self._urc = RequestMemo(max_requests)  # request id -> P(simple), decided once
+
+    def tuned(self, value: float) -> "HeraPolicy":
+        if not -1.0 <= value <= 1.0:
+            raise ValueError(f"threshold_base must be in [-1, 1], got {value}")
+        other = HeraPolicy(self.est, replace(self.config, threshold_base=value))
+        other._urc = self._urc  # URC's P(simple) does not depend on the threshold
+        other.name, other.description = f"{self.name}@{value:g}", self.description
+        return other
 
     async def _request_simple_prob(self, ctx: SubtaskContext) -> float:
         return await self._urc.get(ctx.request_id, lambda: self.est.request_simple_prob(ctx.question))
@@ -63,6 +74,9 @@ class HeraPolicy(Policy):
             scores["urc_p_simple"] = p_simple
             if p_simple >= c.tau_req:
                 return Decision(Placement.EDGE, "urc", scores)
+
+        if not c.use_sse:
+            return Decision(Placement.CLOUD, "llm", scores)
 
         # The two sides are separate models: predict both at once.
         s_slm, s_llm = await asyncio.gather(self.est.predict_subtask("slm", ctx), self.est.predict_subtask("llm", ctx))

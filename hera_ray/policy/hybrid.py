@@ -19,11 +19,20 @@ class QueryRouterModel(Protocol):
 class HybridLLMPolicy(Policy):
     name = "hybridllm"
     description = "HybridLLM: the whole request on the SLM or the LLM, by a trained difficulty classifier."
+    knob = "tau"
 
     def __init__(self, router: QueryRouterModel, tau: float = 0.78, max_requests: int = 10_000):
         self.router = router
         self.tau = tau
         self._p = RequestMemo(max_requests)
+
+    def tuned(self, value: float) -> "HybridLLMPolicy":
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"tau must be in [0, 1], got {value}")
+        other = HybridLLMPolicy(self.router, value)
+        other._p = self._p  # P(simple) does not depend on tau: share the per-request memo
+        other.name = f"{self.name}@{value:g}"
+        return other
 
     async def decide(self, ctx: SubtaskContext) -> Decision:
         p = await self._p.get(ctx.request_id, lambda: self.router.hybrid_simple_prob(ctx.question))

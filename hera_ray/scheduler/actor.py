@@ -150,7 +150,15 @@ class SubtaskScheduler:
         return out
 
     async def policies(self) -> list[dict[str, str]]:
-        return [{"name": p.name, "description": p.description} for p in self.router.policies.values()]
+        return [{"name": p.name, "description": p.description, "knob": p.knob} for p in self.router.policies.values()]
+
+    async def check_policy(self, name: str) -> str | None:
+        """None if ``name`` is a policy this scheduler runs (``hera@0.7`` included), else why not."""
+        try:
+            self.router.policy(name)
+        except HeraError as e:
+            return e.message
+        return None
 
     async def usage(self) -> dict[str, Any]:
         led = self.router.ledger

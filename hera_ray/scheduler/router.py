@@ -75,6 +75,7 @@ class Router:
     ):
         self.table = table
         self.policies = policies
+        self._tuned: dict[str, Policy] = {}
         self.edge_model = edge_model
         self.cloud_model = cloud_model
         self.cloud_price = cloud_price_per_1k_tokens
@@ -84,11 +85,30 @@ class Router:
         self._affinity: dict[str, str] = {}
         self._rng = random.Random(0)
 
+    #: Tuned variants (``hera@0.7``) kept at most; a sweep uses a handful.
+    MAX_TUNED = 256
+
     def policy(self, name: str) -> Policy:
+        """The policy called ``name``; ``<policy>@<value>`` is that policy at another value of its
+        knob (``hera@0.7``: threshold base 0.7; ``hybridllm@0.5``: τ; ``random@0.3``: SLM share)."""
+        found = self.policies.get(name) or self._tuned.get(name)
+        if found is not None:
+            return found
+        base, at, value = name.partition("@")
+        if not at or base not in self.policies:
+            raise UnknownPolicy(f"unknown policy {name!r}: choose one of {', '.join(sorted(self.policies))}"
+                                f" (or <policy>@<value> for a policy with a knob)")
+        policy = self.policies[base]
+        if not policy.knob:
+            raise UnknownPolicy(f"policy {base!r} has no knob to set with '@' (in {name!r})")
         try:
-            return self.policies[name]
-        except KeyError:
-            raise UnknownPolicy(f"unknown policy {name!r}: choose one of {', '.join(sorted(self.policies))}") from None
+            tuned = policy.tuned(float(value))
+        except ValueError as e:
+            raise UnknownPolicy(f"bad policy {name!r}: {policy.knob} must be a number in range ({e})") from None
+        if len(self._tuned) >= self.MAX_TUNED:
+            self._tuned.pop(next(iter(self._tuned)))
+        self._tuned[name] = tuned
+        return tuned
 
     def over_budget(self, request_id: str, max_cloud_cost: float | None = None) -> bool:
         cap = self.max_cloud_cost if max_cloud_cost is None else max_cloud_cost

@@ -156,9 +156,17 @@ class HeraIngress:
                            self.config.agent)
         self.cloud = cloud_handle
 
-    def _check_policy(self, name: str) -> None:
-        if name not in self.policies:
-            raise UnknownPolicy(f"unknown model {name!r}: the model names a routing policy, one of {', '.join(sorted(self.policies))}")
+    async def _check_policy(self, name: str) -> None:
+        if name in self.policies:
+            return
+        base, at, _ = name.partition("@")
+        if at and self.policies.get(base, {}).get("knob"):
+            problem = await self.actor.check_policy.remote(name)  # the value: the actor's own check
+            if problem is None:
+                return
+            raise UnknownPolicy(problem)
+        raise UnknownPolicy(f"unknown model {name!r}: the model names a routing policy, one of {', '.join(sorted(self.policies))}"
+                            " (or <policy>@<value> for a policy with a knob)")
 
     async def run_agent(self, question: str, policy: str = "all-slm", max_steps: int | None = None,
                         max_cloud_cost: float | None = None, request_id: str | None = None) -> dict[str, Any]:
@@ -166,7 +174,7 @@ class HeraIngress:
         try:
             req = AgentRunRequest(question=question, policy=policy, max_steps=max_steps,
                                   max_cloud_cost=max_cloud_cost, request_id=request_id)
-            self._check_policy(req.policy)
+            await self._check_policy(req.policy)
             run = await self.agent.run(req.question, req.policy, req.request_id, req.max_steps, req.max_cloud_cost)
             return run.to_dict()
         except HeraError as e:
@@ -197,13 +205,13 @@ class HeraIngress:
 
     @api.post("/v1/agent/runs", dependencies=_AUTH)
     async def agent_runs(self, req: AgentRunRequest) -> dict[str, Any]:
-        self._check_policy(req.policy)
+        await self._check_policy(req.policy)
         run = await self.agent.run(req.question, req.policy, req.request_id, req.max_steps, req.max_cloud_cost)
         return run.to_dict()
 
     @api.post("/v1/chat/completions", dependencies=_AUTH)
     async def chat_completions(self, req: ChatCompletionRequest):
-        self._check_policy(req.model)
+        await self._check_policy(req.model)
         if req.stream:
             return StreamingResponse(self._stream(req), media_type="text/event-stream")
         run = await self.agent.run(req.question(), req.model, None, req.max_steps, req.max_cloud_cost)
