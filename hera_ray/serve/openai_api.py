@@ -160,7 +160,7 @@ class HeraIngress:
         if name in self.policies:
             return
         base, at, _ = name.partition("@")
-        if at and self.policies.get(base, {}).get("knob"):
+        if at and base in self.policies:
             problem = await self.actor.check_policy.remote(name)  # the value: the actor's own check
             if problem is None:
                 return

@@ -1,0 +1,438 @@
+"""``hera bench`` and ``hera calibrate``: every policy on the same requests, through the live runtime.
+
+A bench run sends each item of a data set split, under each policy, to the running hera-ray
+(the same cluster, models and estimators for all), scores the answer, and appends one record
+per (policy, item) to ``<out>/runs/<dataset>-<split>.jsonl``. A re-run skips what is recorded, so
+a long CPU run resumes where it stopped; items go in order, every policy for an item before the
+next item, so a stopped run still compares policies on the same requests. The folder's
+``.meta.json`` holds the settings that change results (step limit, models, estimators): a run
+with other settings is refused rather than mixed in.
+
+Sweeps: a policy with a knob runs at other values as ``<policy>@<value>`` (``hera@0.7`` is HERA
+with threshold base 0.7; ``hybridllm@0.5`` is τ = 0.5; ``random@0.3`` an SLM share of 0.3). A
+router's APGR is the mean of its PGR over its sweep points.
+
+Metrics per policy, over the items every policy has finished:
+
+- accuracy (and F1 where the data set has it), SLM share of subtasks, cost / all-llm's cost;
+- PGR = (acc − acc_all-slm) / (acc_all-llm − acc_all-slm), undefined when the two are equal;
+- latency p50 / p95 of a request, and the decision overhead: the time the policy took to place
+  subtasks as a share of end-to-end request time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from hera_ray.errors import ConfigError, InvalidRequest
+
+BASELINES = ("all-slm", "all-llm")
+#: Routers compared by APGR: name -> the values their sweep runs by default.
+DEFAULT_SWEEPS: dict[str, tuple[float, ...]] = {
+    "hera": (0.5, 0.7, 0.8, 0.9),
+    "hybridllm": (0.3, 0.5, 0.9),
+    "random": (0.25, 0.5, 0.75),
+}
+ABLATIONS = ("hera-no-sd", "hera-no-urc", "hera-urc-only")
+
+
+def policy_base(name: str) -> str:
+    return name.partition("@")[0]
+
+
+def run_names(policies: Iterable[str], sweeps: dict[str, Iterable[float]], ablations: bool) -> list[str]:
+    """The policies to run, in order, without repeats: the baselines, each named policy, its sweep
+    points, then the ablations."""
+    names: list[str] = []
+    for p in (*BASELINES, *policies):
+        if p not in names:
+            names.append(p)
+        for v in sweeps.get(p, ()):
+            tuned = f"{p}@{v:g}"
+            if tuned not in names:
+                names.append(tuned)
+    if ablations:
+        names += [a for a in ABLATIONS if a not in names]
+    return names
+
+
+# -- the record store ----------------------------------------------------------------------------
+
+
+@dataclass
+class RecordStore:
+    """One JSONL line per finished (policy, item), appended under a lock; the settings beside it."""
+
+    path: Path
+    meta: dict[str, Any]
+    records: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        meta_path = self.path.with_suffix(".meta.json")
+        if meta_path.exists():
+            old = json.loads(meta_path.read_text())
+            differs = {k: (old.get(k), v) for k, v in self.meta.items() if old.get(k) != v}
+            if differs:
+                what = "; ".join(f"{k}: recorded {a!r}, now {b!r}" for k, (a, b) in differs.items())
+                raise ConfigError(f"{self.path} was recorded with other settings ({what}): pass another "
+                                  f"--out, or --fresh to start it over")
+        else:
+            meta_path.write_text(json.dumps(self.meta, indent=2) + "\n")
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    self.records[(r["policy"], r["item"])] = r
+
+    def done(self, policy: str, item_id: str) -> bool:
+        return (policy, item_id) in self.records
+
+    def add(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self.records[(record["policy"], record["item"])] = record
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def record_of(item, policy: str, run: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """The compact record of one agent run: score, placement, cost and timing (not the text)."""
+    from hera_ray.eval.scorers import score
+
+    trace = run.get("trace", [])
+    output = "\n\n".join(str(t.get("output", "")) for t in trace)
+    s = score(item, run.get("answer", ""), output)
+    return {
+        "policy": policy, "item": item.id, "correct": bool(s.correct), "em": s.em, "f1": s.f1, "detail": s.detail,
+        "answer": str(run.get("answer", ""))[:300], "gold": item.answer, "finished": bool(run.get("finished")),
+        "subtasks": len(trace), "edge_subtasks": sum(t["placement"] == "edge" for t in trace),
+        "cost": float(run.get("cost", 0.0)), "cloud_tokens": int(run.get("cloud_tokens", 0)),
+        "latency_s": float(run.get("latency_s", 0.0)), "wall_s": wall_s,
+        "decision_s": sum(float(t.get("decision_s", 0.0)) for t in trace),
+        "model_s": sum(float(t.get("model_s", 0.0)) for t in trace),
+        "stages": dict(Counter(t.get("stage", "") for t in trace)),
+    }
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def pgr(acc: float, acc_slm: float, acc_llm: float) -> float | None:
+    """Performance gap recovered; None when the two models score the same (no gap to recover)."""
+    gap = acc_llm - acc_slm
+    return None if abs(gap) < 1e-12 else (acc - acc_slm) / gap
+
+
+def summarise(records: dict[tuple[str, str], dict], policies: list[str],
+              sweeps: dict[str, Iterable[float]]) -> dict[str, Any]:
+    """Per-policy metrics over the items every policy in ``policies`` has finished."""
+    by_policy: dict[str, dict[str, dict]] = {p: {} for p in policies}
+    for (p, item), r in records.items():
+        if p in by_policy:
+            by_policy[p][item] = r
+    common = set.intersection(*(set(v) for v in by_policy.values())) if by_policy else set()
+    out: dict[str, dict[str, Any]] = {}
+    for p in policies:
+        rs = [by_policy[p][i] for i in sorted(common)]
+        subtasks = sum(r["subtasks"] for r in rs)
+        lat = sum(r["latency_s"] for r in rs)
+        out[p] = {
+            "n": len(rs),
+            "accuracy": sum(r["correct"] for r in rs) / len(rs) if rs else 0.0,
+            "f1": sum(r["f1"] for r in rs) / len(rs) if rs else 0.0,
+            "slm_share": sum(r["edge_subtasks"] for r in rs) / subtasks if subtasks else 0.0,
+            "subtasks": subtasks,
+            "cost_abs": sum(r["cost"] for r in rs),
+            "latency_p50_s": _pct([r["latency_s"] for r in rs], 0.5),
+            "latency_p95_s": _pct([r["latency_s"] for r in rs], 0.95),
+            "overhead_share": sum(r["decision_s"] for r in rs) / lat if lat else 0.0,
+            "runtime_overhead_share": (lat - sum(r["model_s"] for r in rs)) / lat if lat else 0.0,
+            "stages": dict(sum((Counter(r["stages"]) for r in rs), Counter())),
+        }
+    llm_cost = out.get("all-llm", {}).get("cost_abs") or 0.0
+    acc_slm = out.get("all-slm", {}).get("accuracy")
+    acc_llm = out.get("all-llm", {}).get("accuracy")
+    for m in out.values():
+        m["cost"] = m["cost_abs"] / llm_cost if llm_cost else None
+        m["pgr"] = pgr(m["accuracy"], acc_slm, acc_llm) if acc_slm is not None and acc_llm is not None else None
+    for router, values in sweeps.items():
+        points = [router] + [f"{router}@{v:g}" for v in values]
+        pgrs = [out[p]["pgr"] for p in points if p in out and out[p]["pgr"] is not None]
+        apgr = sum(pgrs) / len(pgrs) if pgrs else None
+        for p in points:
+            if p in out:
+                out[p]["apgr"] = apgr
+    for m in out.values():
+        m.setdefault("apgr", None)
+    return {"n": len(common), "policies": out}
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+
+def git_commit(root: Path | None = None) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=root or Path(__file__).resolve().parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=root or Path(__file__).resolve().parent).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cluster_meta(client) -> dict[str, Any]:
+    """What about the cluster changes results: its models and its estimators."""
+    meta: dict[str, Any] = {}
+    try:
+        health = client.health()
+        meta["cloud_model"] = health.get("cloud_model") or health.get("cloud", {}).get("model")
+    except Exception:  # noqa: BLE001 - the meta is best effort beyond what is asked
+        pass
+    try:
+        manifest = client._call("GET", "/v1/estimators")
+        meta["estimators"] = manifest.get("profile_sha256") or manifest.get("created")
+    except Exception:  # noqa: BLE001
+        meta["estimators"] = None
+    return meta
+
+
+def run_bench(client, items: list, policies: list[str], store: RecordStore, max_steps: int,
+              on_progress: Callable[[str, str, dict | None], None] | None = None, concurrency: int = 1,
+              retries: int = 1) -> list[str]:
+    """Run every (item, policy) the store lacks; return the errors (also printed by the caller)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hera_ray.client import ClientError
+
+    errors: list[str] = []
+
+    def one_item(item) -> None:
+        for policy in policies:
+            if store.done(policy, item.id):
+                continue
+            for attempt in range(retries + 1):
+                t0 = time.perf_counter()
+                try:
+                    run = client.run(item.question, policy=policy, max_steps=max_steps,
+                                     request_id=f"bench:{item.dataset}:{item.id}:{policy}:{attempt}")
+                except ClientError as e:
+                    if 400 <= e.status < 500 or attempt == retries:
+                        errors.append(f"{policy} {item.dataset}#{item.id}: {e}")
+                        if on_progress:
+                            on_progress(policy, item.id, None)
+                        if 400 <= e.status < 500:
+                            raise  # the request itself is wrong (e.g. an unknown policy): stop
+                        break
+                    continue
+                record = record_of(item, policy, run, time.perf_counter() - t0)
+                store.add(record)
+                if on_progress:
+                    on_progress(policy, item.id, record)
+                break
+
+    if concurrency <= 1:
+        for item in items:
+            one_item(item)
+    else:
+        with ThreadPoolExecutor(concurrency) as pool:
+            for f in [pool.submit(one_item, item) for item in items]:
+                f.result()
+    return errors
+
+
+def calibrate_choice(summary: dict[str, Any], router: str, target_cost: float | None,
+                     target_pgr: float | None) -> tuple[str | None, str]:
+    """The sweep point that meets the target: for a cost target, the most accurate point within the
+    budget; for a PGR target, the cheapest point that recovers enough. (point, why)."""
+    if (target_cost is None) == (target_pgr is None):
+        raise InvalidRequest("give exactly one of --target-cost and --target-pgr")
+    points = {p: m for p, m in summary["policies"].items() if policy_base(p) == router}
+    if target_cost is not None:
+        ok = [(p, m) for p, m in points.items() if m["cost"] is not None and m["cost"] <= target_cost + 1e-9]
+        if not ok:
+            cheapest = min(points.items(), key=lambda kv: kv[1]["cost"] if kv[1]["cost"] is not None else 9e9)
+            return None, (f"no threshold in the sweep keeps cost <= {target_cost}: the cheapest, {cheapest[0]}, "
+                          f"costs {cheapest[1]['cost']:.2f} of all-llm; sweep higher SLM shares (lower bases)")
+        best = max(ok, key=lambda kv: (kv[1]["accuracy"], -kv[1]["cost"]))
+        return best[0], f"most accurate within cost {target_cost}: accuracy {best[1]['accuracy']:.1%}, cost {best[1]['cost']:.2f}"
+    ok = [(p, m) for p, m in points.items() if m["pgr"] is not None and m["pgr"] >= target_pgr - 1e-9]
+    if not ok:
+        return None, (f"no threshold in the sweep reaches PGR {target_pgr}"
+                      + ("" if any(m["pgr"] is not None for m in points.values())
+                         else " (all-slm and all-llm score the same here: PGR is undefined)"))
+    best = min(ok, key=lambda kv: (kv[1]["cost"] if kv[1]["cost"] is not None else 9e9, -kv[1]["accuracy"]))
+    return best[0], f"cheapest with PGR >= {target_pgr}: PGR {best[1]['pgr']:.2f}, cost {best[1]['cost']:.2f}"
+
+
+def knob_value(policy: str, default: float) -> float:
+    base, at, value = policy.partition("@")
+    return float(value) if at else default
+
+
+def write_config_value(path: Path, section: str, key: str, value: Any) -> None:
+    """Set ``section.key`` in a YAML settings file, keeping everything else in it."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path.exists():
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings")
+    data.setdefault(section, {})[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+
+def result_json(dataset: str, split: str, command: str, summary: dict[str, Any],
+                meta: dict[str, Any]) -> dict[str, Any]:
+    keys = ("accuracy", "f1", "slm_share", "cost", "pgr", "apgr", "latency_p50_s", "latency_p95_s",
+            "overhead_share", "runtime_overhead_share", "subtasks", "stages")
+    return {
+        "command": command, "commit": git_commit(), "dataset": dataset, "split": split, "n": summary["n"],
+        "settings": meta,
+        "policies": {p: {k: m[k] for k in keys} for p, m in summary["policies"].items()},
+    }
+
+
+def plot(path: Path, dataset: str, summary: dict[str, Any], sweeps: dict[str, Iterable[float]]) -> None:
+    """Accuracy against SLM share: each router's sweep as a line (APGR in the legend), the
+    baselines and ablations as markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pol = summary["policies"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {"hera": "tab:red", "hybridllm": "tab:blue", "random": "tab:grey"}
+    for router, values in sweeps.items():
+        points = [p for p in [router, *(f"{router}@{v:g}" for v in values)] if p in pol]
+        if not points:
+            continue
+        xy = sorted((pol[p]["slm_share"], pol[p]["accuracy"]) for p in points)
+        apgr = pol[points[0]]["apgr"]
+        label = f"{router} (APGR {apgr:.2f})" if apgr is not None else f"{router} (APGR n/a)"
+        ax.plot([x for x, _ in xy], [y for _, y in xy], "o-", color=colours.get(router), label=label)
+    markers = {"all-slm": ("s", "black"), "all-llm": ("D", "black"), "hera-no-sd": ("v", "tab:orange"),
+               "hera-no-urc": ("^", "tab:purple"), "hera-urc-only": ("P", "tab:green")}
+    for p, (m, c) in markers.items():
+        if p in pol:
+            ax.plot(pol[p]["slm_share"], pol[p]["accuracy"], m, color=c, markersize=9, label=p)
+    ax.set_xlabel("SLM share of subtasks")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_title(f"{dataset}: accuracy vs SLM share ({summary['n']} requests)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(summary: dict[str, Any], title: str):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("policy", "acc", "F1", "SLM share", "cost", "PGR", "APGR", "p50 s", "p95 s", "decide"):
+        t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
+
+    def f(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
+    for p, m in summary["policies"].items():
+        t.add_row(p, f(m["accuracy"], ".1%"), f(m["f1"], ".2f"), f(m["slm_share"], ".0%"), f(m["cost"], ".2f"),
+                  f(m["pgr"], ".2f"), f(m["apgr"], ".2f"), f(m["latency_p50_s"], ".1f"),
+                  f(m["latency_p95_s"], ".1f"), f(m["overhead_share"], ".1%"))
+    return t
+
+
+# -- one data set, end to end -------------------------------------------------------------------------
+
+
+def resolve_url(url: str | None) -> str:
+    """``url``, else ``$HERA_URL``, else the cluster ``hera up`` started on this machine."""
+    import os
+
+    if url or os.environ.get("HERA_URL"):
+        return url or os.environ["HERA_URL"]
+    from hera_ray import cluster
+
+    state = cluster.load_state()
+    if state is None:
+        raise ConfigError("no hera-ray is running here: start one with `hera up --local-edges 2` "
+                          "(or pass --url / set HERA_URL)")
+    return state.ingress_url
+
+
+def output_stem(out: Path, dataset: str, split: str) -> Path:
+    return out / (dataset if split == "test" else f"{dataset}-{split}")
+
+
+def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[str],
+                  sweeps: dict[str, tuple[float, ...]], max_steps: int, out: Path, command: str, console,
+                  fresh: bool = False, concurrency: int = 1) -> dict[str, Any]:
+    """Run (or resume) one data set under every policy in ``names``; print the table, write
+    ``<out>/<dataset>.json`` and ``.png``; return the result JSON."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from hera_ray.eval.datasets import load
+
+    items = load(dataset, split, n)
+    if not items:
+        raise InvalidRequest(f"{dataset}/{split} has no items")
+    meta = {"dataset": dataset, "split": split, "max_steps": max_steps, **cluster_meta(client)}
+    records = out / "runs" / f"{dataset}-{split}.jsonl"
+    if fresh:
+        records.unlink(missing_ok=True)
+        records.with_suffix(".meta.json").unlink(missing_ok=True)
+    store = RecordStore(records, meta)
+    todo = sum(not store.done(p, it.id) for it in items for p in names)
+    console.print(f"{dataset}/{split}: {len(items)} request(s) x {len(names)} policies; {todo} run(s) to do, "
+                  f"the rest recorded in {records}", highlight=False)
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[last]}"))
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(dataset, total=todo, last="")
+
+        def on_progress(policy: str, item_id: str, record: dict | None) -> None:
+            mark = "error" if record is None else ("✓" if record["correct"] else "✗")
+            share = "" if record is None else f" SLM {record['edge_subtasks']}/{record['subtasks']}"
+            progress.update(task, advance=1, last=f"{policy} #{item_id} {mark}{share}")
+
+        errors = run_bench(client, items, names, store, max_steps, on_progress, concurrency)
+    for e in errors:
+        console.print(f"[red]error[/red] {e}", highlight=False)
+    ids = {it.id for it in items}
+    summary = summarise({k: v for k, v in store.records.items() if k[1] in ids}, names, sweeps)
+    console.print(table(summary, f"{dataset}/{split}: {summary['n']} request(s) finished by every policy"))
+    result = result_json(dataset, split, command, summary, meta)
+    stem = output_stem(out, dataset, split)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(stem.with_suffix(".png"), f"{dataset}/{split}", summary, sweeps)
+    console.print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}", highlight=False)
+    return result
