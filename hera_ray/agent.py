@@ -28,10 +28,10 @@ SYSTEM_PROMPT = (
     "You solve the user's task in small steps. Each reply is exactly ONE step, in this format:\n"
     "Subtask: <the next small step>\n"
     "Result: <the result of doing that step>\n"
-    "When you know the final answer, reply with one line instead:\n"
-    "Final Answer: <the answer>"
+    "Check each result before you go on. When every step needed is done, reply with one line instead:\n"
+    "Final Answer: <only the answer itself, e.g. a number, with no explanation>"
 )
-NEXT_STEP = ("Continue with the next step. If the results so far answer the task, reply only with "
+NEXT_STEP = ("Continue with the next step. Once the results so far answer the whole task, reply only with "
              "'Final Answer: <answer>'.")
 
 # "Final Answer:" needs its colon or an "is" (a subtask may say "present the final answer");

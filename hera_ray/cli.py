@@ -302,7 +302,7 @@ def _load_hera_config(config_file: Optional[Path]):
 @app.command("up")
 def up_cmd(
     local_edges: int = typer.Option(0, "--local-edges", help="Edge nodes to start on this machine."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file of HeraConfig settings."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file of HeraConfig settings [default: $HERA_CONFIG_FILE or ~/.config/hera-ray/config.yaml, if it exists; `hera calibrate` writes it]."),
     timeout: float = typer.Option(900.0, help="Seconds to wait for every part to report healthy."),
     estimators: Optional[Path] = typer.Option(None, "--estimators", help="Trained estimator folder for the hera policy [default: bundled]."),
     threshold_base: Optional[float] = typer.Option(None, "--threshold-base", help="HERA's κ base (κ_i = base + min(i, 5)·0.02) [default: 0.6]."),
@@ -312,7 +312,11 @@ def up_cmd(
 ) -> None:
     """Start (or join, with RAY_ADDRESS) a Ray cluster, the scheduler, the Serve app and local edges."""
     from hera_ray.cluster import up
+    from hera_ray.config import default_config_file
 
+    if config_file is None and default_config_file().exists():
+        config_file = default_config_file()
+        err_console.print(f"settings from {config_file}", highlight=False)
     config = _load_hera_config(config_file)
     hera = {k: v for k, v in {"estimators": estimators, "threshold_base": threshold_base}.items() if v is not None}
     hera.update({f"use_{stage}": False for stage, off in (("urc", no_urc), ("cd", no_cd), ("sd", no_sd)) if off})
@@ -462,6 +466,135 @@ def print_estimator_table(manifest: dict, title: str) -> None:
     console.print(table)
     console.print("baseline: majority class (encoders) / the untuned SLM (SP, SD); k-fold: over all profiled requests",
                   style="dim")
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise _fail(f"{flag} takes comma-separated numbers, got {text!r}", 2) from None
+
+
+def _bench_client(url: Optional[str]):
+    from hera_ray.client import Client
+    from hera_ray.eval.bench import resolve_url
+
+    try:
+        base = resolve_url(url)
+    except HeraError as e:
+        raise _fail(e.message) from None
+    client = Client(base, timeout=3600)
+    try:
+        client.health()
+    except Exception as e:  # noqa: BLE001
+        raise _fail(f"hera-ray at {base} does not answer ({e}): start it with `hera up --local-edges 2`") from None
+    return client
+
+
+@app.command("bench")
+def bench_cmd(
+    dataset: str = typer.Option("gsm8k", help="Comma-separated data sets: gsm8k, drop, humaneval, mbpp, strategyqa, ..."),
+    split: str = typer.Option("test", help="Split: profile, dev or test."),
+    n: Optional[int] = typer.Option(100, "--n", help="Requests per data set (the first N of the split)."),
+    policies: str = typer.Option("hera,hybridllm,random,all-slm,all-llm", help="Comma-separated policies."),
+    hera_sweep: str = typer.Option("0.5,0.7,0.8,0.9", help="HERA threshold bases swept besides the configured one (hera@<base>)."),
+    hybrid_sweep: str = typer.Option("0.3,0.5,0.9", help="hybridllm τ values swept besides the configured one."),
+    random_sweep: str = typer.Option("0.25,0.75", help="random SLM shares swept besides the configured one."),
+    ablations: bool = typer.Option(True, "--ablations/--no-ablations", help="Also run hera-no-sd, hera-no-urc and hera-urc-only."),
+    max_steps: int = typer.Option(6, help="Subtasks per request at most."),
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for <dataset>.json/.png; runs/ beside them resumes."),
+    url: Optional[str] = typer.Option(None, envvar="HERA_URL", help="Ingress URL [default: the cluster `hera up` started]."),
+    fresh: bool = typer.Option(False, "--fresh", help="Forget recorded runs of these data sets and start over."),
+    concurrency: int = typer.Option(1, min=1, max=16, help="Requests in flight (1 keeps latencies clean)."),
+) -> None:
+    """Every policy on the same requests through the live runtime: accuracy, SLM share, cost, PGR/APGR, latency."""
+    import shlex
+    import sys
+
+    from hera_ray.eval.bench import bench_dataset, run_names
+    from hera_ray.eval.datasets import LOADERS, SPLITS
+
+    sets = [d.strip() for d in dataset.split(",") if d.strip()]
+    bad = [d for d in sets if d not in LOADERS]
+    if bad or not sets:
+        raise _fail(f"unknown data set(s) {', '.join(bad) or dataset!r}: choose from {', '.join(LOADERS)}", 2)
+    if split not in SPLITS:
+        raise _fail(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}", 2)
+    wanted = [p.strip() for p in policies.split(",") if p.strip()]
+    sweeps = {router: _floats(text, flag) for router, text, flag in
+              (("hera", hera_sweep, "--hera-sweep"), ("hybridllm", hybrid_sweep, "--hybrid-sweep"),
+               ("random", random_sweep, "--random-sweep")) if router in wanted}
+    names = run_names(wanted, sweeps, ablations and "hera" in wanted)
+    command = "hera " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    client = _bench_client(url)
+    served = set(client.models())
+    unknown = [p for p in dict.fromkeys(names) if p.partition("@")[0] not in served]
+    if unknown:
+        client.close()
+        raise _fail(f"unknown polic{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}: this cluster serves "
+                    f"{', '.join(sorted(served))}", 2)
+    try:
+        for d in sets:
+            bench_dataset(client, d, split, n, names, sweeps, max_steps, out, command, console, fresh, concurrency)
+    except HeraError as e:
+        raise _fail(e.message) from None
+    finally:
+        client.close()
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    dataset: str = typer.Option("gsm8k", help="Data set to calibrate on."),
+    split: str = typer.Option("dev", help="profile or dev (never test: reported results come from it)."),
+    n: Optional[int] = typer.Option(30, "--n", help="Requests (the first N of the split)."),
+    target_cost: Optional[float] = typer.Option(None, min=0, help="Cost budget, as a fraction of all-llm's: the most accurate threshold within it."),
+    target_pgr: Optional[float] = typer.Option(None, help="PGR to reach: the cheapest threshold that recovers this much of the gap."),
+    sweep: str = typer.Option("0.5,0.6,0.7,0.8,0.9", help="Threshold bases to try."),
+    max_steps: int = typer.Option(6, help="Subtasks per request at most."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="Settings file to write hera.threshold_base to [default: $HERA_CONFIG_FILE or ~/.config/hera-ray/config.yaml, which `hera up` reads]."),
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for the sweep's records and <dataset>-<split>.json."),
+    url: Optional[str] = typer.Option(None, envvar="HERA_URL", help="Ingress URL [default: the cluster `hera up` started]."),
+) -> None:
+    """Find HERA's threshold base that meets a cost or PGR target on the dev split; write it to the config."""
+    import shlex
+    import sys
+
+    from hera_ray.config import default_config_file
+    from hera_ray.eval.bench import bench_dataset, calibrate_choice, knob_value, write_config_value
+
+    if split == "test":
+        raise _fail("calibrate never uses the test split (results are reported on it): use --split dev", 2)
+    if split not in ("profile", "dev"):
+        raise _fail(f"unknown split {split!r}: choose profile or dev", 2)
+    if (target_cost is None) == (target_pgr is None):
+        raise _fail("give exactly one of --target-cost and --target-pgr", 2)
+    values = _floats(sweep, "--sweep")
+    if not values:
+        raise _fail("--sweep needs at least one threshold base", 2)
+    names = ["all-slm", "all-llm", *(f"hera@{v:g}" for v in values)]
+    command = "hera " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    client = _bench_client(url)
+    try:
+        result = bench_dataset(client, dataset, split, n, names, {}, max_steps, out, command, console)
+    except HeraError as e:
+        raise _fail(e.message) from None
+    finally:
+        client.close()
+    summary = {"policies": result["policies"]}
+    chosen, why = calibrate_choice(summary, "hera", target_cost, target_pgr)
+    if chosen is None:
+        raise _fail(why)
+    base = knob_value(chosen, 0.6)
+    path = config_file or default_config_file()
+    try:
+        write_config_value(path, "hera", "threshold_base", base)
+    except HeraError as e:
+        raise _fail(e.message) from None
+    console.print(f"threshold base {base:g} ({why}); written to {path} as hera.threshold_base — "
+                  f"`hera up{'' if config_file is None else f' --config {path}'}` uses it", highlight=False)
 
 
 # -- demo ------------------------------------------------------------------------------------------

@@ -207,6 +207,17 @@ class HeraConfig(BaseSettings):
     hera: HeraPolicySettings = Field(default_factory=HeraPolicySettings, description="The HERA policy and its estimators.")
 
 
+def default_config_file() -> Path:
+    """The settings file ``hera up`` reads when no ``--config`` is given (and ``hera calibrate``
+    writes): ``$HERA_CONFIG_FILE``, else ``$XDG_CONFIG_HOME/hera-ray/config.yaml``."""
+    import os
+
+    if os.environ.get("HERA_CONFIG_FILE"):
+        return Path(os.environ["HERA_CONFIG_FILE"]).expanduser()
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "hera-ray" / "config.yaml"
+
+
 def default_token_file() -> Path:
     """The local cluster's edge token, created on first use."""
     from hera_ray.models import cache_dir

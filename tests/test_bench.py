@@ -1,0 +1,109 @@
+"""The bench's arithmetic and bookkeeping as plain code: PGR/APGR, cost normalisation, the
+common-items rule, resume and refusal of other settings, calibration's choice, the config file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from hera_ray.errors import ConfigError, InvalidRequest
+from hera_ray.eval.bench import RecordStore, calibrate_choice, pgr, run_names, summarise, write_config_value
+
+
+def rec(policy, item, correct, edge=0, subtasks=2, cost=0.0, latency=10.0, decision=0.0):
+    return {"policy": policy, "item": item, "correct": correct, "em": float(correct), "f1": float(correct),
+            "detail": "", "answer": "", "gold": "", "finished": True, "subtasks": subtasks, "edge_subtasks": edge,
+            "cost": cost, "cloud_tokens": 0, "latency_s": latency, "wall_s": latency, "decision_s": decision,
+            "model_s": latency * 0.9, "stages": {"x": subtasks}}
+
+
+def records(*rs):
+    return {(r["policy"], r["item"]): r for r in rs}
+
+
+def test_pgr_is_the_share_of_the_gap_recovered_and_undefined_without_a_gap():
+    assert pgr(0.5, 0.2, 0.6) == pytest.approx(0.75)
+    assert pgr(0.2, 0.2, 0.6) == 0.0 and pgr(0.6, 0.2, 0.6) == 1.0
+    assert pgr(0.4, 0.3, 0.3) is None
+
+
+def test_run_names_puts_baselines_first_then_sweeps_then_ablations_without_repeats():
+    names = run_names(["hera", "random", "all-llm"], {"hera": (0.5, 0.8), "random": (0.25,)}, ablations=True)
+    assert names == ["all-slm", "all-llm", "hera", "hera@0.5", "hera@0.8", "random", "random@0.25",
+                     "hera-no-sd", "hera-no-urc", "hera-urc-only"]
+    assert run_names(["hybridllm"], {}, ablations=False) == ["all-slm", "all-llm", "hybridllm"]
+
+
+def test_summary_over_common_items_with_cost_pgr_apgr_and_overhead():
+    rs = records(
+        # all-slm: 1/4 right, everything on the edge, free
+        *(rec("all-slm", str(i), i == 0, edge=2, latency=4.0) for i in range(4)),
+        # all-llm: 3/4 right, cost 1 each
+        *(rec("all-llm", str(i), i != 3, cost=1.0, latency=20.0) for i in range(4)),
+        # hera: 3/4 right, half the subtasks on the edge, half the cost, 1 s of 10 deciding
+        *(rec("hera", str(i), i != 3, edge=1, cost=0.5, latency=10.0, decision=1.0) for i in range(4)),
+        # hera@0.9: 2/4 right
+        *(rec("hera@0.9", str(i), i in (0, 1), edge=1, cost=0.5) for i in range(4)),
+        rec("hera", "extra", True),  # an item not every policy finished: left out
+    )
+    s = summarise(rs, ["all-slm", "all-llm", "hera", "hera@0.9"], {"hera": (0.9,)})
+    p = s["policies"]
+    assert s["n"] == 4 and p["hera"]["n"] == 4
+    assert p["all-llm"]["cost"] == 1.0 and p["all-slm"]["cost"] == 0.0 and p["hera"]["cost"] == 0.5
+    assert p["hera"]["accuracy"] == 0.75 and p["hera"]["slm_share"] == 0.5
+    assert p["hera"]["pgr"] == pytest.approx(1.0) and p["hera@0.9"]["pgr"] == pytest.approx(0.5)
+    assert p["hera"]["apgr"] == pytest.approx(0.75) == p["hera@0.9"]["apgr"]
+    assert p["all-slm"]["apgr"] is None
+    assert p["hera"]["overhead_share"] == pytest.approx(0.1)
+    assert p["all-llm"]["latency_p50_s"] == 20.0
+
+
+def test_record_store_resumes_and_refuses_other_settings(tmp_path):
+    path = tmp_path / "runs" / "gsm8k-test.jsonl"
+    store = RecordStore(path, {"dataset": "gsm8k", "max_steps": 6})
+    store.add(rec("hera", "1", True))
+    again = RecordStore(path, {"dataset": "gsm8k", "max_steps": 6})
+    assert again.done("hera", "1") and not again.done("hera", "2") and not again.done("all-llm", "1")
+    with pytest.raises(ConfigError, match="max_steps: recorded 6, now 4"):
+        RecordStore(path, {"dataset": "gsm8k", "max_steps": 4})
+
+
+def summary_of(points):
+    return {"policies": {name: {"accuracy": a, "cost": c, "pgr": g} for name, (a, c, g) in points.items()}}
+
+
+SWEEP = summary_of({
+    "all-slm": (0.1, 0.0, 0.0), "all-llm": (0.5, 1.0, 1.0),
+    "hera@0.5": (0.2, 0.2, 0.25), "hera@0.7": (0.4, 0.3, 0.75), "hera@0.8": (0.5, 0.6, 1.0), "hera@0.9": (0.45, 0.8, 0.9),
+})
+
+
+def test_calibration_picks_the_most_accurate_threshold_within_a_cost_budget():
+    assert calibrate_choice(SWEEP, "hera", 0.3, None)[0] == "hera@0.7"
+    assert calibrate_choice(SWEEP, "hera", 1.0, None)[0] == "hera@0.8"
+    chosen, why = calibrate_choice(SWEEP, "hera", 0.1, None)
+    assert chosen is None and "hera@0.5" in why and "0.20" in why
+
+
+def test_calibration_picks_the_cheapest_threshold_that_reaches_a_pgr():
+    assert calibrate_choice(SWEEP, "hera", None, 0.9)[0] == "hera@0.8"
+    assert calibrate_choice(SWEEP, "hera", None, 0.7)[0] == "hera@0.7"
+    assert calibrate_choice(SWEEP, "hera", None, 1.5)[0] is None
+    with pytest.raises(InvalidRequest, match="exactly one"):
+        calibrate_choice(SWEEP, "hera", 0.3, 0.9)
+
+
+def test_config_value_is_written_and_other_settings_are_kept(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"cloud": {"backend": "llama_cpp"}, "hera": {"use_sd": False}}))
+    write_config_value(path, "hera", "threshold_base", 0.7)
+    assert yaml.safe_load(path.read_text()) == {"cloud": {"backend": "llama_cpp"},
+                                                "hera": {"use_sd": False, "threshold_base": 0.7}}
+    from hera_ray.config import HeraConfig, load_settings
+
+    assert load_settings(HeraConfig, path).hera.threshold_base == 0.7
+    path.write_text(json.dumps([1, 2]))
+    with pytest.raises(ConfigError, match="mapping"):
+        write_config_value(path, "hera", "threshold_base", 0.7)
