@@ -387,6 +387,11 @@ def profile_cmd(config: ProfileConfig, n: Optional[int], out: Path, concurrency:
     from hera_ray.eval.scorers import SCORERS
     from hera_ray.offline.profile import Profiler, connect_cluster, prepare_run_folder, request_id, run_profile
 
+    from hera_ray.eval.datasets import LOADERS
+
+    if config.dataset in LOADERS and config.dataset not in SCORERS:
+        raise _fail(f"hera profile scores a path by its final answer; {config.dataset} needs its code run against "
+                    f"tests, which profiling does not do yet: profile one of {', '.join(SCORERS)}", 2)
     try:
         items = load(config.dataset, config.split, n)
         done = prepare_run_folder(out, config)

@@ -12,11 +12,11 @@ from hera_ray.errors import ConfigError, InvalidRequest
 from hera_ray.eval.bench import RecordStore, calibrate_choice, pgr, run_names, summarise, write_config_value
 
 
-def rec(policy, item, correct, edge=0, subtasks=2, cost=0.0, latency=10.0, decision=0.0):
+def rec(policy, item, correct, edge=0, subtasks=2, cost=0.0, latency=10.0, decision=0.0, stages=None):
     return {"policy": policy, "item": item, "correct": correct, "em": float(correct), "f1": float(correct),
             "detail": "", "answer": "", "gold": "", "finished": True, "subtasks": subtasks, "edge_subtasks": edge,
             "cost": cost, "cloud_tokens": 0, "latency_s": latency, "wall_s": latency, "decision_s": decision,
-            "model_s": latency * 0.9, "stages": {"x": subtasks}}
+            "model_s": latency * 0.9, "stages": stages or {"x": subtasks}}
 
 
 def records(*rs):
@@ -45,7 +45,7 @@ def test_summary_over_common_items_with_cost_pgr_apgr_and_overhead():
         # hera: 3/4 right, half the subtasks on the edge, half the cost, 1 s of 10 deciding
         *(rec("hera", str(i), i != 3, edge=1, cost=0.5, latency=10.0, decision=1.0) for i in range(4)),
         # hera@0.9: 2/4 right
-        *(rec("hera@0.9", str(i), i in (0, 1), edge=1, cost=0.5) for i in range(4)),
+        *(rec("hera@0.9", str(i), i in (0, 1), edge=1, cost=0.5, stages={"sse": 1, "llm": 1}) for i in range(4)),
         rec("hera", "extra", True),  # an item not every policy finished: left out
     )
     s = summarise(rs, ["all-slm", "all-llm", "hera", "hera@0.9"], {"hera": (0.9,)})
@@ -58,6 +58,10 @@ def test_summary_over_common_items_with_cost_pgr_apgr_and_overhead():
     assert p["all-slm"]["apgr"] is None
     assert p["hera"]["overhead_share"] == pytest.approx(0.1)
     assert p["all-llm"]["latency_p50_s"] == 20.0
+    # hera@0.9 lost item 2 (all-llm right, hera@0.9 wrong); its stages count as the culprits
+    assert p["hera@0.9"]["lost_vs_llm"] == 1 and p["hera@0.9"]["gained_vs_llm"] == 0
+    assert p["hera@0.9"]["lost_edge_stages"] == {"sse": 1}  # the cloud stage "llm" is not a culprit
+    assert p["all-slm"]["lost_vs_llm"] == 2 and p["all-slm"]["gained_vs_llm"] == 0
 
 
 def test_record_store_resumes_and_refuses_other_settings(tmp_path):

@@ -95,3 +95,5 @@ def test_profile_and_train_refuse_bad_input_clearly(tmp_path):
     assert out.returncode == 2 and "--max-depth" in out.stderr
     out = hera("profile", "--dataset", "nope", "--out", str(tmp_path / "p"))
     assert out.returncode == 1 and "unknown data set 'nope'" in out.stderr
+    out = hera("profile", "--dataset", "humaneval", "--out", str(tmp_path / "p"))
+    assert out.returncode == 2 and "humaneval needs its code run against tests" in " ".join(out.stderr.split())

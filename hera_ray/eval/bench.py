@@ -42,6 +42,8 @@ DEFAULT_SWEEPS: dict[str, tuple[float, ...]] = {
     "random": (0.25, 0.5, 0.75),
 }
 ABLATIONS = ("hera-no-sd", "hera-no-urc", "hera-urc-only")
+#: HERA's stages that place a subtask on the SLM (``llm`` is its one cloud stage).
+EDGE_STAGES = ("urc", "sse", "cd", "sd")
 
 
 def policy_base(name: str) -> str:
@@ -167,6 +169,16 @@ def summarise(records: dict[tuple[str, str], dict], policies: list[str],
             "runtime_overhead_share": (lat - sum(r["model_s"] for r in rs)) / lat if lat else 0.0,
             "stages": dict(sum((Counter(r["stages"]) for r in rs), Counter())),
         }
+    # Which stages put a request on the SLM where that cost its answer: requests all-llm got right
+    # and this policy got wrong, with the stages that placed their edge subtasks.
+    llm_right = {i for i in common if by_policy.get("all-llm", {}).get(i, {}).get("correct")}
+    for p in policies:
+        lost = [by_policy[p][i] for i in sorted(llm_right) if not by_policy[p][i]["correct"]]
+        gained = [i for i in sorted(common - llm_right) if by_policy[p][i]["correct"]] if "all-llm" in by_policy else []
+        out[p]["lost_vs_llm"] = len(lost) if "all-llm" in by_policy else None
+        out[p]["gained_vs_llm"] = len(gained) if "all-llm" in by_policy else None
+        out[p]["lost_edge_stages"] = dict(sum((Counter({k: v for k, v in r["stages"].items() if k in EDGE_STAGES})
+                                               for r in lost), Counter()))
     llm_cost = out.get("all-llm", {}).get("cost_abs") or 0.0
     acc_slm = out.get("all-slm", {}).get("accuracy")
     acc_llm = out.get("all-llm", {}).get("accuracy")
@@ -310,7 +322,8 @@ def write_config_value(path: Path, section: str, key: str, value: Any) -> None:
 def result_json(dataset: str, split: str, command: str, summary: dict[str, Any],
                 meta: dict[str, Any]) -> dict[str, Any]:
     keys = ("accuracy", "f1", "slm_share", "cost", "pgr", "apgr", "latency_p50_s", "latency_p95_s",
-            "overhead_share", "runtime_overhead_share", "subtasks", "stages")
+            "overhead_share", "runtime_overhead_share", "subtasks", "stages", "lost_vs_llm", "gained_vs_llm",
+            "lost_edge_stages")
     return {
         "command": command, "commit": git_commit(), "dataset": dataset, "split": split, "n": summary["n"],
         "settings": meta,
@@ -430,6 +443,11 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
     ids = {it.id for it in items}
     summary = summarise({k: v for k, v in store.records.items() if k[1] in ids}, names, sweeps)
     console.print(table(summary, f"{dataset}/{split}: {summary['n']} request(s) finished by every policy"))
+    for p, m in summary["policies"].items():
+        if policy_base(p).startswith("hera") and m["lost_vs_llm"]:
+            stages = ", ".join(f"{k} {v}" for k, v in sorted(m["lost_edge_stages"].items())) or "none"
+            console.print(f"  {p}: lost {m['lost_vs_llm']} request(s) all-llm got right (gained {m['gained_vs_llm']}); "
+                          f"their SLM subtasks were placed by {stages}", highlight=False)
     result = result_json(dataset, split, command, summary, meta)
     stem = output_stem(out, dataset, split)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
