@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable, Protocol
 from hera_ray.config import AgentConfig
 from hera_ray.errors import HeraError, Overloaded, Unavailable
 from hera_ray.generation import GenerationParams, GenerationResult
+from hera_ray.policy.base import SPECULATE
 
 SYSTEM_PROMPT = (
     "You solve the user's task in small steps. Each reply is exactly ONE step, in this format:\n"
@@ -89,6 +90,8 @@ class TraceEntry:
     model_s: float = 0.0  # the model's own time: time to first token + decode, as the engine measured it
     retries: int = 0
     finish_reason: str = ""
+    #: Time spent on an SLM step the policy then sent to the LLM (speculative SSE only).
+    speculative_s: float = 0.0
 
 
 @dataclass
@@ -184,31 +187,39 @@ class Agent:
             request_id=f"{run.request_id}:{index}",
         )
         history = [{"subtask": t.subtask, "output": t.output, "placement": t.placement} for t in run.trace]
-        excluded: list[str] = []
+        request = {"request_id": run.request_id, "policy": run.policy, "index": index, "question": run.question,
+                   "history": history, "exclude_nodes": []}
         t0 = time.perf_counter()
-        decision_s = 0.0
+        decision_s = speculative_s = 0.0
         for attempt in range(self.config.edge_retries + 1):
-            route = await self.scheduler.route(
-                {"request_id": run.request_id, "policy": run.policy, "index": index, "question": run.question,
-                 "history": history, "exclude_nodes": excluded}, max_cloud_cost)
+            route = await self.scheduler.route(request, max_cloud_cost)
             decision_s += route["decision_s"]
             t_gen = time.perf_counter()
             try:
-                if route["placement"] == "edge":
-                    result = await self.executor.edge(route["address"], params)
-                else:
-                    result = await self.executor.cloud(params)
-            except (Unavailable, Overloaded) as e:
+                result, cost = await self._execute(run, route, params)
+            except (Unavailable, Overloaded):
                 # The node died, drains, or is full: re-route this subtask elsewhere.
-                await self.scheduler.report({**_report_base(run, route), "ok": False})
                 if route["placement"] != "edge" or attempt == self.config.edge_retries:
                     raise
-                excluded.append(route["node_id"])
+                request["exclude_nodes"] = [*request["exclude_nodes"], route["node_id"]]
                 continue
             generation_s = time.perf_counter() - t_gen
-            cost = await self.scheduler.report({**_report_base(run, route), "prompt_tokens": result.prompt_tokens,
-                                                "completion_tokens": result.completion_tokens, "ok": True})
             parsed = parse_step(result.text)
+            if route["stage"] == SPECULATE and route["placement"] == "edge":
+                # The policy asked for the SLM's real step first: ask again with what it wrote.
+                final = await self.scheduler.route({**request, "slm_candidate": parsed.subtask}, max_cloud_cost)
+                decision_s += final["decision_s"]
+                if final["placement"] == "edge":  # accepted: the step already ran; release the node pick
+                    await self.scheduler.report({**_report_base(run, final), "ok": True})
+                    route = {**final, "node_id": route["node_id"], "model": route["model"]}
+                else:  # rejected: the LLM writes this step, and the SLM's time was spent for nothing
+                    speculative_s = generation_s
+                    t_gen = time.perf_counter()
+                    result, cost2 = await self._execute(run, final, params)
+                    cost += cost2
+                    generation_s = time.perf_counter() - t_gen
+                    parsed = parse_step(result.text)
+                    route = final
             entry = TraceEntry(
                 index=index, subtask=parsed.subtask, output=parsed.result, placement=route["placement"],
                 node=route["node_id"], model=route["model"], stage=route["stage"], scores=route["scores"],
@@ -216,9 +227,24 @@ class Agent:
                 completion_tokens=result.completion_tokens, tokens=result.prompt_tokens + result.completion_tokens,
                 cost=cost, latency_s=time.perf_counter() - t0, decision_s=decision_s, generation_s=generation_s,
                 model_s=result.ttft_s + result.decode_s, retries=attempt, finish_reason=result.finish_reason,
+                speculative_s=speculative_s,
             )
             return entry, parsed
         raise HeraError("unreachable")  # pragma: no cover
+
+    async def _execute(self, run: AgentRun, route: dict[str, Any], params: GenerationParams) -> tuple[GenerationResult, float]:
+        """Run the step where ``route`` says and report it to the scheduler; (result, cost)."""
+        try:
+            if route["placement"] == "edge":
+                result = await self.executor.edge(route["address"], params)
+            else:
+                result = await self.executor.cloud(params)
+        except (Unavailable, Overloaded):
+            await self.scheduler.report({**_report_base(run, route), "ok": False})
+            raise
+        cost = await self.scheduler.report({**_report_base(run, route), "prompt_tokens": result.prompt_tokens,
+                                            "completion_tokens": result.completion_tokens, "ok": True})
+        return result, cost
 
 
 def _report_base(run: AgentRun, route: dict[str, Any]) -> dict[str, Any]:

@@ -160,7 +160,7 @@ def test_build_policies_offers_hera_its_ablations_and_hybridllm_only_with_estima
     est = ScriptedEstimators(p_simple=0.9)
     policies = build_policies(estimators=est, hera=HeraPolicyConfig(threshold_base=0.7), tau_hybrid=0.3)
     assert set(policies) == {"all-slm", "all-llm", "random", "hera", "hera-no-urc", "hera-no-cd", "hera-no-sd",
-                             "hera-urc-only", "hybridllm"}
+                             "hera-urc-only", "hera-spec", "hybridllm"}
     assert policies["hera"].config.threshold_base == 0.7
     assert not policies["hera-no-urc"].config.use_urc and policies["hera-no-urc"].config.threshold_base == 0.7
     assert policies["hera-no-sd"].name == "hera-no-sd" and policies["hera"].name == "hera"
@@ -193,3 +193,25 @@ def test_tuned_hera_moves_only_the_threshold_and_shares_the_urc_memo():
     assert policy.config.threshold_base == 0.6 and not high.config.use_cd
     with pytest.raises(ValueError, match="threshold_base"):
         policy.tuned(3.0)
+
+
+def test_speculative_hera_asks_for_the_slm_step_first_then_tests_what_the_slm_wrote():
+    from hera_ray.policy.base import SPECULATE
+
+    est = ScriptedEstimators(sims={("real", "l"): 0.9, ("s", "l"): 0.0})
+    policy = HeraPolicy(est, HeraPolicyConfig(use_urc=False, use_cd=False, use_sd=False, speculative=True))
+    first = asyncio.run(policy.decide(SubtaskContext("r", "q", 0)))
+    assert (first.placement, first.stage) == (Placement.EDGE, SPECULATE)
+
+    async def both():
+        first = await policy.decide(SubtaskContext("r2", "q", 0))
+        second = await policy.decide(SubtaskContext("r2", "q", 0, slm_candidate="real"))
+        return first, second
+
+    est.calls.clear()
+    first, second = asyncio.run(both())
+    assert first.stage == SPECULATE and (second.placement, second.stage) == (Placement.EDGE, "sse")
+    assert second.scores["sse_sim"] == 0.9
+    assert "sp_slm:0" not in est.calls and est.calls.count("sp_llm:0") == 1  # SP_LLM once; no SP_SLM at all
+    rejected = asyncio.run(policy.decide(SubtaskContext("r3", "q", 0, slm_candidate="other")))
+    assert (rejected.placement, rejected.stage) == (Placement.CLOUD, "llm")

@@ -120,6 +120,7 @@ def record_of(item, policy: str, run: dict[str, Any], wall_s: float) -> dict[str
         "cost": float(run.get("cost", 0.0)), "cloud_tokens": int(run.get("cloud_tokens", 0)),
         "latency_s": float(run.get("latency_s", 0.0)), "wall_s": wall_s,
         "decision_s": sum(float(t.get("decision_s", 0.0)) for t in trace),
+        "speculative_s": sum(float(t.get("speculative_s", 0.0)) for t in trace),
         "model_s": sum(float(t.get("model_s", 0.0)) for t in trace),
         "stages": dict(Counter(t.get("stage", "") for t in trace)),
     }
@@ -165,7 +166,8 @@ def summarise(records: dict[tuple[str, str], dict], policies: list[str],
             "cost_abs": sum(r["cost"] for r in rs),
             "latency_p50_s": _pct([r["latency_s"] for r in rs], 0.5),
             "latency_p95_s": _pct([r["latency_s"] for r in rs], 0.95),
-            "overhead_share": sum(r["decision_s"] for r in rs) / lat if lat else 0.0,
+            # Deciding, plus (speculative SSE) SLM steps that were run and then sent to the LLM.
+            "overhead_share": sum(r["decision_s"] + r.get("speculative_s", 0.0) for r in rs) / lat if lat else 0.0,
             "runtime_overhead_share": (lat - sum(r["model_s"] for r in rs)) / lat if lat else 0.0,
             "stages": dict(sum((Counter(r["stages"]) for r in rs), Counter())),
         }

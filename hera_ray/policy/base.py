@@ -29,6 +29,13 @@ class SubtaskContext:
     question: str
     index: int
     history: tuple[PastStep, ...] = ()
+    #: The subtask the edge SLM actually wrote for this position, when the agent ran it first
+    #: because the policy asked to speculate (stage ``speculate``); None otherwise.
+    slm_candidate: str | None = None
+
+
+#: A decision's stage that means "run the SLM's step first, then ask again with its subtask".
+SPECULATE = "speculate"
 
 
 @dataclass(frozen=True)

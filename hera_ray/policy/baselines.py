@@ -63,7 +63,8 @@ def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None
     ``hybrid_simple_prob``) it adds ``hera`` (configured by ``hera``, a
     :class:`~hera_ray.policy.hera.HeraPolicyConfig`), its ablations ``hera-no-urc``,
     ``hera-no-cd``, ``hera-no-sd``, ``hera-urc-only`` (URC, then the LLM: the paper's Table 4
-    "URC alone" row), and ``hybridllm``.
+    "URC alone" row), ``hera-spec`` (speculative SSE, see :mod:`hera_ray.policy.hera`), and
+    ``hybridllm``.
     """
     from dataclasses import replace
 
@@ -83,5 +84,9 @@ def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None
         urc_only.name = "hera-urc-only"
         urc_only.description = "URC alone: a simple request on the SLM, every other subtask on the LLM (ablation)."
         policies[urc_only.name] = urc_only
+        spec = HeraPolicy(estimators, replace(hera, speculative=True))
+        spec.name = "hera-spec"
+        spec.description = "HERA with speculative SSE: the SLM's real step, run first, replaces SP_SLM's prediction."
+        policies[spec.name] = spec
         policies["hybridllm"] = HybridLLMPolicy(estimators, tau_hybrid)
     return policies

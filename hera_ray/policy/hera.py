@@ -12,6 +12,13 @@ For request R and subtask i:
 4. **SD** — else decompose s_L; if every sub-subtask passes SSE (its SLM prediction is >= κ_i
    similar to it), the SLM runs the subtask; otherwise the LLM does (stage ``llm``).
 
+**Speculative SSE** (``speculative=True``, the ``hera-spec`` policy; not in the paper): the SLM's
+step is cheap, so instead of predicting the SLM's subtask with SP_SLM the policy first answers
+``speculate``: the agent runs the SLM's step on the edge while SP_LLM predicts the LLM's subtask,
+then asks again with the subtask the SLM really wrote. If that passes SSE (or CD/SD) the step
+already ran and is kept; otherwise the LLM runs it and the SLM's step is discarded (its time is
+reported as ``speculative_s``).
+
 Each decision records its ``stage`` (``urc``, ``sse``, ``cd``, ``sd`` or ``llm``) and the scores
 that decided it. Stages can be switched off for ablations.
 """
@@ -22,7 +29,9 @@ import asyncio
 from dataclasses import dataclass, replace
 
 from hera_ray.estimators.base import EstimatorSet
-from hera_ray.policy.base import Decision, Placement, Policy, RequestMemo, SubtaskContext
+from collections import OrderedDict
+
+from hera_ray.policy.base import SPECULATE, Decision, Placement, Policy, RequestMemo, SubtaskContext
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,8 @@ class HeraPolicyConfig:
     use_sd: bool = True
     max_distance: int = 5
     max_sub_subtasks: int = 6
+    #: Run the SLM's step before deciding and test its real subtask instead of SP_SLM's prediction.
+    speculative: bool = False
 
     def kappa(self, index: int) -> float:
         """The position-aware similarity threshold of subtask ``index``."""
@@ -53,12 +64,16 @@ class HeraPolicy(Policy):
         self.est = estimators
         self.config = config or HeraPolicyConfig()
         self._urc = RequestMemo(max_requests)  # request id -> P(simple), decided once
+        # Speculative mode: SP_LLM's prediction, started while the SLM's step runs.
+        self._pending: OrderedDict[tuple[str, int], asyncio.Future] = OrderedDict()
+        self._max_pending = max_requests
 
     def tuned(self, value: float) -> "HeraPolicy":
         if not -1.0 <= value <= 1.0:
             raise ValueError(f"threshold_base must be in [-1, 1], got {value}")
         other = HeraPolicy(self.est, replace(self.config, threshold_base=value))
         other._urc = self._urc  # URC's P(simple) does not depend on the threshold
+        other._pending = self._pending  # nor does SP_LLM's prediction
         other.name, other.description = f"{self.name}@{value:g}", self.description
         return other
 
@@ -78,8 +93,21 @@ class HeraPolicy(Policy):
         if not c.use_sse:
             return Decision(Placement.CLOUD, "llm", scores)
 
-        # The two sides are separate models: predict both at once.
-        s_slm, s_llm = await asyncio.gather(self.est.predict_subtask("slm", ctx), self.est.predict_subtask("llm", ctx))
+        if c.speculative and ctx.slm_candidate is None:
+            # Start SP_LLM now; the SLM's real step comes back with the agent's second call.
+            key = (ctx.request_id, ctx.index)
+            if key not in self._pending:
+                self._pending[key] = asyncio.ensure_future(self.est.predict_subtask("llm", ctx))
+                while len(self._pending) > self._max_pending:
+                    self._pending.popitem(last=False)[1].cancel()
+            return Decision(Placement.EDGE, SPECULATE, scores)
+        if c.speculative:
+            pending = self._pending.pop((ctx.request_id, ctx.index), None)
+            s_slm = ctx.slm_candidate
+            s_llm = await pending if pending is not None else await self.est.predict_subtask("llm", ctx)
+        else:
+            # The two sides are separate models: predict both at once.
+            s_slm, s_llm = await asyncio.gather(self.est.predict_subtask("slm", ctx), self.est.predict_subtask("llm", ctx))
         sim = await self.est.similarity(s_slm, s_llm)
         scores["sse_sim"] = sim
         if sim >= kappa:

@@ -104,6 +104,7 @@ class SubtaskScheduler:
             question=request.get("question", ""),
             history=tuple(PastStep(h["subtask"], h["output"], Placement(h["placement"])) for h in request.get("history", ())),
             exclude_nodes=tuple(request.get("exclude_nodes", ())),
+            slm_candidate=request.get("slm_candidate"),
         )
         route = await self.router.route(req, max_cloud_cost)
         self._m_subtasks.inc(1, {"placement": route.placement.value, "policy": req.policy})
@@ -121,7 +122,9 @@ class SubtaskScheduler:
         cost = self.router.report(rep)
         if rep.ok:
             tags = {"placement": rep.placement.value}
-            self._m_tokens.inc(rep.prompt_tokens + rep.completion_tokens, tags)
+            tokens = rep.prompt_tokens + rep.completion_tokens
+            if tokens:  # ray.util.metrics counters refuse 0 (a speculative step kept: nothing new ran)
+                self._m_tokens.inc(tokens, tags)
             if cost:
                 self._m_cost.inc(cost, tags)
         return cost

@@ -30,6 +30,8 @@ class RouteRequest:
     history: tuple[PastStep, ...] = ()
     #: Edge nodes that just failed this subtask: do not pick them again.
     exclude_nodes: tuple[str, ...] = ()
+    #: The SLM's real subtask for this position, after a ``speculate`` decision.
+    slm_candidate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class Router:
     async def route(self, req: RouteRequest, max_cloud_cost: float | None = None) -> Route:
         t0 = time.perf_counter()
         decision = await self.policy(req.policy).decide(
-            SubtaskContext(req.request_id, req.question, req.index, req.history))
+            SubtaskContext(req.request_id, req.question, req.index, req.history, req.slm_candidate))
         placement, fallback = decision.placement, ""
         if placement is Placement.CLOUD and self.over_budget(req.request_id, max_cloud_cost):
             placement, fallback = Placement.EDGE, "budget"

@@ -83,3 +83,14 @@ def test_calibrate_on_dev_writes_the_threshold_base_hera_up_reads(cluster, tmp_p
     from hera_ray.config import HeraConfig, load_settings
 
     assert load_settings(HeraConfig, config).hera.threshold_base == written["hera"]["threshold_base"]
+
+
+def test_speculative_hera_keeps_or_discards_the_real_slm_step(client):
+    run = client.run("A farmer has 12 cows and buys 7 more, then sells 4. How many cows does he have?",
+                     policy="hera-spec", max_steps=3)
+    assert run["trace"]
+    for t in run["trace"]:
+        assert t["stage"] in {"urc", "sse", "cd", "sd", "llm"}  # never left at "speculate"
+        assert (t["placement"] == "edge") == (t["stage"] != "llm")
+        # time spent on a discarded SLM step is reported only where the LLM took over
+        assert t["speculative_s"] >= 0.0 and (t["speculative_s"] == 0.0 or t["placement"] == "cloud")
