@@ -353,7 +353,7 @@ def plot(path: Path, dataset: str, summary: dict[str, Any], sweeps: dict[str, It
         label = f"{router} (APGR {apgr:.2f})" if apgr is not None else f"{router} (APGR n/a)"
         ax.plot([x for x, _ in xy], [y for _, y in xy], "o-", color=colours.get(router), label=label)
     markers = {"all-slm": ("s", "black"), "all-llm": ("D", "black"), "hera-no-sd": ("v", "tab:orange"),
-               "hera-no-urc": ("^", "tab:purple"), "hera-urc-only": ("P", "tab:green")}
+               "hera-no-urc": ("^", "tab:purple"), "hera-urc-only": ("P", "tab:green"), "hera-spec": ("*", "tab:red")}
     for p, (m, c) in markers.items():
         if p in pol:
             ax.plot(pol[p]["slm_share"], pol[p]["accuracy"], m, color=c, markersize=9, label=p)
