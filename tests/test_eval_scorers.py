@@ -171,6 +171,11 @@ def test_choice_without_a_letter(answer):
     assert score(choice_item("B"), answer) == Score(False, 0.0, 0.0, "no choice letter")
 
 
+@pytest.mark.parametrize("answer", ["A, B, C, D", "B or C", "A/B"])
+def test_choice_naming_several_letters_is_wrong_even_if_the_output_says_more(answer):
+    assert score(choice_item("B"), answer, "so the answer is B") == Score(False, 0.0, 0.0, "several choices")
+
+
 def test_choice_falls_back_to_the_output():
     assert score(choice_item("B"), "", "Sunlight matters, but the answer is B.").correct
 

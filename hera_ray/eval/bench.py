@@ -116,6 +116,7 @@ def record_of(item, policy: str, run: dict[str, Any], wall_s: float) -> dict[str
     return {
         "policy": policy, "item": item.id, "correct": bool(s.correct), "em": s.em, "f1": s.f1, "detail": s.detail,
         "answer": str(run.get("answer", ""))[:300], "gold": item.answer, "finished": bool(run.get("finished")),
+        "output": output[-4000:],  # what the scorer saw besides the answer (kept to re-check scores)
         "subtasks": len(trace), "edge_subtasks": sum(t["placement"] == "edge" for t in trace),
         "cost": float(run.get("cost", 0.0)), "cloud_tokens": int(run.get("cloud_tokens", 0)),
         "latency_s": float(run.get("latency_s", 0.0)), "wall_s": wall_s,

@@ -246,6 +246,12 @@ def choice_letter(text: str, choices: tuple[str, ...] = (), letters: str = "ABCD
     return _letter_of_text(text, choices, valid)
 
 
+def several_letters(text: str, choices: tuple[str, ...] = (), letters: str = "ABCDE") -> bool:
+    """Whether ``text`` names two or more different choice letters as standalone capitals."""
+    valid = letters[: len(choices)] if choices else letters
+    return len(set(re.findall(rf"(?<![\w'])([{valid}])(?![\w'])", text or ""))) >= 2
+
+
 def _letter_of_text(text: str, choices: tuple[str, ...], valid: str) -> str | None:
     """The letter of the one choice whose text the answer is (or contains)."""
     said = _normalize_answer(text)
@@ -258,8 +264,11 @@ def _letter_of_text(text: str, choices: tuple[str, ...], valid: str) -> str | No
 
 
 def score_choice(item: Item, answer: str, output: str = "") -> Score:
-    """The letter the answer gives (else the output's "answer is X") equals the gold letter."""
+    """The letter the answer gives (else the output's "answer is X") equals the gold letter. An
+    answer that names several letters ("A, B, C, D") picks none: it is wrong, with no fallback."""
     got = choice_letter(answer, item.choices)
+    if got is None and several_letters(answer, item.choices):
+        return _binary(False, "several choices")
     if got is None and output:
         found = re.findall(r"(?i:answer)\s*(?i:is|:)?\s*\(?([A-E])\b", output)
         got = found[-1] if found else None
