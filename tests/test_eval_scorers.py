@@ -176,6 +176,10 @@ def test_choice_naming_several_letters_is_wrong_even_if_the_output_says_more(ans
     assert score(choice_item("B"), answer, "so the answer is B") == Score(False, 0.0, 0.0, "several choices")
 
 
+def test_choice_fallback_reads_only_letters_of_real_choices():
+    assert score(choice_item("B"), "", "the answer is E").detail == "no choice letter"
+
+
 def test_choice_falls_back_to_the_output():
     assert score(choice_item("B"), "", "Sunlight matters, but the answer is B.").correct
 

@@ -270,7 +270,8 @@ def score_choice(item: Item, answer: str, output: str = "") -> Score:
     if got is None and several_letters(answer, item.choices):
         return _binary(False, "several choices")
     if got is None and output:
-        found = re.findall(r"(?i:answer)\s*(?i:is|:)?\s*\(?([A-E])\b", output)
+        valid = "ABCDE"[: len(item.choices)] if item.choices else "ABCDE"
+        found = re.findall(rf"(?i:answer)\s*(?i:is|:)?\s*\(?([{valid}])\b", output)
         got = found[-1] if found else None
     if got is None:
         return _binary(False, "no choice letter")
