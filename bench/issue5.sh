@@ -13,7 +13,7 @@ $HERA bench --dataset gsm8k --split test --n ${GSM8K_N:-10} --policies hera,hera
 # ARC-Easy: a wide gap between the two models; the estimators are GSM8K-trained (out of domain).
 $HERA bench --dataset arc_easy --split test --n ${ARC_N:-30} --policies hera,hera-spec,hybridllm,random,all-slm,all-llm --hera-sweep 0.8,0.9 --hybrid-sweep "" --random-sweep ""
 # Calibration on the dev split (never test), written to a config file `hera up --config` reads.
-$HERA calibrate --dataset gsm8k --split dev --n ${CAL_N:-6} --target-cost 0.5 --sweep 0.6,0.8,0.9 \
+$HERA calibrate --dataset gsm8k --split dev --n ${CAL_N:-6} --target-cost 0.5 --sweep 0.4,0.5,0.6,0.8,0.9 \
   --config bench/results/calibrated.yaml
 # HumanEval: pass@1 in the sandbox; few requests (code steps are long on CPU).
 $HERA bench --dataset humaneval --split test --n ${HUMANEVAL_N:-5} --policies hera,hera-spec,all-slm,all-llm --hera-sweep "" --no-ablations
