@@ -49,15 +49,18 @@ class ParsedStep:
     subtask: str
     result: str
     final_answer: str | None
+    #: Everything after "Final Answer:" (several lines, e.g. a code block); "" without a final answer.
+    final_text: str = ""
 
 
 def parse_step(text: str) -> ParsedStep:
     """Read one step of model output. Never raises: unformatted output becomes the step's result."""
     text = (text or "").strip()
-    final = None
+    final, final_text = None, ""
     m = _FINAL.search(text) or _HASHES.search(text)
     if m:
-        final = m.group(1).strip().splitlines()[0].strip() if m.group(1).strip() else None
+        final_text = m.group(1).strip()
+        final = final_text.splitlines()[0].strip() if final_text else None
     sub = _SUBTASK.search(text)
     res = _RESULT.search(text)
     if sub:
@@ -66,7 +69,7 @@ def parse_step(text: str) -> ParsedStep:
     else:
         first, _, rest = text.partition("\n")
         subtask, result = first.strip(), (rest.strip() or first.strip())
-    return ParsedStep(subtask=subtask, result=result, final_answer=final)
+    return ParsedStep(subtask=subtask, result=result, final_answer=final, final_text=final_text if final else "")
 
 
 @dataclass
@@ -101,6 +104,8 @@ class AgentRun:
     question: str
     answer: str
     finished: bool  # the model gave a final answer (else the step limit ended the run)
+    #: The whole final answer when it runs over several lines (a code block); ``answer`` is its first line.
+    final_text: str = ""
     trace: list[TraceEntry] = field(default_factory=list)
     latency_s: float = 0.0
     usage: dict[str, Any] = field(default_factory=dict)
@@ -169,7 +174,7 @@ class Agent:
                     if maybe is not None:
                         await maybe
                 if parsed.final_answer:
-                    run.answer, run.finished = parsed.final_answer, True
+                    run.answer, run.final_text, run.finished = parsed.final_answer, parsed.final_text, True
                     break
             if not run.finished and run.trace:
                 run.answer = run.trace[-1].output

@@ -20,6 +20,13 @@ def test_a_final_answer():
     assert parse_step("so 3 + 2 = 5\n#### 5").final_answer == "5"
 
 
+def test_a_multi_line_final_answer_is_kept_whole():
+    step = parse_step("Subtask: write it\nResult: done\nFinal Answer: ```python\ndef f():\n    return 1\n```")
+    assert step.final_answer == "```python"
+    assert step.final_text == "```python\ndef f():\n    return 1\n```"
+    assert parse_step("Subtask: a\nResult: b").final_text == ""
+
+
 def test_a_subtask_that_mentions_the_final_answer_does_not_end_the_run():
     step = parse_step("Subtask: Present the final answer.\nResult: They have 32 sheep.")
     assert step.final_answer is None and step.result == "They have 32 sheep."

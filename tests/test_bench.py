@@ -111,3 +111,17 @@ def test_config_value_is_written_and_other_settings_are_kept(tmp_path):
     path.write_text(json.dumps([1, 2]))
     with pytest.raises(ConfigError, match="mapping"):
         write_config_value(path, "hera", "threshold_base", 0.7)
+
+
+def test_a_program_written_after_final_answer_is_what_the_code_scorer_runs():
+    from hera_ray.eval.bench import record_of
+    from hera_ray.eval.datasets import Item
+
+    item = Item("humaneval", "T/0", "write add", "", kind="code", prompt='def add(a, b):\n    """a + b"""\n', entry_point="add",
+                tests="def check(f):\n    assert f(2, 3) == 5\n\ncheck(add)\n")
+    run = {"answer": "```python", "final_text": "```python\ndef add(a, b):\n    return a + b\n```", "finished": True,
+           "trace": [{"output": "We add the two numbers.", "placement": "cloud", "stage": "all-llm"}]}
+    r = record_of(item, "all-llm", run, 1.0)
+    assert r["correct"], r
+    wrong = record_of(item, "all-llm", {**run, "final_text": "```python\ndef add(a, b):\n    return a - b\n```"}, 1.0)
+    assert not wrong["correct"] and "AssertionError" in wrong["detail"]

@@ -111,7 +111,8 @@ def record_of(item, policy: str, run: dict[str, Any], wall_s: float) -> dict[str
     from hera_ray.eval.scorers import score
 
     trace = run.get("trace", [])
-    output = "\n\n".join(str(t.get("output", "")) for t in trace)
+    # Every step's result, then the whole final answer (a code block may follow "Final Answer:").
+    output = "\n\n".join([*(str(t.get("output", "")) for t in trace), str(run.get("final_text", ""))]).strip()
     s = score(item, run.get("answer", ""), output)
     return {
         "policy": policy, "item": item.id, "correct": bool(s.correct), "em": s.em, "f1": s.f1, "detail": s.detail,
