@@ -514,6 +514,7 @@ def bench_cmd(
     url: Optional[str] = typer.Option(None, envvar="HERA_URL", help="Ingress URL [default: the cluster `hera up` started]."),
     fresh: bool = typer.Option(False, "--fresh", help="Forget recorded runs of these data sets and start over."),
     concurrency: int = typer.Option(1, min=1, max=16, help="Requests in flight (1 keeps latencies clean)."),
+    rescore: bool = typer.Option(False, "--rescore", help="First score the recorded runs again with the current scorers."),
 ) -> None:
     """Every policy on the same requests through the live runtime: accuracy, SLM share, cost, PGR/APGR, latency."""
     import shlex
@@ -543,7 +544,8 @@ def bench_cmd(
                     f"{', '.join(sorted(served))}", 2)
     try:
         for d in sets:
-            bench_dataset(client, d, split, n, names, sweeps, max_steps, out, command, console, fresh, concurrency)
+            bench_dataset(client, d, split, n, names, sweeps, max_steps, out, command, console, fresh, concurrency,
+                          rescore)
     except HeraError as e:
         raise _fail(e.message) from None
     finally:

@@ -125,3 +125,17 @@ def test_a_program_written_after_final_answer_is_what_the_code_scorer_runs():
     assert r["correct"], r
     wrong = record_of(item, "all-llm", {**run, "final_text": "```python\ndef add(a, b):\n    return a - b\n```"}, 1.0)
     assert not wrong["correct"] and "AssertionError" in wrong["detail"]
+
+
+def test_rescore_uses_the_kept_answer_and_output_and_leaves_older_records(tmp_path):
+    from hera_ray.eval.datasets import Item
+
+    path = tmp_path / "r.jsonl"
+    store = RecordStore(path, {"dataset": "arc_easy"})
+    store.add({**rec("hera", "q1", True), "answer": "A, B", "output": "the answer is B"})  # scored before a fix
+    store.add({**rec("hera", "q2", False), "answer": "B"})  # no output kept: left alone
+    item = lambda i: Item("arc_easy", i, "?", "B", kind="choice", choices=("x", "y", "z", "w"))
+    assert store.rescore({"q1": item("q1"), "q2": item("q2")}) == 1
+    again = RecordStore(path, {"dataset": "arc_easy"})
+    assert again.records[("hera", "q1")]["correct"] is False and again.records[("hera", "q1")]["detail"] == "several choices"
+    assert again.records[("hera", "q2")]["correct"] is False

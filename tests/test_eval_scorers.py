@@ -246,3 +246,15 @@ def test_gold_only_scorers_for_the_profiler():
     assert SCORERS["drop"]("Bears", "the Bears")
     assert SCORERS["strategyqa"]("No.", "no") and not SCORERS["boolq"]("no", "yes")
     assert SCORERS["arc_easy"]("(C)", "C")
+
+
+def test_code_written_without_a_fence_among_prose_is_found_and_run():
+    from hera_ray.eval.scorers import extract_code
+
+    text = ("The function is defined with two parameters.\nCheck: it matches.\n\n"
+            "from math import gcd\ndef greatest_common_divisor(a: int, b: int) -> int:\n"
+            "    while b != 0:\n        a, b = b, a % b\n\n    return a\nThat is the Euclidean algorithm.\n")
+    code = extract_code(text, "greatest_common_divisor")
+    assert code.startswith("from math import gcd\ndef greatest_common_divisor") and "return a" in code
+    assert "Euclidean" not in code and "Check" not in code
+    assert extract_code("no code at all, only words", "f") is None

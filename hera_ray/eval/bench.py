@@ -96,6 +96,26 @@ class RecordStore:
                     r = json.loads(line)
                     self.records[(r["policy"], r["item"])] = r
 
+    def rescore(self, items_by_id: dict[str, Any]) -> int:
+        """Score every record again from the answer and output it kept, with today's scorers (after
+        a scorer fix); records from before outputs were kept stay as they are. Returns how many
+        verdicts changed."""
+        from hera_ray.eval.scorers import score
+
+        changed = 0
+        with self._lock:
+            for r in self.records.values():
+                item = items_by_id.get(r["item"])
+                if item is None or "output" not in r:
+                    continue
+                s = score(item, r["answer"], r["output"])
+                changed += bool(s.correct) != r["correct"]
+                r.update(correct=bool(s.correct), em=s.em, f1=s.f1, detail=s.detail)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records.values()))
+            tmp.replace(self.path)
+        return changed
+
     def done(self, policy: str, item_id: str) -> bool:
         return (policy, item_id) in self.records
 
@@ -412,7 +432,7 @@ def output_stem(out: Path, dataset: str, split: str) -> Path:
 
 def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[str],
                   sweeps: dict[str, tuple[float, ...]], max_steps: int, out: Path, command: str, console,
-                  fresh: bool = False, concurrency: int = 1) -> dict[str, Any]:
+                  fresh: bool = False, concurrency: int = 1, rescore: bool = False) -> dict[str, Any]:
     """Run (or resume) one data set under every policy in ``names``; print the table, write
     ``<out>/<dataset>.json`` and ``.png``; return the result JSON."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -428,6 +448,10 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
         records.unlink(missing_ok=True)
         records.with_suffix(".meta.json").unlink(missing_ok=True)
     store = RecordStore(records, meta)
+    if rescore:
+        changed = store.rescore({it.id: it for it in load(dataset, split)})
+        console.print(f"re-scored {len(store.records)} record(s) with the current scorers: {changed} verdict(s) changed",
+                      highlight=False)
     todo = sum(not store.done(p, it.id) for it in items for p in names)
     console.print(f"{dataset}/{split}: {len(items)} request(s) x {len(names)} policies; {todo} run(s) to do, "
                   f"the rest recorded in {records}", highlight=False)

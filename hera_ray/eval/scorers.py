@@ -292,7 +292,25 @@ def extract_code(text: str, entry_point: str = "") -> str | None:
     if blocks:
         defining = [b for b in blocks if entry_point and _defines(b, entry_point)]
         return (defining or blocks)[-1]
-    return text if re.search(r"^\s*def \w", text or "", re.MULTILINE) else None
+    return _unfenced_code(text or "", entry_point)
+
+
+def _unfenced_code(text: str, entry_point: str = "") -> str | None:
+    """Code written without a fence among prose: from the last top-level ``def`` (of
+    ``entry_point`` if there is one; with the imports just above it) to the end of its block."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"def \w", line)]
+    if not starts:
+        return None
+    named = [i for i in starts if entry_point and re.match(rf"def\s+{re.escape(entry_point)}\s*\(", lines[i])]
+    start = (named or starts)[-1]
+    while start > 0 and re.match(r"(?:import |from \S+ import |@)", lines[start - 1]):
+        start -= 1
+    end = start + 1
+    while end < len(lines) and (not lines[end].strip() or lines[end][:1].isspace()
+                                or re.match(r"(?:def |class |import |from \S+ import |@)", lines[end])):
+        end += 1
+    return "\n".join(lines[start:end]).rstrip() + "\n"
 
 
 def _defines(code: str, name: str) -> bool:
