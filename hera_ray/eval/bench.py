@@ -473,9 +473,11 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
     console.print(table(summary, f"{dataset}/{split}: {summary['n']} request(s) finished by every policy"))
     for p, m in summary["policies"].items():
         if policy_base(p).startswith("hera") and m["lost_vs_llm"]:
-            stages = ", ".join(f"{k} {v}" for k, v in sorted(m["lost_edge_stages"].items())) or "none"
-            console.print(f"  {p}: lost {m['lost_vs_llm']} request(s) all-llm got right (gained {m['gained_vs_llm']}); "
-                          f"their SLM subtasks were placed by {stages}", highlight=False)
+            stages = ", ".join(f"{k} {v}" for k, v in sorted(m["lost_edge_stages"].items()))
+            why = (f"their SLM subtasks were placed by {stages}" if stages
+                   else "none of them ran a subtask on the SLM (the LLM's own runs differed)")
+            console.print(f"  {p}: lost {m['lost_vs_llm']} request(s) all-llm got right (gained {m['gained_vs_llm']}); {why}",
+                          highlight=False)
     result = result_json(dataset, split, command, summary, meta)
     stem = output_stem(out, dataset, split)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
