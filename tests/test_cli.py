@@ -97,3 +97,13 @@ def test_profile_and_train_refuse_bad_input_clearly(tmp_path):
     assert out.returncode == 1 and "unknown data set 'nope'" in out.stderr
     out = hera("profile", "--dataset", "humaneval", "--out", str(tmp_path / "p"))
     assert out.returncode == 2 and "humaneval needs its code run against tests" in " ".join(out.stderr.split())
+
+
+def test_hera_up_reads_the_default_config_file_calibrate_writes(tmp_path, monkeypatch):
+    # An out-of-range value there is refused before anything starts: proof that `hera up` read it.
+    config = tmp_path / "config.yaml"
+    config.write_text("hera:\n  threshold_base: 5\n")
+    monkeypatch.setenv("HERA_CONFIG_FILE", str(config))
+    out = hera("up")
+    err = " ".join(out.stderr.split())
+    assert out.returncode == 2 and f"settings from {config}" in err and "hera.threshold_base" in err
