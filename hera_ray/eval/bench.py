@@ -35,12 +35,6 @@ from typing import Any, Callable, Iterable
 from hera_ray.errors import ConfigError, InvalidRequest
 
 BASELINES = ("all-slm", "all-llm")
-#: Routers compared by APGR: name -> the values their sweep runs by default.
-DEFAULT_SWEEPS: dict[str, tuple[float, ...]] = {
-    "hera": (0.5, 0.7, 0.8, 0.9),
-    "hybridllm": (0.3, 0.5, 0.9),
-    "random": (0.25, 0.5, 0.75),
-}
 ABLATIONS = ("hera-no-sd", "hera-no-urc", "hera-urc-only")
 #: HERA's stages that place a subtask on the SLM (``llm`` is its one cloud stage).
 EDGE_STAGES = ("urc", "sse", "cd", "sd")

@@ -61,7 +61,14 @@ class Policy(abc.ABC):
     async def decide(self, ctx: SubtaskContext) -> Decision: ...
 
     def tuned(self, value: float) -> "Policy":
-        """This policy at another value of its knob (a new object; shared estimators and memos)."""
+        """This policy at another value of its knob, named ``<name>@<value>`` (a new object that
+        shares the estimators and per-request memos)."""
+        other = self._at(value)
+        other.name = f"{self.name}@{value:g}"
+        return other
+
+    def _at(self, value: float) -> "Policy":
+        """The policy with its knob at ``value``; ValueError if out of range or without a knob."""
         raise ValueError(f"policy {self.name!r} has no knob to set with '@'")
 
 

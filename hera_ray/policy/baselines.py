@@ -44,10 +44,8 @@ class RandomPolicy(Policy):
         digest = hashlib.blake2b(f"{self.seed}:{ctx.request_id}:{ctx.index}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") / 2**64
 
-    def tuned(self, value: float) -> "RandomPolicy":
-        other = RandomPolicy(value, self.seed)
-        other.name = f"{self.name}@{value:g}"
-        return other
+    def _at(self, value: float) -> "RandomPolicy":
+        return RandomPolicy(value, self.seed)
 
     async def decide(self, ctx: SubtaskContext) -> Decision:
         u = self.draw(ctx)

@@ -68,13 +68,13 @@ class HeraPolicy(Policy):
         self._pending: OrderedDict[tuple[str, int], asyncio.Future] = OrderedDict()
         self._max_pending = max_requests
 
-    def tuned(self, value: float) -> "HeraPolicy":
+    def _at(self, value: float) -> "HeraPolicy":
         if not -1.0 <= value <= 1.0:
             raise ValueError(f"threshold_base must be in [-1, 1], got {value}")
         other = HeraPolicy(self.est, replace(self.config, threshold_base=value))
         other._urc = self._urc  # URC's P(simple) does not depend on the threshold
         other._pending = self._pending  # nor does SP_LLM's prediction
-        other.name, other.description = f"{self.name}@{value:g}", self.description
+        other.description = self.description
         return other
 
     async def _request_simple_prob(self, ctx: SubtaskContext) -> float:

@@ -26,12 +26,11 @@ class HybridLLMPolicy(Policy):
         self.tau = tau
         self._p = RequestMemo(max_requests)
 
-    def tuned(self, value: float) -> "HybridLLMPolicy":
+    def _at(self, value: float) -> "HybridLLMPolicy":
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"tau must be in [0, 1], got {value}")
         other = HybridLLMPolicy(self.router, value)
         other._p = self._p  # P(simple) does not depend on tau: share the per-request memo
-        other.name = f"{self.name}@{value:g}"
         return other
 
     async def decide(self, ctx: SubtaskContext) -> Decision:
