@@ -230,19 +230,16 @@ def git_commit(root: Path | None = None) -> str:
 
 
 def cluster_meta(client) -> dict[str, Any]:
-    """What about the cluster changes results: its models and its estimators."""
-    meta: dict[str, Any] = {}
+    """What about the cluster changes results: its models and its trained estimators (by the time
+    they were trained; None where the cluster runs without them)."""
+    from hera_ray.client import ClientError
+
+    health = client.health()
     try:
-        health = client.health()
-        meta["cloud_model"] = health.get("cloud_model") or health.get("cloud", {}).get("model")
-    except Exception:  # noqa: BLE001 - the meta is best effort beyond what is asked
-        pass
-    try:
-        manifest = client._call("GET", "/v1/estimators")
-        meta["estimators"] = manifest.get("profile_sha256") or manifest.get("created")
-    except Exception:  # noqa: BLE001
-        meta["estimators"] = None
-    return meta
+        estimators = client._call("GET", "/v1/estimators").get("created")
+    except ClientError:
+        estimators = None
+    return {"cloud_model": health["cloud_model"], "edge_model": health["edge_model"], "estimators": estimators}
 
 
 def run_bench(client, items: list, policies: list[str], store: RecordStore, max_steps: int,

@@ -142,7 +142,8 @@ class SubtaskScheduler:
         for r in nodes:  # health checks come often: keep the per-node load gauges fresh
             self._m_load.set(r.utilisation, {"node": r.spec.node_id})
         return {"registry": self.registry_address, "nodes": len(nodes),
-                "nodes_up": sum(1 for r in nodes if r.state.value == "up"), "policies": sorted(self.router.policies)}
+                "nodes_up": sum(1 for r in nodes if r.state.value == "up"), "policies": sorted(self.router.policies),
+                "cloud_model": self.router.cloud_model, "edge_model": self.router.edge_model}
 
     async def nodes(self) -> list[dict[str, Any]]:
         out = []

@@ -42,6 +42,9 @@ def test_bench_three_requests_gives_the_table_json_and_png_and_resumes(cluster, 
         assert col in done.stdout
     result = json.loads((tmp_path / "gsm8k.json").read_text())
     assert result["n"] == 3 and result["command"].startswith("hera bench --dataset gsm8k") and result["commit"]
+    # the settings a resumed run must match name the cluster's models and its estimators
+    assert result["settings"]["cloud_model"] == "smollm2-as-cloud" and result["settings"]["edge_model"] == "smollm2-135m"
+    assert result["settings"]["estimators"]
     assert set(result["policies"]) == {"all-slm", "all-llm", "hera", "hera@0.9", "hybridllm", "random"}
     for name, m in result["policies"].items():
         assert {"accuracy", "slm_share", "cost", "pgr", "apgr", "latency_p50_s", "overhead_share"} <= set(m)
