@@ -56,6 +56,11 @@ class CloudLLMServer:
     async def check_health(self) -> None:
         await self.backend.check_health()
 
+    async def load(self) -> dict[str, Any]:
+        """This replica's load (requests holding a slot, waiting, done), where the engine counts it."""
+        worker = getattr(self.backend, "worker", None)
+        return dict(worker.load().__dict__) if worker is not None else {}
+
     def __del__(self):
         backend = getattr(self, "backend", None)
         if backend is not None:

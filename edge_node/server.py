@@ -21,7 +21,8 @@ from hera_ray import __version__
 from hera_ray.config import EdgeNodeConfig, read_tokens
 from hera_ray.errors import ConfigError
 from hera_ray.models import resolve_model
-from hera_ray.wire import (auth_metadata, edge_pb2, edge_pb2_grpc, grpc_errors, grpc_options, load_to_pb, params_from_pb,
+from hera_ray import tls
+from hera_ray.wire import (auth_metadata, edge_pb2, edge_pb2_grpc, grpc_errors, grpc_options, load_to_pb, reconnect_options, params_from_pb,
                            registry_pb2, registry_pb2_grpc, server_options)
 
 from edge_node.worker import EdgeWorker
@@ -90,6 +91,7 @@ class EdgeNode:
 
     def __init__(self, config: EdgeNodeConfig):
         self.config = config
+        tls.check(config.tls)  # before the model loads: a bad TLS setup fails at once
         self.token = read_tokens(config.token_file)[0] if config.token_file else None
         if config.registry and not self.token:
             raise ConfigError("registering with a registry needs --token-file")
@@ -120,7 +122,7 @@ class EdgeNode:
         return self.config.advertise_address or f"{self.config.host}:{self.port}"
 
     async def start(self) -> None:
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.port = tls.add_port(self.server, f"{self.config.host}:{self.config.port}", self.config.tls)
         if self.port == 0:
             raise ConfigError(f"cannot bind the edge node to {self.config.host}:{self.config.port}")
         # With --port 0 the port is known only now, and the default node id names it.
@@ -129,7 +131,7 @@ class EdgeNode:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.registry:
-            self._channel = grpc.aio.insecure_channel(self.config.registry, options=grpc_options(self.config.max_message_bytes))
+            self._channel = tls.channel(self.config.registry, self.config.tls, options=grpc_options(self.config.max_message_bytes) + reconnect_options())
             self._stub = registry_pb2_grpc.EdgeRegistryStub(self._channel)
             self._heartbeats = asyncio.create_task(self._registration_loop())
 
@@ -178,9 +180,12 @@ class EdgeNode:
                 if e.code() == grpc.StatusCode.NOT_FOUND:
                     log.warning("the registry does not know this node (it restarted?): registering again")
                 else:
-                    log.warning("registry %s unreachable (%s): retrying in %.1fs", self.config.registry, e.code().name, backoff)
+                    log.warning("registry %s unreachable (%s: %s): retrying in %.1fs", self.config.registry, e.code().name,
+                                e.details(), backoff)
                     await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    # Capped at a second: a restarted registry (or scheduler actor) must see us back
+                    # within a few seconds, and one small call a second per node costs nothing.
+                    backoff = min(backoff * 2, 1.0)
                 interval = None
 
     async def wait_registered(self) -> None:
@@ -241,6 +246,7 @@ async def serve(config: EdgeNodeConfig) -> int:
         stopper.cancel()
     print(
         f"hera edge node {node.node_id} serving {node.model_id} on {config.host}:{node.port}"
+        + (" over mTLS" if config.tls_client_auth else " over TLS" if config.tls.serves_tls else "")
         + (f" (registered with {config.registry})" if config.registry else ""),
         flush=True,
     )

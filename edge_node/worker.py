@@ -29,6 +29,9 @@ from hera_ray.scheduler.nodes import NodeLoad
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EWMA_ALPHA = 0.3
+# The reply echoes request_id: a longer one could push the reply past the message size limit
+# after the work is done (the agent's ids are at most ~210 characters).
+MAX_REQUEST_ID_CHARS = 1024
 
 
 def _valid_utf8_prefix(data: bytes) -> str:
@@ -213,6 +216,8 @@ class EdgeWorker:
 
     async def _prepare(self, p: GenerationParams) -> list[int]:
         validate_params(p, self.n_ctx)
+        if len(p.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidRequest(f"request_id is {len(p.request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
         text = self._prompt_text(p)
         loop = asyncio.get_running_loop()
         tokens = await loop.run_in_executor(self._tok_pool, lambda: self._tokenize(text.encode("utf-8"), True, True))

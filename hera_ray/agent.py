@@ -14,6 +14,7 @@ Ray; the Serve ingress plugs in the SubtaskScheduler actor and real edge/cloud e
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
 from hera_ray.config import AgentConfig
-from hera_ray.errors import HeraError, Overloaded, Unavailable
+from hera_ray.errors import Overloaded, Unavailable
 from hera_ray.generation import GenerationParams, GenerationResult
 from hera_ray.policy.base import SPECULATE
 
@@ -95,6 +96,9 @@ class TraceEntry:
     finish_reason: str = ""
     #: Time spent on an SLM step the policy then sent to the LLM (speculative SSE only).
     speculative_s: float = 0.0
+    #: Attempts of this subtask that failed before it ran ("<node>: <error>"), oldest first: a node
+    #: that died, froze past the subtask timeout or was full, or a cloud replica that died.
+    failures: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -196,15 +200,20 @@ class Agent:
                    "history": history, "exclude_nodes": []}
         t0 = time.perf_counter()
         decision_s = speculative_s = 0.0
-        for attempt in range(self.config.edge_retries + 1):
+        failures: list[str] = []
+        while True:
             route = await self.scheduler.route(request, max_cloud_cost)
             decision_s += route["decision_s"]
             t_gen = time.perf_counter()
             try:
-                result, cost = await self._execute(run, route, params)
-            except (Unavailable, Overloaded):
-                # The node died, drains, or is full: re-route this subtask elsewhere.
-                if route["placement"] != "edge" or attempt == self.config.edge_retries:
+                result, cost = await self._execute(run, route, params, failures)
+            except (Unavailable, Overloaded) as e:
+                # The edge node died, froze past the subtask timeout, drains or is full: re-route this
+                # subtask elsewhere (another node, or the cloud once none is left).
+                if route["placement"] != "edge":
+                    raise
+                failures.append(f"{route['node_id']}: {e.message}")
+                if len(request["exclude_nodes"]) >= self.config.edge_retries:
                     raise
                 request["exclude_nodes"] = [*request["exclude_nodes"], route["node_id"]]
                 continue
@@ -220,7 +229,7 @@ class Agent:
                 else:  # rejected: the LLM writes this step, and the SLM's time was spent for nothing
                     speculative_s = generation_s
                     t_gen = time.perf_counter()
-                    result, cost2 = await self._execute(run, final, params)
+                    result, cost2 = await self._execute(run, final, params, failures)
                     cost += cost2
                     generation_s = time.perf_counter() - t_gen
                     parsed = parse_step(result.text)
@@ -231,14 +240,30 @@ class Agent:
                 fallback=route["fallback"], prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens, tokens=result.prompt_tokens + result.completion_tokens,
                 cost=cost, latency_s=time.perf_counter() - t0, decision_s=decision_s, generation_s=generation_s,
-                model_s=result.ttft_s + result.decode_s, retries=attempt, finish_reason=result.finish_reason,
-                speculative_s=speculative_s,
+                model_s=result.ttft_s + result.decode_s, retries=len(failures), finish_reason=result.finish_reason,
+                speculative_s=speculative_s, failures=failures,
             )
             return entry, parsed
-        raise HeraError("unreachable")  # pragma: no cover
 
-    async def _execute(self, run: AgentRun, route: dict[str, Any], params: GenerationParams) -> tuple[GenerationResult, float]:
-        """Run the step where ``route`` says and report it to the scheduler; (result, cost)."""
+    async def _execute(self, run: AgentRun, route: dict[str, Any], params: GenerationParams,
+                       failures: list[str]) -> tuple[GenerationResult, float]:
+        """Run the step where ``route`` says and report it to the scheduler; (result, cost). A cloud
+        step whose replica died or was full is tried again after a backoff (Serve replaces a dead
+        replica); each failed try is added to ``failures``. An edge failure is raised for re-routing."""
+        for attempt in range(self.config.cloud_retries + 1):
+            try:
+                return await self._execute_once(run, route, params)
+            except (Unavailable, Overloaded) as e:
+                if route["placement"] == "edge":
+                    raise
+                failures.append(f"cloud: {e.message}")
+                if attempt == self.config.cloud_retries:
+                    raise
+                await asyncio.sleep(min(self.config.retry_backoff_s * 2 ** attempt, 10.0))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _execute_once(self, run: AgentRun, route: dict[str, Any],
+                            params: GenerationParams) -> tuple[GenerationResult, float]:
         try:
             if route["placement"] == "edge":
                 result = await self.executor.edge(route["address"], params)

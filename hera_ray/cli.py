@@ -26,14 +26,18 @@ from rich.table import Table
 
 from hera_ray.config import EdgeNodeConfig, RegistryConfig, load_settings
 from hera_ray.errors import HeraError
+from hera_ray.tls import TLSFiles
 
 app = typer.Typer(help="hera-ray: run AI agents' subtasks on edge SLMs or the cloud LLM, per subtask.", no_args_is_help=True)
 edge_app = typer.Typer(help="Edge nodes: serve a llama.cpp SLM over gRPC, or call one.", no_args_is_help=True)
 registry_app = typer.Typer(help="The edge registry that edge nodes register with.", no_args_is_help=True)
 models_app = typer.Typer(help="Bundled models and where they resolve.", no_args_is_help=True)
+certs_app = typer.Typer(help="A self-signed CA and certificates for TLS / mTLS between hera-ray's gRPC parts.",
+                        no_args_is_help=True)
 app.add_typer(edge_app, name="edge")
 app.add_typer(registry_app, name="registry")
 app.add_typer(models_app, name="models")
+app.add_typer(certs_app, name="certs")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -101,6 +105,22 @@ def settings_command(group: typer.Typer, name: str, settings_cls: type[BaseSetti
     return decorator
 
 
+def _client_tls(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> TLSFiles | None:
+    """A client's ``--tls-*`` flags, checked; None (plaintext) when none is given."""
+    from hera_ray.tls import check
+
+    if ca_file is None and cert_file is None and key_file is None:
+        return None
+    if ca_file is None:  # a client certificate is only sent over TLS: do not silently dial plaintext
+        raise _fail("--tls-cert-file and --tls-key-file need --tls-ca-file, the CA that verifies the server", 2)
+    tls = TLSFiles(cert_file=cert_file, key_file=key_file, ca_file=ca_file)
+    try:
+        check(tls)
+    except HeraError as e:
+        raise _fail(e.message, 2) from None
+    return tls
+
+
 def _setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -137,9 +157,16 @@ def edge_generate(
     stream: bool = typer.Option(False, "--stream", help="Print the reply as it is decoded."),
     as_json: bool = typer.Option(False, "--json", help="Print the reply, token counts and timings as JSON."),
     timeout: float = typer.Option(300.0, help="Seconds to wait for the reply."),
+    tls_ca_file: Optional[Path] = typer.Option(None, "--tls-ca-file", envvar="HERA_TLS_CA_FILE", help="PEM CA: dial over TLS and verify the node with it."),
+    tls_cert_file: Optional[Path] = typer.Option(None, "--tls-cert-file", envvar="HERA_TLS_CERT_FILE", help="PEM client certificate, for a node that requires mTLS."),
+    tls_key_file: Optional[Path] = typer.Option(None, "--tls-key-file", envvar="HERA_TLS_KEY_FILE", help="PEM private key of --tls-cert-file."),
 ) -> None:
     """Call one edge node and print its reply with token counts and timings."""
     import grpc
+
+    from hera_ray.tls import channel as tls_channel
+
+    tls = _client_tls(tls_ca_file, tls_cert_file, tls_key_file)
 
     from hera_ray.wire import edge_pb2, edge_pb2_grpc
 
@@ -152,7 +179,7 @@ def edge_generate(
         request.messages.add(role="user", content=prompt)
 
     async def call() -> tuple[Any, float]:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with tls_channel(address, tls) as channel:
             stub = edge_pb2_grpc.EdgeWorkerStub(channel)
             t0 = time.perf_counter()
             if not stream:
@@ -201,14 +228,14 @@ def registry_serve(config: RegistryConfig) -> None:
         raise _fail(e.message) from None
 
 
-def list_nodes(registry: str, token: str | None, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """The registry's node table as plain dicts (what ``hera nodes --json`` prints)."""
-    import grpc
-
+def list_nodes(registry: str, token: str | None, timeout: float = 5.0, tls: TLSFiles | None = None) -> list[dict[str, Any]]:
+    """The registry's node table as plain dicts (what ``hera nodes --json`` prints); over TLS when
+    ``tls.ca_file`` is set (presenting ``tls.cert_file`` to an mTLS registry)."""
+    from hera_ray.tls import channel as tls_channel
     from hera_ray.wire import auth_metadata, registry_pb2, registry_pb2_grpc
 
     async def call():
-        async with grpc.aio.insecure_channel(registry) as channel:
+        async with tls_channel(registry, tls) as channel:
             stub = registry_pb2_grpc.EdgeRegistryStub(channel)
             return await stub.ListNodes(registry_pb2.ListNodesRequest(), metadata=auth_metadata(token), timeout=timeout)
 
@@ -226,6 +253,9 @@ def nodes_cmd(
     registry: str = typer.Option("127.0.0.1:50051", help="host:port of the EdgeRegistry."),
     token_file: Optional[Path] = typer.Option(None, envvar="HERA_TOKEN_FILE", help="File holding a registry token."),
     as_json: bool = typer.Option(False, "--json", help="Print the node table as JSON."),
+    tls_ca_file: Optional[Path] = typer.Option(None, "--tls-ca-file", envvar="HERA_TLS_CA_FILE", help="PEM CA: dial over TLS and verify the registry with it."),
+    tls_cert_file: Optional[Path] = typer.Option(None, "--tls-cert-file", envvar="HERA_TLS_CERT_FILE", help="PEM client certificate, for a registry that requires mTLS."),
+    tls_key_file: Optional[Path] = typer.Option(None, "--tls-key-file", envvar="HERA_TLS_KEY_FILE", help="PEM private key of --tls-cert-file."),
 ) -> None:
     """List the registered edge nodes with their state and load."""
     import grpc
@@ -234,7 +264,7 @@ def nodes_cmd(
 
     try:
         token = read_tokens(token_file)[0] if token_file else None
-        nodes = list_nodes(registry, token)
+        nodes = list_nodes(registry, token, tls=_client_tls(tls_ca_file, tls_cert_file, tls_key_file))
     except HeraError as e:
         raise _fail(e.message) from None
     except grpc.RpcError as e:
@@ -253,6 +283,51 @@ def nodes_cmd(
                       str(load["queued"]), f"{load['tokens_per_s']:.1f}", str(load["completed"]),
                       f"{n['last_heartbeat_age_s']:.1f}s")
     console.print(table)
+
+
+# -- certs -----------------------------------------------------------------------------------------
+
+_DEFAULT_HOSTS = ["localhost", "127.0.0.1"]
+
+
+@certs_app.command("init")
+def certs_init(
+    out: Path = typer.Option(..., "--out", help="Folder for ca.pem/ca.key and server.pem/server.key (keys mode 600)."),
+    host: Optional[list[str]] = typer.Option(None, "--host", help="DNS name or IP the server certificate is valid for; repeat it (default: localhost and 127.0.0.1)."),
+    days: int = typer.Option(825, min=1, help="Days the server certificate is valid (the CA: ten years)."),
+    force: bool = typer.Option(False, "--force", help="Replace files that already exist."),
+) -> None:
+    """Make a self-signed CA and one certificate (serverAuth + clientAuth) for the given hosts."""
+    from hera_ray.tls import issue_cert, make_ca
+
+    hosts = host or _DEFAULT_HOSTS
+    try:
+        ca, ca_key = make_ca(out, force=force)
+        cert, key = issue_cert(out, "server", hosts, days=days, force=force)
+    except HeraError as e:
+        raise _fail(e.message) from None
+    console.print(f"CA: {ca} (key {ca_key}: keep it private)\ncertificate for {', '.join(hosts)}: {cert}, key {key}\n"
+                  f"serve with --tls-cert-file {cert} --tls-key-file {key}; dial with --tls-ca-file {ca}", highlight=False, soft_wrap=True)
+
+
+@certs_app.command("issue")
+def certs_issue(
+    ca_dir: Path = typer.Option(..., "--ca-dir", help="Folder holding ca.pem and ca.key (from `hera certs init`)."),
+    name: str = typer.Option(..., "--name", help="Certificate name: writes <name>.pem and <name>.key; also its common name."),
+    host: Optional[list[str]] = typer.Option(None, "--host", help="DNS name or IP the certificate is valid for; repeat it (default: localhost and 127.0.0.1)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write to [default: --ca-dir]."),
+    days: int = typer.Option(825, min=1, help="Days the certificate is valid."),
+    force: bool = typer.Option(False, "--force", help="Replace files that already exist."),
+) -> None:
+    """Sign another certificate (serverAuth + clientAuth) with an existing CA, e.g. one per edge node."""
+    from hera_ray.tls import issue_cert
+
+    hosts = host or _DEFAULT_HOSTS
+    try:
+        cert, key = issue_cert(ca_dir, name, hosts, out=out, days=days, force=force)
+    except HeraError as e:
+        raise _fail(e.message) from None
+    console.print(f"certificate {name} for {', '.join(hosts)}: {cert}, key {key}", highlight=False, soft_wrap=True)
 
 
 # -- models ----------------------------------------------------------------------------------------

@@ -72,11 +72,12 @@ class Client:
 
 
 def submit(question: str, policy: str = "all-slm", address: str = "ray://127.0.0.1:10001", app_name: str = "hera",
-           max_steps: int | None = None, max_cloud_cost: float | None = None) -> dict[str, Any]:
+           max_steps: int | None = None, max_cloud_cost: float | None = None, api_key: str | None = None) -> dict[str, Any]:
     """Run one agent request through a Ray client connection (``ray://host:10001``).
 
     The request runs as a Ray task inside the cluster, which calls the Serve app's handle; only
-    the result crosses the client connection.
+    the result crosses the client connection. With ``api_key`` the run counts against that key's
+    rate limit and cloud budget, as over HTTP; without, it runs unmetered.
     """
     # Ray turns on token auth after its first start; the client must say so to send the token.
     # Ray reads these when it is imported, so they are set first.
@@ -87,7 +88,7 @@ def submit(question: str, policy: str = "all-slm", address: str = "ray://127.0.0
     if owns:
         ray.init(address=address, log_to_driver=False)
     try:
-        out = ray.get(_cluster_task().remote(app_name, question, policy, max_steps, max_cloud_cost))
+        out = ray.get(_cluster_task().remote(app_name, question, policy, max_steps, max_cloud_cost, api_key))
     finally:
         if owns:
             ray.shutdown()
@@ -96,11 +97,12 @@ def submit(question: str, policy: str = "all-slm", address: str = "ray://127.0.0
     return out
 
 
-def _remote_run(app_name: str, question: str, policy: str, max_steps: int | None, max_cloud_cost: float | None):
+def _remote_run(app_name: str, question: str, policy: str, max_steps: int | None, max_cloud_cost: float | None,
+                api_key: str | None = None):
     from ray import serve
 
     handle = serve.get_app_handle(app_name)
-    return handle.run_agent.remote(question, policy, max_steps, max_cloud_cost).result()
+    return handle.run_agent.remote(question, policy, max_steps, max_cloud_cost, api_key=api_key).result()
 
 
 _TASK = None

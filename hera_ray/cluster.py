@@ -23,6 +23,7 @@ from hera_ray.config import HeraConfig, default_token_file
 from hera_ray.errors import HeraError
 from hera_ray.launcher import LaunchError, start_edge
 from hera_ray.models import cache_dir
+from hera_ray.tls import cli_args as tls_cli_args
 
 # Ray turns on token auth (~/.ray/auth_token) after its first start; drivers must then say so.
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
@@ -132,8 +133,9 @@ def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, 
 
         logs = cache_dir() / "cluster" / "logs"
         for i in range(local_edges):
+            # Local edges use the cluster's TLS files: they serve them and dial the registry with them.
             edge = start_edge(logs, f"edge-{i}", state.registry, token_file, model=edge_model or config.scheduler.edge_model,
-                              detach=True)
+                              extra_args=tls_cli_args(config.scheduler.tls), detach=True)
             state.edge_pids.append(edge.pid)
             state.edge_addresses.append(edge.address)
             _save_state(state)

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from hera_ray.errors import ConfigError
+from hera_ray.tls import TLSFiles
 
 MiB = 1024 * 1024
 
@@ -39,6 +40,15 @@ class EdgeNodeConfig(BaseSettings):
     price_per_1k_tokens: float = Field(0.0, ge=0, description="Price this node charges per 1,000 tokens (prompt + completion), for the cost ledger.")
     drain_timeout_s: float = Field(120.0, gt=0, description="On SIGTERM, how long to wait for accepted work to finish before stopping.")
     max_message_bytes: int = Field(4 * MiB, ge=1024, description="Largest gRPC message the server accepts or sends.")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate: serve EdgeWorker over TLS (with --tls-key-file), and present it to an mTLS registry.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of --tls-cert-file.")
+    tls_ca_file: Path | None = Field(None, description="PEM CA: dial the registry over TLS and verify it with this CA; with --tls-client-auth, the CA client certificates must be signed by.")
+    tls_client_auth: bool = Field(False, description="Require callers to present a certificate signed by --tls-ca-file (mutual TLS).")
+
+    @property
+    def tls(self) -> TLSFiles:
+        return TLSFiles(cert_file=self.tls_cert_file, key_file=self.tls_key_file, ca_file=self.tls_ca_file,
+                        client_auth=self.tls_client_auth)
 
 
 class RegistryConfig(BaseSettings):
@@ -52,6 +62,15 @@ class RegistryConfig(BaseSettings):
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="How often nodes are told to heartbeat, in seconds.")
     missed_heartbeats: int = Field(3, ge=1, le=100, description="Heartbeats a node may miss before it is marked down.")
     max_message_bytes: int = Field(4 * MiB, ge=1024, description="Largest gRPC message the server accepts or sends.")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate: serve the registry over TLS (with --tls-key-file).")
+    tls_key_file: Path | None = Field(None, description="PEM private key of --tls-cert-file.")
+    tls_ca_file: Path | None = Field(None, description="PEM CA that client certificates must be signed by (with --tls-client-auth).")
+    tls_client_auth: bool = Field(False, description="Require edge nodes and clients to present a certificate signed by --tls-ca-file (mutual TLS).")
+
+    @property
+    def tls(self) -> TLSFiles:
+        return TLSFiles(cert_file=self.tls_cert_file, key_file=self.tls_key_file, ca_file=self.tls_ca_file,
+                        client_auth=self.tls_client_auth)
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
@@ -148,6 +167,7 @@ class SchedulerConfig(BaseModel):
     max_cloud_cost_per_request: float | None = Field(None, ge=0, description="Cap on one request's cloud spend; past it, cloud subtasks fall back to the edge (or the request stops if none is up).")
     random_slm_share: float = Field(0.5, ge=0, le=1, description="Share of subtasks the random policy sends to the edge.")
     seed: int = Field(0, description="Seed of the random policy.")
+    tls: TLSFiles = Field(default_factory=TLSFiles, description="TLS of the EdgeRegistry (served with cert_file/key_file; client_auth: mTLS) and of the channels to edge nodes (TLS when ca_file is set, presenting cert_file for mTLS).")
 
 
 class AgentConfig(BaseModel):
@@ -156,9 +176,13 @@ class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_steps: int = Field(6, ge=1, le=50, description="Subtasks per request at most; then the last result is the answer.")
+    max_steps_limit: int = Field(50, ge=1, le=50, description="Largest max_steps a request may ask for (its own cap on subtasks); the ingress answers 400 past it.")
     max_tokens_per_step: int = Field(192, ge=8, le=4096, description="Tokens a model may write per subtask.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature of every step.")
-    edge_retries: int = Field(2, ge=0, le=10, description="Times a failed edge subtask is re-routed before it fails the request.")
+    edge_retries: int = Field(2, ge=0, le=10, description="Times a failed edge subtask (node died, froze, drains or is full) is re-routed before it fails the request.")
+    edge_timeout_s: float = Field(60.0, gt=0, description="Longest one edge subtask may take, queueing included; past it the node is taken as frozen and the subtask is re-routed.")
+    cloud_retries: int = Field(3, ge=0, le=10, description="Times a cloud subtask whose replica died or was full is tried again (Serve replaces dead replicas) before it fails the request.")
+    retry_backoff_s: float = Field(0.5, ge=0, le=30, description="Wait before the first cloud retry; doubled on each further one (at most 10 s).")
 
 
 class IngressConfig(BaseModel):
@@ -168,9 +192,18 @@ class IngressConfig(BaseModel):
 
     host: str = Field("127.0.0.1", description="Address the HTTP ingress listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP ingress.")
-    api_key_env: str = Field("HERA_API_KEY", description="Environment variable holding the bearer API key; unset means no key is required.")
+    api_key_env: str = Field("HERA_API_KEY", description="Environment variable holding a bearer API key (named \"default\", no limits); with it and api_keys_file both unset, no key is required.")
+    api_keys_file: Path | None = Field(None, description="YAML list of API keys ({name, key, requests_per_minute, burst, cloud_budget}), read by each ingress replica; accepted alongside the api_key_env key. A key's cloud spend is kept by the scheduler actor, so its budget holds across replicas; its rate bucket lives per ingress replica, so N replicas let it through up to N times its rate.")
+    max_concurrent_runs: int = Field(64, ge=1, description="Agent runs (streams included, until they end) one ingress replica works on at once; past it a run gets 429 with Retry-After at once instead of queueing.")
     max_body_bytes: int = Field(1 * MiB, ge=1024, description="Largest request body accepted (413 past it).")
-    max_ongoing_requests: int = Field(64, ge=1, description="Requests one ingress replica works on at once (Serve queues or refuses the rest).")
+    max_ongoing_requests: int = Field(256, ge=2, description="Requests of any kind one ingress replica takes at once (Serve queues the rest); above max_concurrent_runs, so runs get hera's 429 first and health checks and /v1/models still get in while runs fill their slots.")
+
+    @model_validator(mode="after")
+    def _room_beside_runs(self) -> "IngressConfig":
+        if self.max_ongoing_requests <= self.max_concurrent_runs:
+            raise ValueError(f"ingress.max_ongoing_requests ({self.max_ongoing_requests}) must exceed ingress.max_concurrent_runs "
+                             f"({self.max_concurrent_runs}), or Serve queues runs before hera can refuse them and health checks wait behind them")
+        return self
 
 
 class HeraPolicySettings(BaseModel):

@@ -88,6 +88,18 @@ class Overloaded(HeraError):
     http_status = 429
 
 
+class RateLimited(HeraError):
+    """The caller must slow down: its API key's rate limit, or the ingress's limit on runs in
+    flight. ``retry_after_s`` says when to try again (the HTTP ``Retry-After`` header)."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Unavailable(HeraError):
     """The server is draining or not ready."""
 

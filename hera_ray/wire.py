@@ -36,8 +36,10 @@ __all__ = [
     "check_token",
     "grpc_errors",
     "grpc_options",
+    "reconnect_options",
     "server_options",
     "status_code",
+    "status_message",
 ]
 
 AUTH_HEADER = "authorization"
@@ -48,6 +50,16 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def reconnect_options(max_backoff_ms: int = 1000) -> list[tuple[str, Any]]:
+    """Channel options that retry a lost connection at least every ``max_backoff_ms`` (gRPC's
+    default backs off to two minutes, far too slow to notice a restarted registry or node)."""
+    return [
+        ("grpc.initial_reconnect_backoff_ms", min(200, max_backoff_ms)),
+        ("grpc.min_reconnect_backoff_ms", min(200, max_backoff_ms)),
+        ("grpc.max_reconnect_backoff_ms", max_backoff_ms),
     ]
 
 
@@ -85,6 +97,20 @@ def status_code(err: HeraError) -> grpc.StatusCode:
     return grpc.StatusCode[err.grpc_code]
 
 
+# The message travels percent-encoded in the grpc-message trailer, and a trailer over the peer's
+# metadata limit (8-16 KiB) replaces the whole status with RESOURCE_EXHAUSTED "Stream removed".
+# Messages quote the caller's input, which may be megabytes: keep their start and end.
+MAX_STATUS_MESSAGE_CHARS = 480
+
+
+def status_message(err: HeraError) -> str:
+    m = err.message
+    if len(m) <= MAX_STATUS_MESSAGE_CHARS:
+        return m
+    half = MAX_STATUS_MESSAGE_CHARS // 2
+    return f"{m[:half]} ... [{len(m) - 2 * half} characters cut] ... {m[-half:]}"
+
+
 def grpc_errors(method: Callable) -> Callable:
     """Turn a HeraError raised by a servicer method into a gRPC status with its message.
 
@@ -98,7 +124,7 @@ def grpc_errors(method: Callable) -> Callable:
                 async for item in method(self, request, context):
                     yield item
             except HeraError as e:
-                await context.abort(status_code(e), e.message)
+                await context.abort(status_code(e), status_message(e))
 
         return stream_wrapper
 
@@ -107,7 +133,7 @@ def grpc_errors(method: Callable) -> Callable:
         try:
             return await method(self, request, context)
         except HeraError as e:
-            await context.abort(status_code(e), e.message)
+            await context.abort(status_code(e), status_message(e))
 
     return unary_wrapper
 

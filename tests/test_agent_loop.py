@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from hera_ray.agent import Agent
 from hera_ray.config import AgentConfig
+from hera_ray.errors import Unavailable
 from hera_ray.generation import GenerationResult
 from hera_ray.policy import build_policies
 from hera_ray.policy.hera import HeraPolicyConfig
@@ -89,3 +92,63 @@ def test_plain_hera_does_not_speculate():
     agent, executor, _ = agent_for(est, "Subtask: a\nResult: 1", "Subtask: b\nResult: 2")
     (t,) = asyncio.run(agent.run("q", "hera")).trace
     assert executor.calls == ["edge"] and t.stage == "sse" and "sp_slm:0" in est.calls
+
+
+class FailingExecutor(ScriptedExecutor):
+    """Stand-in executor whose first calls fail the way real ones do: named edge nodes are gone
+    (the gRPC error a dead or frozen node gives), and the cloud replica dies ``cloud_deaths`` times."""
+
+    def __init__(self, dead_addresses=(), cloud_deaths=0):
+        super().__init__("Subtask: add\nResult: 5", "Subtask: add\nResult: 5")
+        self.dead, self.cloud_deaths = set(dead_addresses), cloud_deaths
+
+    async def edge(self, address, params):
+        if address in self.dead:
+            self.calls.append(f"dead {address}")
+            raise Unavailable(f"edge node at {address}: UNAVAILABLE: connection refused")
+        return await super().edge(address, params)
+
+    async def cloud(self, params):
+        if self.cloud_deaths:
+            self.cloud_deaths -= 1
+            self.calls.append("dead cloud")
+            raise Unavailable("cloud replica failed during the call (ActorDiedError)")
+        return await super().cloud(params)
+
+
+def _two_node_agent(executor, **config):
+    table = NodeTable()
+    for i in range(2):
+        table.register(NodeSpec(f"e{i}", f"127.0.0.1:{i + 1}", "slm", 2048, 1, 0, 0.0), "t")
+    router = Router(table, build_policies(), "slm", "llm", 2.0)
+    return Agent(RouterScheduler(router), executor, AgentConfig(max_steps=1, retry_backoff_s=0, **config)), router
+
+
+def test_a_dead_edge_node_is_retried_on_another_and_the_trace_names_it():
+    executor = FailingExecutor(dead_addresses={"127.0.0.1:1"})
+    agent, router = _two_node_agent(executor)
+    (t,) = asyncio.run(agent.run("2+3?", "all-slm")).trace
+    assert executor.calls == ["dead 127.0.0.1:1", "edge"]
+    assert (t.node, t.retries, t.output) == ("e1", 1, "5")
+    assert t.failures == ["e0: edge node at 127.0.0.1:1: UNAVAILABLE: connection refused"]
+    # the failed node is avoided by the next request too, before the registry marks it down
+    (t2,) = asyncio.run(agent.run("2+3?", "all-slm")).trace
+    assert t2.node == "e1" and t2.failures == []
+    assert router.outstanding == {"e0": 0, "e1": 0}
+
+
+def test_with_every_edge_node_dead_the_subtask_falls_back_to_the_cloud():
+    executor = FailingExecutor(dead_addresses={"127.0.0.1:1", "127.0.0.1:2"})
+    agent, _ = _two_node_agent(executor)
+    (t,) = asyncio.run(agent.run("2+3?", "all-slm")).trace
+    assert (t.placement, t.fallback, t.retries) == ("cloud", "no-edge", 2)
+
+
+def test_a_dead_cloud_replica_is_retried_and_gives_up_after_cloud_retries():
+    agent, _ = _two_node_agent(FailingExecutor(cloud_deaths=2), cloud_retries=3)
+    (t,) = asyncio.run(agent.run("2+3?", "all-llm")).trace
+    assert (t.placement, t.retries, t.output) == ("cloud", 2, "5")
+    assert t.failures == ["cloud: cloud replica failed during the call (ActorDiedError)"] * 2
+    agent, _ = _two_node_agent(FailingExecutor(cloud_deaths=5), cloud_retries=1)
+    with pytest.raises(Unavailable, match="cloud replica failed"):
+        asyncio.run(agent.run("2+3?", "all-llm"))

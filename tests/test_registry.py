@@ -179,3 +179,21 @@ def test_bad_registration_fields_are_invalid_argument(procs):
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert words in exc.value.details()
     assert registry.popen.poll() is None
+
+
+def test_oversized_registration_is_refused(procs):
+    registry = procs.registry()
+
+    async def register(model: str):
+        async with grpc.aio.insecure_channel(registry.address) as ch:
+            spec = registry_pb2.NodeSpec(node_id="big", address="127.0.0.1:1", model=model, n_ctx=1, slots=1)
+            return await registry_pb2_grpc.EdgeRegistryStub(ch).Register(
+                registry_pb2.RegisterRequest(node=spec), metadata=auth_metadata(procs.token), timeout=10)
+
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        run(register("x" * (5 * 1024 * 1024)))
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in exc.value.details()
+    assert registry.popen.poll() is None
+    assert run(register("smollm2-135m")).heartbeat_interval_s > 0  # it still serves
+    assert run(list_nodes(registry.address, procs.token))["big"].spec.model == "smollm2-135m"

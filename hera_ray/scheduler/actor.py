@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import ray
@@ -22,6 +23,7 @@ from hera_ray.policy.base import PastStep
 from hera_ray.scheduler.nodes import NodeSpec, NodeTable
 from hera_ray.scheduler.registry import RegistryServer
 from hera_ray.scheduler.router import RouteRequest, Router, SubtaskReport
+from hera_ray.tls import check as check_tls
 
 SCHEDULER_NAME = "SubtaskScheduler"
 
@@ -67,6 +69,7 @@ class SubtaskScheduler:
     """Routes subtasks (``route``), records their cost (``report``), and lists nodes and usage."""
 
     def __init__(self, config: dict[str, Any]):
+        self.started_at = time.time()  # a restarted actor (Ray restarts it) reports a new one
         cfg = HeraConfig.model_validate(config)
         s = cfg.scheduler
         self.table = NodeTable(s.heartbeat_interval_s, s.missed_heartbeats)
@@ -80,13 +83,17 @@ class SubtaskScheduler:
         )
         registry = RegistryConfig(host=s.registry_host, port=s.registry_port,
                                   token_file=s.token_file or default_token_file(),
-                                  heartbeat_interval_s=s.heartbeat_interval_s, missed_heartbeats=s.missed_heartbeats)
+                                  heartbeat_interval_s=s.heartbeat_interval_s, missed_heartbeats=s.missed_heartbeats,
+                                  tls_cert_file=s.tls.cert_file, tls_key_file=s.tls.key_file, tls_ca_file=s.tls.ca_file,
+                                  tls_client_auth=s.tls.client_auth)
+        check_tls(s.tls, "scheduler.tls.")  # here, so the error names the setting the user wrote
         self._registry = _RegistryThread(registry, self.table)
         self._registry.start()
         self._registry.ready.wait(30)
         if self._registry.error is not None:
             raise ConfigError(f"the edge registry could not start on {s.registry_host}:{s.registry_port}: {self._registry.error}")
         self.registry_address = f"{s.registry_host}:{self._registry.port}"
+        self._key_spend: dict[str, float] = {}  # API key name -> cloud cost of its runs (kept from start; not persisted)
         self._m_subtasks = metrics.Counter("hera_subtasks", "Subtasks routed, by placement and policy.", ("placement", "policy"))
         self._m_tokens = metrics.Counter("hera_tokens", "Tokens processed, by placement.", ("placement",))
         self._m_cost = metrics.Counter("hera_cost", "Cost charged, by placement (configured prices).", ("placement",))
@@ -135,6 +142,19 @@ class SubtaskScheduler:
     async def request_usage(self, request_id: str) -> dict[str, Any]:
         return self.router.ledger.request(request_id).to_dict()
 
+    # -- API keys' cloud spend (here, not in the ingress, so a key's budget holds across its replicas)
+
+    async def key_spend(self, name: str) -> float:
+        """What the API key ``name`` has spent on the cloud so far (0.0 for a key not seen yet)."""
+        return self._key_spend.get(name, 0.0)
+
+    async def charge_key(self, name: str, cost: float) -> float:
+        """Add a finished run's cloud cost to API key ``name``; returns its new total."""
+        if cost < 0:
+            raise ValueError(f"cannot charge a negative cost ({cost}) to API key {name!r}")
+        self._key_spend[name] = self._key_spend.get(name, 0.0) + cost
+        return self._key_spend[name]
+
     # -- inspection ------------------------------------------------------------------------------
 
     async def ping(self) -> dict[str, Any]:
@@ -143,7 +163,8 @@ class SubtaskScheduler:
             self._m_load.set(r.utilisation, {"node": r.spec.node_id})
         return {"registry": self.registry_address, "nodes": len(nodes),
                 "nodes_up": sum(1 for r in nodes if r.state.value == "up"), "policies": sorted(self.router.policies),
-                "cloud_model": self.router.cloud_model, "edge_model": self.router.edge_model}
+                "cloud_model": self.router.cloud_model, "edge_model": self.router.edge_model,
+                "scheduler_started_at": self.started_at}
 
     async def nodes(self) -> list[dict[str, Any]]:
         out = []

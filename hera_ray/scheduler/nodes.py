@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import random
 import threading
 import time
@@ -21,6 +22,11 @@ class NodeState(str, Enum):
     UP = "up"
     DRAINING = "draining"
     DOWN = "down"
+
+
+MAX_ADDRESS_CHARS = 300
+MAX_MODEL_CHARS = 256
+MAX_VERSION_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -39,17 +45,24 @@ class NodeSpec:
     def validate(self) -> None:
         if not self.node_id or len(self.node_id) > 128:
             raise InvalidRequest("node_id must be 1-128 characters")
+        # Bounded so that ListNodes, which returns every spec in one message, stays far below the
+        # message size limit whatever nodes register.
+        if len(self.address) > MAX_ADDRESS_CHARS:
+            raise InvalidRequest(f"address must be at most {MAX_ADDRESS_CHARS} characters, got {len(self.address)}")
         host, sep, port = self.address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        # isascii: str.isdigit() also accepts digits such as '²' that int() refuses.
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise InvalidRequest(f"address must be host:port, got {self.address!r}")
-        if not self.model:
-            raise InvalidRequest("model must not be empty")
+        if not self.model or len(self.model) > MAX_MODEL_CHARS:
+            raise InvalidRequest(f"model must be 1-{MAX_MODEL_CHARS} characters, got {len(self.model)}")
+        if len(self.version) > MAX_VERSION_CHARS:
+            raise InvalidRequest(f"version must be at most {MAX_VERSION_CHARS} characters, got {len(self.version)}")
         if self.slots < 1:
             raise InvalidRequest(f"slots must be >= 1, got {self.slots}")
         if self.n_ctx < 1:
             raise InvalidRequest(f"n_ctx must be >= 1, got {self.n_ctx}")
-        if self.price_per_1k_tokens < 0:
-            raise InvalidRequest(f"price_per_1k_tokens must be >= 0, got {self.price_per_1k_tokens}")
+        if not (math.isfinite(self.price_per_1k_tokens) and self.price_per_1k_tokens >= 0):  # NaN compares False
+            raise InvalidRequest(f"price_per_1k_tokens must be a finite number >= 0, got {self.price_per_1k_tokens}")
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,10 @@ class NodeLoad:
     tokens_per_s: float = 0.0
     completed: int = 0
     tokens_generated: int = 0
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.tokens_per_s) and self.tokens_per_s >= 0):
+            raise InvalidRequest(f"load.tokens_per_s must be a finite number >= 0, got {self.tokens_per_s}")
 
 
 @dataclass
@@ -170,6 +187,7 @@ class NodeTable:
     @_locked
     def heartbeat(self, node_id: str, load: NodeLoad, token: str, draining: bool = False) -> NodeRecord:
         record = self._owned(node_id, token)
+        load.validate()
         record.load = load
         record.last_heartbeat = self._clock()
         self._set_state(record, NodeState.DRAINING if draining else NodeState.UP)

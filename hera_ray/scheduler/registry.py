@@ -18,6 +18,7 @@ from grpc_health.v1.health import aio as health_aio
 from hera_ray.config import RegistryConfig, read_tokens
 from hera_ray.errors import ConfigError
 from hera_ray.scheduler.nodes import NodeRecord, NodeSpec, NodeState, NodeTable
+from hera_ray import tls
 from hera_ray.wire import (bearer_token, check_token, grpc_errors, load_from_pb, load_to_pb, registry_pb2,
                            registry_pb2_grpc, server_options)
 
@@ -110,6 +111,7 @@ class RegistryServer:
         if config.token_file is None:
             raise ConfigError("the registry needs --token-file: a file of accepted node tokens, one per line")
         self.config = config
+        tls.check(config.tls)
         self.tokens = read_tokens(config.token_file)
         self.table = table if table is not None else NodeTable(config.heartbeat_interval_s, config.missed_heartbeats)
         self.server = grpc.aio.server(options=server_options(config.max_message_bytes))
@@ -120,7 +122,7 @@ class RegistryServer:
         self._reaper: asyncio.Task | None = None
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.port = tls.add_port(self.server, f"{self.config.host}:{self.config.port}", self.config.tls)
         if self.port == 0:
             raise ConfigError(f"cannot bind the registry to {self.config.host}:{self.config.port}")
         await self.server.start()
@@ -149,7 +151,8 @@ async def serve(config: RegistryConfig, ready_message: bool = True) -> None:
     server = RegistryServer(config)
     port = await server.start()
     if ready_message:
-        print(f"hera registry listening on {config.host}:{port}", flush=True)
+        secure = " over mTLS" if config.tls_client_auth else " over TLS" if config.tls.serves_tls else ""
+        print(f"hera registry listening on {config.host}:{port}{secure}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -85,6 +85,9 @@ class Router:
         self.ledger = ledger or CostLedger()
         self.outstanding: dict[str, int] = defaultdict(int)
         self._affinity: dict[str, str] = {}
+        #: Nodes a call just failed on (node id -> when), avoided until the registry decides about
+        #: them: a dead or frozen node stays "up" in the table until it misses its heartbeats.
+        self._suspects: dict[str, float] = {}
         self._rng = random.Random(0)
 
     #: Tuned variants (``hera@0.7``) kept at most; a sweep uses a handful.
@@ -147,6 +150,12 @@ class Router:
     SCAN_LIMIT = 16
 
     def pick_node(self, request_id: str, model: str, exclude: tuple[str, ...] = ()) -> NodeRecord | None:
+        if self._suspects:
+            now = time.monotonic()
+            for node_id, since in list(self._suspects.items()):
+                if now - since > self.table.down_after_s:
+                    del self._suspects[node_id]
+            exclude = (*exclude, *self._suspects)
         sticky = self._affinity.get(request_id)
         if sticky is not None and sticky not in exclude:
             record = self.table.live_record(sticky, model)
@@ -171,6 +180,8 @@ class Router:
         if not rep.ok:
             if self._affinity.get(rep.request_id) == rep.node_id:
                 del self._affinity[rep.request_id]
+            if rep.placement is Placement.EDGE:
+                self._suspects[rep.node_id] = time.monotonic()
             return 0.0
         return self.ledger.charge(rep.request_id, rep.placement, rep.node_id,
                                   rep.prompt_tokens + rep.completion_tokens, rep.price_per_1k_tokens)

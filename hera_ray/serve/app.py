@@ -15,6 +15,7 @@ from cloud_node.deployment import build_cloud_deployment
 from hera_ray.config import HeraConfig, load_settings
 from hera_ray.estimators.trained import estimators_path
 from hera_ray.serve.estimators import build_estimator_deployment
+from hera_ray.serve.keys import load_keys_file
 from hera_ray.serve.openai_api import HeraIngress
 
 
@@ -29,6 +30,8 @@ def build_app(args: dict[str, Any] | None = None, config: HeraConfig | None = No
         h = config.hera
         path = estimators_path(h.estimators)  # fails here, at build time, if the folder holds no manifest
         estimators = build_estimator_deployment(str(path), threads=h.threads, num_cpus=h.num_cpus, replicas=h.replicas)
+    if config.ingress.api_keys_file is not None:
+        load_keys_file(config.ingress.api_keys_file)  # a bad keys file fails here, at build time, not at first request
     return HeraIngress.options(
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},

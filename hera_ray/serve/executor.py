@@ -7,9 +7,10 @@ from typing import Any
 
 import grpc
 
-from hera_ray.errors import error_from_dict
+from hera_ray.errors import Unavailable, error_from_dict
 from hera_ray.generation import GenerationParams, GenerationResult
-from hera_ray.wire import edge_pb2_grpc, error_from_rpc, grpc_options, params_to_pb, result_from_pb
+from hera_ray.tls import TLSFiles, channel as tls_channel, check as check_tls
+from hera_ray.wire import edge_pb2_grpc, error_from_rpc, grpc_options, reconnect_options, params_to_pb, result_from_pb
 
 
 class ActorScheduler:
@@ -31,27 +32,40 @@ class ActorScheduler:
 class ClusterExecutor:
     """Runs a subtask on an edge node over gRPC or on the cloud deployment through its handle."""
 
-    def __init__(self, cloud_handle, timeout_s: float = 600.0, max_message_bytes: int = 4 * 1024 * 1024):
+    def __init__(self, cloud_handle, timeout_s: float = 600.0, max_message_bytes: int = 4 * 1024 * 1024,
+                 edge_timeout_s: float | None = None, tls: TLSFiles | None = None):
         self.cloud_handle = cloud_handle
+        # Edge nodes are dialled over TLS when tls.ca_file is set (mTLS: presenting tls.cert_file).
+        check_tls(tls, "scheduler.tls.")
+        self.tls = tls
         self.timeout_s = timeout_s
-        self._options = grpc_options(max_message_bytes)
+        #: An edge call past this is taken as a frozen node (DEADLINE_EXCEEDED: re-routed).
+        self.edge_timeout_s = edge_timeout_s or timeout_s
+        self._options = grpc_options(max_message_bytes) + reconnect_options()
         self._stubs: dict[str, edge_pb2_grpc.EdgeWorkerStub] = {}
 
     def _stub(self, address: str) -> edge_pb2_grpc.EdgeWorkerStub:
         stub = self._stubs.get(address)
         if stub is None:  # one channel per node, reused by every request
-            stub = self._stubs[address] = edge_pb2_grpc.EdgeWorkerStub(grpc.aio.insecure_channel(address, options=self._options))
+            channel = tls_channel(address, self.tls, options=self._options, prefix="scheduler.tls.")
+            stub = self._stubs[address] = edge_pb2_grpc.EdgeWorkerStub(channel)
         return stub
 
     async def edge(self, address: str, params: GenerationParams) -> GenerationResult:
         try:
-            reply = await self._stub(address).Generate(params_to_pb(params), timeout=self.timeout_s)
+            reply = await self._stub(address).Generate(params_to_pb(params), timeout=self.edge_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e, f"edge node at {address}") from None
         return result_from_pb(reply)
 
     async def cloud(self, params: GenerationParams) -> GenerationResult:
-        out = await self.cloud_handle.generate.remote(params.to_dict())
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        try:
+            out = await self.cloud_handle.generate.remote(params.to_dict())
+        except (RayActorError, ActorUnavailableError) as e:
+            # The replica died (or is unreachable) under this call; Serve replaces it, the agent retries.
+            raise Unavailable(f"cloud replica failed during the call ({type(e).__name__}): {str(e).splitlines()[0][:300]}") from None
         if "error" in out:
             raise error_from_dict(out["error"])
         return GenerationResult(**out)

@@ -8,15 +8,15 @@ OpenAI's error shape with the status mapped once in ``hera_ray.errors`` (4xx for
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run time
 # inside Serve replicas, where string annotations do not resolve.
 import asyncio
-import hmac
 import json
 import logging
+import math
 import os
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import ray
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -25,9 +25,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hera_ray import __version__
 from hera_ray.agent import Agent, AgentRun, TraceEntry
 from hera_ray.config import HeraConfig
-from hera_ray.errors import HeraError, InvalidRequest, Unauthenticated, UnknownPolicy, error_to_dict
+from hera_ray.errors import HeraError, InvalidRequest, RateLimited, UnknownPolicy, error_to_dict
 from hera_ray.scheduler.actor import get_or_create_scheduler
+from hera_ray.serve.admission import AdmissionGate
 from hera_ray.serve.executor import ActorScheduler, ClusterExecutor
+from hera_ray.serve.keys import ApiKey, KeyBook, RateLimiter, cloud_cost, run_cloud_cap
 from hera_ray.serve.protocol import AgentRunRequest, ChatCompletionRequest, error_body
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,6 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: 
 
 api = FastAPI(title="hera-ray", version=__version__,
               description="Agents whose subtasks run on edge SLMs or the cloud LLM, decided per subtask.")
-api.state.api_key = None
 api.state.max_body_bytes = 1024 * 1024
 
 
@@ -98,7 +99,10 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
 
 @api.exception_handler(HeraError)
 async def _hera_error(request: Request, exc: HeraError) -> JSONResponse:
-    return _json_error(exc.http_status, exc.message)
+    response = _json_error(exc.http_status, exc.message)
+    if isinstance(exc, RateLimited):  # whole seconds, rounded up: the header takes no fraction
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return response
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -106,17 +110,21 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return _json_error(exc.status_code, str(exc.detail))
 
 
-async def require_api_key(request: Request) -> None:
-    key = request.app.state.api_key
-    if not key:
-        return
+def _bearer(request: Request) -> str:
     auth = request.headers.get("authorization", "")
-    presented = auth[7:] if auth.startswith("Bearer ") else ""
-    if not presented or not hmac.compare_digest(presented.encode(), key.encode()):
-        raise Unauthenticated("invalid or missing API key: send 'Authorization: Bearer <key>' (the server's HERA_API_KEY)")
+    return auth[7:] if auth.startswith("Bearer ") else ""
 
 
-_AUTH = [Depends(require_api_key)]
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as None: JSON has no inf or NaN (the HERA policy scores
+    a missing distance as inf), and Starlette refuses to encode them, which would be a 500."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _usage(run: AgentRun) -> dict[str, int]:
@@ -134,7 +142,7 @@ def _completion(model: str, run: AgentRun) -> dict[str, Any]:
         "choices": [{"index": 0, "message": {"role": "assistant", "content": run.answer},
                      "finish_reason": "stop" if run.finished else "length"}],
         "usage": _usage(run),
-        "hera": run.to_dict(),
+        "hera": _json_safe(run.to_dict()),
     }
 
 
@@ -148,11 +156,17 @@ class HeraIngress:
     def __init__(self, config: dict[str, Any], cloud_handle, estimators_handle=None):
         self.config = HeraConfig.model_validate(config)
         self.estimators = estimators_handle  # the HERA estimators' deployment (the scheduler calls it by name)
-        api.state.api_key = os.environ.get(self.config.ingress.api_key_env) or None
+        # On the instance, not in module state: Serve serves a copy of `api` made when the class was
+        # decorated, so module-level code reading `api.state` would not see what this replica set.
+        self.keys = KeyBook.load(self.config.ingress.api_keys_file, os.environ.get(self.config.ingress.api_key_env))
+        self.rate_limiter = RateLimiter()
+        self.admission = AdmissionGate(self.config.ingress.max_concurrent_runs)
         api.state.max_body_bytes = self.config.ingress.max_body_bytes
         self.actor = get_or_create_scheduler(self.config)
         self.policies = {p["name"]: p for p in ray.get(self.actor.policies.remote())}
-        self.agent = Agent(ActorScheduler(self.actor), ClusterExecutor(cloud_handle, self.config.cloud.request_timeout_s),
+        self.agent = Agent(ActorScheduler(self.actor), ClusterExecutor(cloud_handle, self.config.cloud.request_timeout_s,
+                                                                   edge_timeout_s=self.config.agent.edge_timeout_s,
+                                                                   tls=self.config.scheduler.tls),
                            self.config.agent)
         self.cloud = cloud_handle
 
@@ -168,14 +182,68 @@ class HeraIngress:
         raise UnknownPolicy(f"unknown model {name!r}: the model names a routing policy, one of {', '.join(sorted(self.policies))}"
                             " (or <policy>@<value> for a policy with a knob)")
 
+    def _authorize(self, presented: str | None) -> Optional[ApiKey]:
+        """The caller's key (401 if wrong) with a token taken from its rate bucket (429 if none is
+        left); None when this ingress needs no key. Every route but /healthz starts with it."""
+        if not self.keys.required:
+            return None
+        key = self.keys.authenticate(presented)
+        self.rate_limiter.acquire(key)
+        return key
+
+    async def _start_run(self, key: Optional[ApiKey], question: str, policy: str, request_id: str | None,
+                         max_steps: int | None, max_cloud_cost: float | None,
+                         on_step: Callable[[TraceEntry], Awaitable[None] | None] | None = None) -> "asyncio.Task[AgentRun]":
+        """Admit a run and start it: 429 past ``max_concurrent_runs`` runs in flight, 402 if ``key``
+        has spent its cloud budget, else a task whose cloud cap is what is left of the budget. When
+        the task ends, however it ends, its slot is freed and its cloud cost charged to ``key``."""
+        limit = self.config.agent.max_steps_limit
+        if max_steps is not None and max_steps > limit:
+            raise InvalidRequest(f"max_steps {max_steps} exceeds this server's limit of {limit} (agent.max_steps_limit)")
+        self.admission.enter()
+        try:
+            if key is not None and key.cloud_budget is not None:
+                spent = await self.actor.key_spend.remote(key.name)
+                max_cloud_cost = run_cloud_cap(key, spent, max_cloud_cost, self.config.scheduler.max_cloud_cost_per_request)
+        except BaseException:
+            self.admission.leave()
+            raise
+        done: list[TraceEntry] = []
+
+        def record(entry: TraceEntry):
+            done.append(entry)
+            return on_step(entry) if on_step is not None else None
+
+        async def run() -> AgentRun:
+            try:
+                return await self.agent.run(question, policy, request_id, max_steps, max_cloud_cost, on_step=record)
+            finally:
+                cost = cloud_cost(done)
+                if key is not None and cost > 0:
+                    charge = self.actor.charge_key.remote(key.name, cost)  # submitted now: charged even if we are cancelled
+                    try:
+                        await charge
+                    except Exception as e:  # noqa: BLE001 - the run's own outcome matters more than the charge's
+                        log.warning("could not charge %.6f to API key %r: %s", cost, key.name, e)
+
+        task = asyncio.ensure_future(run())
+        task.add_done_callback(lambda _: self.admission.leave())
+        return task
+
     async def run_agent(self, question: str, policy: str = "all-slm", max_steps: int | None = None,
-                        max_cloud_cost: float | None = None, request_id: str | None = None) -> dict[str, Any]:
-        """For DeploymentHandle callers (``hera_ray.submit``): the run as a dict, or ``{"error": ...}``."""
+                        max_cloud_cost: float | None = None, request_id: str | None = None,
+                        api_key: str | None = None) -> dict[str, Any]:
+        """For DeploymentHandle callers (``hera_ray.submit``): the run as a dict, or ``{"error": ...}``.
+
+        With ``api_key``, the run is checked and charged like an HTTP one (rate limit, budget);
+        without, it runs unmetered: a handle caller is inside the cluster already."""
         try:
             req = AgentRunRequest(question=question, policy=policy, max_steps=max_steps,
                                   max_cloud_cost=max_cloud_cost, request_id=request_id)
+            key = self._authorize(api_key) if api_key is not None else None
             await self._check_policy(req.policy)
-            run = await self.agent.run(req.question, req.policy, req.request_id, req.max_steps, req.max_cloud_cost)
+            task = await self._start_run(key, req.question, req.policy, req.request_id, req.max_steps, req.max_cloud_cost)
+            run = await task
             return run.to_dict()
         except HeraError as e:
             return {"error": error_to_dict(e)}
@@ -190,46 +258,64 @@ class HeraIngress:
             return _json_error(503, f"scheduler unreachable: {e}")
         return JSONResponse({"status": "ok", **status})
 
-    @api.get("/v1/estimators", dependencies=_AUTH)
-    async def estimators_manifest(self) -> dict[str, Any]:
+    @api.get("/v1/estimators")
+    async def estimators_manifest(self, request: Request) -> dict[str, Any]:
         """The trained estimators the hera policy uses: base models, data hash, held-out accuracy."""
+        self._authorize(_bearer(request))
         if self.estimators is None:
             raise HeraError("the HERA estimators are not deployed (hera.enabled is false)")
         return await self.estimators.manifest.remote()
 
-    @api.get("/v1/models", dependencies=_AUTH)
-    async def models(self) -> dict[str, Any]:
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(_bearer(request))
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "hera-ray", "description": p["description"]}
             for name, p in sorted(self.policies.items())]}
 
-    @api.post("/v1/agent/runs", dependencies=_AUTH)
-    async def agent_runs(self, req: AgentRunRequest) -> dict[str, Any]:
-        await self._check_policy(req.policy)
-        run = await self.agent.run(req.question, req.policy, req.request_id, req.max_steps, req.max_cloud_cost)
-        return run.to_dict()
+    @api.get("/v1/keys/me")
+    async def keys_me(self, request: Request) -> dict[str, Any]:
+        """The caller's key: its name, rate limit, cloud budget and what it has spent on the cloud."""
+        key = self._authorize(_bearer(request))
+        if key is None:
+            raise InvalidRequest("this ingress needs no API key, so there is no key to describe")
+        spent = await self.actor.key_spend.remote(key.name)
+        left = None if key.cloud_budget is None else max(0.0, key.cloud_budget - spent)
+        return {**key.describe(), "cloud_spend": spent, "cloud_budget_left": left}
 
-    @api.post("/v1/chat/completions", dependencies=_AUTH)
-    async def chat_completions(self, req: ChatCompletionRequest):
+    @api.post("/v1/agent/runs")
+    async def agent_runs(self, req: AgentRunRequest, request: Request) -> dict[str, Any]:
+        key = self._authorize(_bearer(request))
+        await self._check_policy(req.policy)
+        task = await self._start_run(key, req.question, req.policy, req.request_id, req.max_steps, req.max_cloud_cost)
+        run = await task
+        return _json_safe(run.to_dict())
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, req: ChatCompletionRequest, request: Request):
+        key = self._authorize(_bearer(request))
         await self._check_policy(req.model)
         if req.stream:
-            return StreamingResponse(self._stream(req), media_type="text/event-stream")
-        run = await self.agent.run(req.question(), req.model, None, req.max_steps, req.max_cloud_cost)
+            steps: asyncio.Queue[TraceEntry] = asyncio.Queue()
+            # Started here, so a refusal (429, 402) is the response's status, not an error inside the stream.
+            task = await self._start_run(key, req.question(), req.model, None, req.max_steps, req.max_cloud_cost,
+                                         on_step=steps.put_nowait)
+            return StreamingResponse(self._stream(req, task, steps), media_type="text/event-stream")
+        task = await self._start_run(key, req.question(), req.model, None, req.max_steps, req.max_cloud_cost)
+        run = await task
         return _completion(req.model, run)
 
-    async def _stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
-        steps: asyncio.Queue[TraceEntry] = asyncio.Queue()
-        task = asyncio.ensure_future(self.agent.run(req.question(), req.model, None, req.max_steps, req.max_cloud_cost,
-                                                    on_step=steps.put_nowait))
+    async def _stream(self, req: ChatCompletionRequest, task: "asyncio.Task[AgentRun]",
+                      steps: "asyncio.Queue[TraceEntry]") -> AsyncIterator[str]:
         cid, created = f"chatcmpl-{int(time.time() * 1000)}", int(time.time())
 
         def chunk(delta: dict, finish: str | None = None, **extra) -> str:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-            return f"data: {json.dumps(body)}\n\n"
+            return f"data: {json.dumps(_json_safe(body))}\n\n"
 
-        yield chunk({"role": "assistant", "content": ""})
-        try:
+        try:  # from the first chunk: a client gone at any point cancels the run and frees its slot
+            yield chunk({"role": "assistant", "content": ""})
             while not (task.done() and steps.empty()):
                 getter = asyncio.ensure_future(steps.get())
                 done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)

@@ -17,11 +17,13 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we do not use
 
-    model: str = Field(..., min_length=1, max_length=200)
-    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000)
+    model: str = Field(..., min_length=1, max_length=200, examples=["all-slm", "hera"])
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000,
+                                        examples=[[{"role": "user", "content": "What is 2 + 3?"}]])
     stream: bool = False
     max_steps: int | None = Field(None, ge=1, le=50, description="hera: subtasks at most.")
-    max_cloud_cost: float | None = Field(None, ge=0, description="hera: cap on this request's cloud spend.")
+    # allow_inf_nan: Python's JSON parser takes Infinity, which would pass ge=0 and then fail the reply.
+    max_cloud_cost: float | None = Field(None, ge=0, allow_inf_nan=False, description="hera: cap on this request's cloud spend.")
 
     @field_validator("messages")
     @classmethod
@@ -39,10 +41,10 @@ class ChatCompletionRequest(BaseModel):
 class AgentRunRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    question: str = Field(..., min_length=1, max_length=200_000)
+    question: str = Field(..., min_length=1, max_length=200_000, examples=["What is 2 + 3?"])
     policy: str = Field("all-slm", min_length=1, max_length=200, description="Routing policy.")
     max_steps: int | None = Field(None, ge=1, le=50)
-    max_cloud_cost: float | None = Field(None, ge=0)
+    max_cloud_cost: float | None = Field(None, ge=0, allow_inf_nan=False)
     request_id: str | None = Field(None, max_length=200)
 
     @field_validator("question")

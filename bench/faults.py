@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""How fast does the runtime notice a fault and recover? Against the running local cluster
+(``hera up --local-edges 2``: the registry inside the scheduler actor, edge nodes ``edge-0`` and
+``edge-1``), each fault ``--rounds`` times, with a request in flight during each:
+
+- ``edge_kill``: SIGKILL an edge node -> marked down (missed heartbeats) -> restarted (same node
+  id) and registered again;
+- ``edge_freeze``: SIGSTOP an edge node -> marked down -> SIGCONT -> up again;
+- ``actor_kill``: kill the SubtaskScheduler actor -> Ray restarts it -> the edge nodes register
+  with its new registry (target: within 5 s);
+- ``replica_kill``: kill the cloud replica -> Serve starts another -> a cloud call answers again.
+
+Every request sent during the faults must be answered (200). Prints a table and writes
+bench/results/faults.json.
+
+    python bench/faults.py [--rounds 3] [--url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "A farmer has 15 cows and buys 7 more, then sells 4. How many cows does the farmer have now?"
+
+
+class Cluster:
+    def __init__(self, url: str):
+        from hera_ray import cluster
+
+        self.url = url
+        self.state = cluster.attach()  # a Ray driver, to kill actors
+        self.expected = len(self.state.edge_pids)
+        self.pool = ThreadPoolExecutor(8)
+        self.requests: list = []
+
+    def health(self) -> dict:
+        try:
+            r = httpx.get(f"{self.url}/healthz", timeout=5)
+            return r.json() if r.status_code == 200 else {}
+        except httpx.HTTPError:
+            return {}
+
+    def wait(self, predicate, timeout_s: float = 300) -> float:
+        t0 = time.monotonic()
+        while not predicate():
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"not recovered within {timeout_s:.0f}s: {self.health()}")
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+    def nodes_up(self) -> int:
+        return self.health().get("nodes_up", -1)
+
+    def in_flight_request(self, policy: str) -> None:
+        """A request that is running while the fault happens; it must be answered."""
+        self.requests.append(self.pool.submit(httpx.post, f"{self.url}/v1/agent/runs", timeout=900,
+                                              json={"question": QUESTION, "policy": policy}))
+        time.sleep(1.0)
+
+    def edge(self, i: int) -> tuple[int, str]:
+        return self.state.edge_pids[i], self.state.edge_addresses[i]
+
+    def restart_edge(self, i: int) -> None:
+        from hera_ray.cluster import _save_state
+        from hera_ray.launcher import start_edge
+        from hera_ray.models import cache_dir
+
+        proc = start_edge(cache_dir() / "cluster" / "logs", f"edge-{i}", self.state.registry, Path(self.state.token_file),
+                          port=int(self.state.edge_addresses[i].rsplit(":", 1)[1]), detach=True)
+        self.state.edge_pids[i] = proc.pid
+        _save_state(self.state)  # so `hera down` stops the new process
+
+
+def edge_kill(c: Cluster) -> dict:
+    c.in_flight_request("all-slm")
+    pid, _ = c.edge(0)
+    os.kill(pid, signal.SIGKILL)
+    down = c.wait(lambda: c.nodes_up() == c.expected - 1)
+    t0 = time.monotonic()
+    c.restart_edge(0)
+    back = c.wait(lambda: c.nodes_up() == c.expected) + (time.monotonic() - t0)
+    return {"marked_down_s": down, "restarted_and_up_s": back}
+
+
+def edge_freeze(c: Cluster) -> dict:
+    c.in_flight_request("all-slm")
+    pid, _ = c.edge(1)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        down = c.wait(lambda: c.nodes_up() == c.expected - 1)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    back = c.wait(lambda: c.nodes_up() == c.expected)
+    return {"marked_down_s": down, "up_after_sigcont_s": back}
+
+
+def actor_kill(c: Cluster) -> dict:
+    import ray
+
+    from hera_ray.scheduler.actor import SCHEDULER_NAME
+
+    before = c.health()["scheduler_started_at"]
+    c.in_flight_request("all-slm")
+    ray.kill(ray.get_actor(SCHEDULER_NAME, namespace=c.state.namespace), no_restart=False)
+    t0 = time.monotonic()
+    back = c.wait(lambda: c.health().get("scheduler_started_at", before) != before)
+    rejoined = c.wait(lambda: c.nodes_up() == c.expected)
+    return {"actor_back_s": back, "edges_registered_again_s": rejoined, "total_s": time.monotonic() - t0}
+
+
+def replica_kill(c: Cluster) -> dict:
+    import ray
+    from ray import serve
+
+    from cloud_node.deployment import DEPLOYMENT_NAME
+
+    c.in_flight_request("all-llm")
+    (replica,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith("SERVE_REPLICA") and f"#{DEPLOYMENT_NAME}#" in a["name"]][:1]
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    t0 = time.monotonic()
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=c.state.app_name)
+    handle.load.remote().result(timeout_s=600)  # answered by the replacement
+    return {"replaced_and_answering_s": time.monotonic() - t0}
+
+
+FAULTS = {"edge_kill": edge_kill, "edge_freeze": edge_freeze, "actor_kill": actor_kill, "replica_kill": replica_kill}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="ingress URL (default: $HERA_URL, else the cluster `hera up` started here)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--faults", default=",".join(FAULTS), help="comma-separated: " + ", ".join(FAULTS))
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults.json")
+    args = p.parse_args()
+    from hera_ray.eval.bench import resolve_url
+
+    console = Console()
+    c = Cluster(resolve_url(args.url))
+    if c.nodes_up() < 2:
+        sys.exit(f"need a cluster with 2 local edge nodes up (`hera up --local-edges 2`); health: {c.health()}")
+    names = args.faults.split(",")
+    samples: dict[str, list[dict]] = {n: [] for n in names}
+    with Progress(console=console) as progress:
+        task = progress.add_task("faults", total=len(names) * args.rounds)
+        for _ in range(args.rounds):
+            for name in names:
+                progress.update(task, description=name)
+                samples[name].append(FAULTS[name](c))
+                c.wait(lambda: c.nodes_up() == c.expected)
+                progress.advance(task)
+    answers = [f.result(timeout=900) for f in c.requests]
+    statuses = [r.status_code for r in answers]
+    summary = {name: {k: {"median": round(statistics.median(s[k] for s in rows), 2),
+                          "max": round(max(s[k] for s in rows), 2)} for k in rows[0]}
+               for name, rows in samples.items()}
+    table = Table(title=f"fault recovery, {args.rounds} rounds each (seconds)")
+    for col in ("fault", "measure", "median", "max"):
+        table.add_column(col, justify="right" if col in ("median", "max") else "left")
+    for name, measures in summary.items():
+        for k, v in measures.items():
+            table.add_row(name, k, f"{v['median']:.2f}", f"{v['max']:.2f}")
+    console.print(table)
+    ok = sum(s == 200 for s in statuses)
+    console.print(f"requests in flight during the faults: {ok}/{len(statuses)} answered 200")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    result = {"command": "python bench/faults.py " + " ".join(sys.argv[1:]), "commit": commit, "rounds": args.rounds,
+              "summary": summary, "samples": samples, "requests": len(statuses), "answered_200": ok,
+              "other_statuses": [s for s in statuses if s != 200],
+              "error_samples": [r.text[:300] for r in answers if r.status_code != 200][:5]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"wrote {args.out}")
+    sys.exit(0 if ok == len(statuses) else 1)
+
+
+if __name__ == "__main__":
+    main()

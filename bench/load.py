@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Does the runtime hold under load? ``--concurrency`` clients (32) each send agent requests back to
+back for ``--duration`` seconds (300) against the running cluster (``hera up --local-edges 2``),
+with GSM8K test questions. Then no new request starts, and every request in flight is awaited.
+
+Each request carries its own id, and its answer must carry it back:
+- completed: answered 200 with its own id;
+- errors: answered with any other status (a 429 is counted apart as ``throttled`` and the request
+  is sent again after the server's Retry-After: that is backpressure, not a failure);
+- lost: no answer at all (connection dropped, or still unanswered ``--drain`` seconds after the end);
+- duplicates: an id answered twice, or an answer with another request's id.
+
+Prints a table and writes bench/results/load.json (keys ``completed``, ``errors``, ``lost``,
+``p50_s``, ``p95_s`` and more) and bench/results/load.png (latency over time, and throughput).
+
+    python bench/load.py [--concurrency 32] [--duration 300] [--policy hera] [--url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hera_ray.eval.bench import resolve_url
+from hera_ray.eval.datasets import load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+class Load:
+    def __init__(self, url: str, policy: str, api_key: str | None, questions: list[str], request_timeout_s: float):
+        self.url, self.policy = url, policy
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.questions = itertools.cycle(questions)
+        self.timeout = httpx.Timeout(request_timeout_s, connect=10)
+        self.latencies: list[tuple[float, float]] = []  # (finished at, latency) of completed requests
+        self.statuses: Counter[int] = Counter()
+        self.errors: list[str] = []
+        self.lost: list[str] = []
+        self.answered: Counter[str] = Counter()
+        self.sent: set[str] = set()
+        self.pending: set[str] = set()  # sent and not yet answered (nor failed)
+        self.throttled = 0
+        self.slm_share: list[float] = []
+        self.t0 = time.monotonic()
+
+    async def one(self, client: httpx.AsyncClient) -> None:
+        """One request, sent again after each 429 until it is answered otherwise."""
+        request_id = f"load-{uuid.uuid4().hex[:12]}"
+        self.sent.add(request_id)
+        self.pending.add(request_id)
+        body = {"question": next(self.questions), "policy": self.policy, "request_id": request_id}
+        t0 = time.monotonic()
+        while True:
+            try:
+                reply = await client.post(f"{self.url}/v1/agent/runs", json=body, headers=self.headers)
+            except httpx.HTTPError as e:
+                self.pending.discard(request_id)
+                self.lost.append(f"{request_id}: {type(e).__name__}: {e}")
+                return
+            self.statuses[reply.status_code] += 1
+            if reply.status_code != 429:
+                break
+            self.throttled += 1
+            await asyncio.sleep(float(reply.headers.get("retry-after", "1") or 1))
+        self.pending.discard(request_id)
+        if reply.status_code != 200:
+            self.errors.append(f"{request_id}: HTTP {reply.status_code}: {reply.text[:300]}")
+            return
+        run = reply.json()
+        self.answered[run.get("request_id", "?")] += 1
+        if run.get("request_id") != request_id:
+            self.errors.append(f"{request_id}: answered with another id {run.get('request_id')!r}")
+            return
+        self.latencies.append((time.monotonic() - self.t0, time.monotonic() - t0))
+        self.slm_share.append(run.get("slm_share", 0.0))
+
+    async def client_loop(self, client: httpx.AsyncClient, until: float, progress, task) -> None:
+        while time.monotonic() < until:
+            await self.one(client)
+            progress.update(task, completed=min(time.monotonic() - self.t0, until - self.t0), refresh=False,
+                            description=self.describe())
+
+    def describe(self) -> str:
+        return (f"done {len(self.latencies)} · errors {len(self.errors)} · lost {len(self.lost)} · "
+                f"429s {self.throttled}")
+
+
+async def run(args) -> dict:
+    url = resolve_url(args.url)
+    questions = [item.question for item in load("gsm8k", "test")]
+    load_ = Load(url, args.policy, args.api_key or os.environ.get("HERA_API_KEY"), questions, args.drain)
+    console = Console()
+    limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
+    async with httpx.AsyncClient(timeout=load_.timeout, limits=limits) as client:
+        health = (await client.get(f"{url}/healthz")).json()
+        console.print(f"[bold]{url}[/]: {health.get('nodes_up')} edge nodes up, cloud {health.get('cloud_model')}; "
+                      f"{args.concurrency} clients × {args.duration:.0f} s, policy {args.policy}")
+        until = time.monotonic() + args.duration
+        with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task(load_.describe(), total=args.duration)
+            clients = [asyncio.create_task(load_.client_loop(client, until, progress, task)) for _ in range(args.concurrency)]
+            done, pending = await asyncio.wait(clients, timeout=args.duration + args.drain)
+            for t in pending:  # still unanswered long after the end: their requests are lost
+                t.cancel()
+            for t in done:
+                if t.exception() is not None:
+                    load_.errors.append(f"client crashed: {t.exception()!r}")
+    lat = [x for _, x in load_.latencies]
+    elapsed = max((t for t, _ in load_.latencies), default=args.duration)
+    duplicates = sum(c - 1 for c in load_.answered.values() if c > 1) + sum(
+        1 for rid in load_.answered if rid not in load_.sent)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    result = {
+        "command": "python bench/load.py " + " ".join(sys.argv[1:]), "commit": commit, "url": url,
+        "policy": args.policy, "concurrency": args.concurrency, "duration_s": args.duration,
+        "cloud_model": health.get("cloud_model"), "edge_nodes": health.get("nodes_up"),
+        "sent": len(load_.sent), "completed": len(lat), "errors": len(load_.errors),
+        "lost": len(load_.lost) + len(load_.pending), "duplicates": duplicates, "throttled_429": load_.throttled,
+        "statuses": dict(sorted(load_.statuses.items())),
+        "p50_s": round(percentile(lat, 0.5), 2), "p95_s": round(percentile(lat, 0.95), 2),
+        "max_s": round(max(lat, default=0.0), 2), "mean_s": round(statistics.fmean(lat), 2) if lat else 0.0,
+        "throughput_per_min": round(60 * len(lat) / elapsed, 2) if elapsed else 0.0,
+        "mean_slm_share": round(statistics.fmean(load_.slm_share), 3) if load_.slm_share else 0.0,
+        "error_samples": load_.errors[:10], "lost_samples": load_.lost[:10],
+    }
+    table = Table(title=f"load: {args.concurrency} concurrent agent requests for {args.duration:.0f} s ({args.policy})")
+    for col in ("completed", "errors", "lost", "duplicates", "429s", "p50 s", "p95 s", "max s", "per min", "SLM share"):
+        table.add_column(col, justify="right")
+    table.add_row(*map(str, (result["completed"], result["errors"], result["lost"], result["duplicates"],
+                             result["throttled_429"], result["p50_s"], result["p95_s"], result["max_s"],
+                             result["throughput_per_min"], result["mean_slm_share"])))
+    console.print(table)
+    console.print("target: 0 errors and 0 lost — " + ("[green]met[/]" if not result["errors"] and not result["lost"] else "[red]missed[/]"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(load_.latencies, args, args.out.with_suffix(".png"))
+    console.print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return result
+
+
+def plot(latencies: list[tuple[float, float]], args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    if latencies:
+        ends, lat = zip(*latencies)
+        ax1.scatter(ends, lat, s=8)
+        per_bin = Counter(int(t // 30) for t in ends)
+        bins = range(0, int(max(ends) // 30) + 1)
+        ax2.bar([b * 30 + 15 for b in bins], [per_bin.get(b, 0) * 2 for b in bins], width=27)
+    ax1.set_ylabel("latency (s)")
+    ax1.set_title(f"{args.concurrency} concurrent agent requests ({args.policy})")
+    ax2.set_ylabel("completed per minute")
+    ax2.set_xlabel("seconds since start (request finished)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="ingress URL (default: $HERA_URL, else the cluster `hera up` started here)")
+    p.add_argument("--concurrency", type=int, default=32, help="clients sending requests back to back")
+    p.add_argument("--duration", type=float, default=300, help="seconds during which new requests start")
+    p.add_argument("--drain", type=float, default=900, help="seconds after the end to wait for requests in flight")
+    p.add_argument("--policy", default="hera", help="routing policy (the request's model name)")
+    p.add_argument("--api-key", help="bearer key (default: $HERA_API_KEY)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.json")
+    args = p.parse_args()
+    result = asyncio.run(run(args))
+    sys.exit(0 if not result["errors"] and not result["lost"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""A Ray head on loopback with free ports, for the test packages that need a real local cluster
+(tests/serving, tests/fault). Stopping it runs ``ray stop --force``, which ends every Ray process
+on the machine: run those packages one after another, never beside another Ray cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from pathlib import Path
+from typing import Iterator
+
+from hera_ray.cluster import LOCAL_RAY_ENV, RAY_ENV
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_ray_head(cache_dir: Path, env: dict[str, str] | None = None) -> Iterator[dict]:
+    """Start a Ray head (``RAY_ADDRESS`` points at it and ``HERA_CACHE_DIR`` at ``cache_dir`` while
+    it runs; ``env`` is added for its workers), yield its address and ports, then stop it."""
+    saved = dict(os.environ)
+    os.environ.update({**RAY_ENV, **LOCAL_RAY_ENV, **(env or {}), "HERA_CACHE_DIR": str(cache_dir)})
+    from hera_ray.cluster import start_local_ray, stop_local_ray
+
+    ports = {"port": free_port(), "client_port": free_port(), "dashboard_port": free_port(), "metrics_port": free_port()}
+    address = start_local_ray(num_cpus=8, object_store_bytes=300_000_000, **ports)
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        yield {"address": address, **ports}
+    finally:
+        import ray
+
+        ray.shutdown()
+        stop_local_ray()
+        os.environ.clear()
+        os.environ.update(saved)

@@ -1,0 +1,98 @@
+"""schemathesis against the ingress's own OpenAPI schema: every operation, valid and invalid
+data, and not one 5xx.
+
+It runs schemathesis' CLI in a subprocess (its engine keeps global state that a pytest process
+need not share) with an NDJSON report, and counts the cases and the statuses from that report.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from serving_settings import API_KEY
+
+pytestmark = pytest.mark.timeout(900)
+
+MIN_CASES = 500
+
+
+def _text(value) -> str:
+    """A body from the report: bytes come base64-encoded."""
+    if isinstance(value, dict) and "$base64" in value:
+        return base64.b64decode(value["$base64"]).decode(errors="replace")
+    return repr(value)
+
+
+def _report(path: Path) -> tuple[int, Counter, list[str]]:
+    """(cases, statuses by (operation, code), problems) from schemathesis' NDJSON event stream."""
+    cases, statuses, problems = 0, Counter(), []
+    for line in path.read_text().splitlines():
+        event = json.loads(line)
+        if "ScenarioFinished" in event:
+            recorder = event["ScenarioFinished"]["recorder"]
+            cases += len(recorder.get("cases", {}))  # a skipped scenario has none
+            for case_id, interaction in recorder.get("interactions", {}).items():
+                response = interaction.get("response")
+                if response is None:
+                    problems.append(f"{recorder['label']}: no response for case {case_id}")
+                    continue
+                statuses[recorder["label"], response["status_code"]] += 1
+                if response["status_code"] >= 500:
+                    body, answer = _text(interaction["request"].get("body")), _text(response.get("content"))
+                    problems.append(f"{recorder['label']} -> {response['status_code']}: {body:.300} answer {answer:.300}")
+        elif "NonFatalError" in event or "FatalError" in event:
+            problems.append(f"schemathesis error: {json.dumps(event)[:500]}")
+    return cases, statuses, problems
+
+
+def test_no_operation_answers_5xx_to_generated_input(cluster, tmp_path):
+    report = tmp_path / "events.ndjson"
+    schemathesis = Path(sys.executable).with_name("schemathesis")
+    command = [
+        str(schemathesis), "run", f"{cluster.ingress_url}/openapi.json",
+        "--checks", "not_a_server_error",
+        "--mode", "all",  # valid and invalid data
+        "--phases", "examples,coverage,fuzzing",
+        "--max-examples", "200",
+        "--seed", "7",
+        "--workers", "2",
+        "--suppress-health-check", "all",
+        "--request-timeout", "120",
+        "-H", f"Authorization: Bearer {API_KEY}",
+        "--report", "ndjson", "--report-ndjson-path", str(report),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=800, cwd=tmp_path)
+    cases, by_operation, problems = _report(report)
+    statuses = Counter()
+    for (_operation, code), n in by_operation.items():
+        statuses[code] += n
+    summary = f"{cases} cases, statuses {dict(sorted(statuses.items()))}"
+    print("\n".join(f"  {operation} {code}: {n}" for (operation, code), n in sorted(by_operation.items())))
+    print(f"\nschemathesis: {summary}")
+    assert not problems, "\n".join([summary, *problems[:20]])
+    assert done.returncode == 0, f"{summary}\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
+    assert cases >= MIN_CASES, summary
+    assert not [code for code in statuses if code >= 500], summary
+    assert any(200 <= code < 300 for code in statuses) and any(400 <= code < 500 for code in statuses), summary
+
+
+def test_limits_found_by_fuzzing_are_400_naming_the_problem(cluster):
+    """What the fuzzing above turned up, as plain requests: each is a 400 that says why."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+    cases = [
+        ('{"question": "hi", "max_steps": 4}', "agent.max_steps_limit"),  # the test cluster's limit is 3
+        ('{"question": "hi", "max_cloud_cost": Infinity}', "finite number"),  # Python's JSON parser takes it
+        ('{"question": "hi", "max_cloud_cost": NaN}', "finite number"),
+    ]
+    for body, words in cases:
+        r = httpx.post(f"{cluster.ingress_url}/v1/agent/runs", content=body, headers=headers, timeout=60)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], (body, r.text)
