@@ -6,7 +6,9 @@ with GSM8K test questions. Then no new request starts, and every request in flig
 Each request carries its own id, and its answer must carry it back:
 - completed: answered 200 with its own id;
 - errors: answered with any other status (a 429 is counted apart as ``throttled`` and the request
-  is sent again after the server's Retry-After: that is backpressure, not a failure);
+  is sent again after the server's Retry-After: that is backpressure, not a failure; a request still
+  refused when the run's time is up is not sent again and counts as ``refused``: the server said
+  no at once, and the client knows it);
 - lost: no answer at all (connection dropped, or still unanswered ``--drain`` seconds after the end);
 - duplicates: an id answered twice, or an answer with another request's id.
 
@@ -14,6 +16,7 @@ Prints a table and writes bench/results/load.json (keys ``completed``, ``errors`
 ``p50_s``, ``p95_s`` and more) and bench/results/load.png (latency over time, and throughput).
 
     python bench/load.py [--concurrency 32] [--duration 300] [--policy hera] [--url URL]
+    python bench/load.py --overload 32     # backpressure: 32 requests at once, past the ingress's 8
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class Load:
         self.sent: set[str] = set()
         self.pending: set[str] = set()  # sent and not yet answered (nor failed)
         self.throttled = 0
+        self.refused: list[str] = []  # still refused (429) when the run's time was up: not sent again
+        self.until = float("inf")
         self.slm_share: list[float] = []
         self.t0 = time.monotonic()
 
@@ -84,6 +89,10 @@ class Load:
             if reply.status_code != 429:
                 break
             self.throttled += 1
+            if time.monotonic() >= self.until:
+                self.pending.discard(request_id)
+                self.refused.append(request_id)
+                return
             await asyncio.sleep(float(reply.headers.get("retry-after", "1") or 1))
         self.pending.discard(request_id)
         if reply.status_code != 200:
@@ -105,7 +114,7 @@ class Load:
 
     def describe(self) -> str:
         return (f"done {len(self.latencies)} · errors {len(self.errors)} · lost {len(self.lost)} · "
-                f"429s {self.throttled}")
+                f"429s {self.throttled} · in flight {len(self.pending)}")
 
 
 async def run(args) -> dict:
@@ -118,7 +127,7 @@ async def run(args) -> dict:
         health = (await client.get(f"{url}/healthz")).json()
         console.print(f"[bold]{url}[/]: {health.get('nodes_up')} edge nodes up, cloud {health.get('cloud_model')}; "
                       f"{args.concurrency} clients × {args.duration:.0f} s, policy {args.policy}")
-        until = time.monotonic() + args.duration
+        until = load_.until = time.monotonic() + args.duration
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task(load_.describe(), total=args.duration)
             clients = [asyncio.create_task(load_.client_loop(client, until, progress, task)) for _ in range(args.concurrency)]
@@ -139,6 +148,7 @@ async def run(args) -> dict:
         "cloud_model": health.get("cloud_model"), "edge_nodes": health.get("nodes_up"),
         "sent": len(load_.sent), "completed": len(lat), "errors": len(load_.errors),
         "lost": len(load_.lost) + len(load_.pending), "duplicates": duplicates, "throttled_429": load_.throttled,
+        "refused_at_end": len(load_.refused), "max_concurrent_runs": health.get("max_concurrent_runs"),
         "statuses": dict(sorted(load_.statuses.items())),
         "p50_s": round(percentile(lat, 0.5), 2), "p95_s": round(percentile(lat, 0.95), 2),
         "max_s": round(max(lat, default=0.0), 2), "mean_s": round(statistics.fmean(lat), 2) if lat else 0.0,
@@ -147,10 +157,11 @@ async def run(args) -> dict:
         "error_samples": load_.errors[:10], "lost_samples": load_.lost[:10],
     }
     table = Table(title=f"load: {args.concurrency} concurrent agent requests for {args.duration:.0f} s ({args.policy})")
-    for col in ("completed", "errors", "lost", "duplicates", "429s", "p50 s", "p95 s", "max s", "per min", "SLM share"):
+    for col in ("completed", "errors", "lost", "duplicates", "429s", "refused at end", "p50 s", "p95 s", "max s",
+                "per min", "SLM share"):
         table.add_column(col, justify="right")
     table.add_row(*map(str, (result["completed"], result["errors"], result["lost"], result["duplicates"],
-                             result["throttled_429"], result["p50_s"], result["p95_s"], result["max_s"],
+                             result["throttled_429"], result["refused_at_end"], result["p50_s"], result["p95_s"], result["max_s"],
                              result["throughput_per_min"], result["mean_slm_share"])))
     console.print(table)
     console.print("target: 0 errors and 0 lost — " + ("[green]met[/]" if not result["errors"] and not result["lost"] else "[red]missed[/]"))
@@ -158,6 +169,43 @@ async def run(args) -> dict:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(load_.latencies, args, args.out.with_suffix(".png"))
     console.print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return result
+
+
+async def overload(args) -> dict:
+    """Backpressure: ``--overload`` requests at once (one step each, no retries). Past the
+    ingress's ``max_concurrent_runs`` they must get 429 with Retry-After at once, not wait."""
+    url = resolve_url(args.url)
+    key = args.api_key or os.environ.get("HERA_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    console = Console()
+    limits = httpx.Limits(max_connections=args.overload + 8, max_keepalive_connections=args.overload + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900, connect=30), limits=limits) as client:
+        async def one(i: int) -> tuple[int, float, str | None]:
+            t0 = time.monotonic()
+            r = await client.post(f"{url}/v1/agent/runs", headers=headers,
+                                  json={"question": "What is 2 + 3?", "policy": "all-slm", "max_steps": 1,
+                                        "request_id": f"overload-{i}"})
+            return r.status_code, time.monotonic() - t0, r.headers.get("retry-after")
+
+        replies = await asyncio.gather(*(one(i) for i in range(args.overload)))
+    refused = [t for status, t, _ in replies if status == 429]
+    served = [t for status, t, _ in replies if status == 200]
+    result = {"command": "python bench/load.py " + " ".join(sys.argv[1:]), "sent_at_once": args.overload,
+              "statuses": dict(sorted(Counter(s for s, _, _ in replies).items())),
+              "refused_429": len(refused), "retry_after_given": sum(1 for s, _, ra in replies if s == 429 and ra),
+              "p50_429_s": round(percentile(refused, 0.5), 3), "max_429_s": round(max(refused, default=0.0), 3),
+              "p50_200_s": round(percentile(served, 0.5), 2), "max_200_s": round(max(served, default=0.0), 2)}
+    table = Table(title=f"overload: {args.overload} one-step requests at once")
+    for col in ("200", "429", "other", "429 with Retry-After", "429 p50 s", "429 max s", "200 p50 s", "200 max s"):
+        table.add_column(col, justify="right")
+    other = len(replies) - len(refused) - len(served)
+    table.add_row(*map(str, (len(served), len(refused), other, result["retry_after_given"], result["p50_429_s"],
+                             result["max_429_s"], result["p50_200_s"], result["max_200_s"])))
+    console.print(table)
+    out = args.out.with_name("overload.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"wrote {out}")
     return result
 
 
@@ -192,7 +240,12 @@ def main() -> None:
     p.add_argument("--policy", default="hera", help="routing policy (the request's model name)")
     p.add_argument("--api-key", help="bearer key (default: $HERA_API_KEY)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.json")
+    p.add_argument("--overload", type=int, default=0,
+                   help="instead: send this many one-step requests at once and count the 429s (writes overload.json)")
     args = p.parse_args()
+    if args.overload:
+        result = asyncio.run(overload(args))
+        sys.exit(0 if not set(result["statuses"]) - {200, 429} else 1)
     result = asyncio.run(run(args))
     sys.exit(0 if not result["errors"] and not result["lost"] else 1)
 

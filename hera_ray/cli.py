@@ -250,8 +250,8 @@ def list_nodes(registry: str, token: str | None, timeout: float = 5.0, tls: TLSF
 
 @app.command("nodes")
 def nodes_cmd(
-    registry: str = typer.Option("127.0.0.1:50051", help="host:port of the EdgeRegistry."),
-    token_file: Optional[Path] = typer.Option(None, envvar="HERA_TOKEN_FILE", help="File holding a registry token."),
+    registry: Optional[str] = typer.Option(None, help="host:port of the EdgeRegistry; default: the one `hera up` started here, else 127.0.0.1:50051."),
+    token_file: Optional[Path] = typer.Option(None, envvar="HERA_TOKEN_FILE", help="File holding a registry token; default: the token file of the cluster `hera up` started here."),
     as_json: bool = typer.Option(False, "--json", help="Print the node table as JSON."),
     tls_ca_file: Optional[Path] = typer.Option(None, "--tls-ca-file", envvar="HERA_TLS_CA_FILE", help="PEM CA: dial over TLS and verify the registry with it."),
     tls_cert_file: Optional[Path] = typer.Option(None, "--tls-cert-file", envvar="HERA_TLS_CERT_FILE", help="PEM client certificate, for a registry that requires mTLS."),
@@ -260,8 +260,14 @@ def nodes_cmd(
     """List the registered edge nodes with their state and load."""
     import grpc
 
+    from hera_ray.cluster import load_state
     from hera_ray.config import read_tokens
 
+    state = load_state()
+    if registry is None:
+        registry = state.registry if state and state.registry else "127.0.0.1:50051"
+        if token_file is None and state and state.token_file and state.registry == registry:
+            token_file = Path(state.token_file)
     try:
         token = read_tokens(token_file)[0] if token_file else None
         nodes = list_nodes(registry, token, tls=_client_tls(tls_ca_file, tls_cert_file, tls_key_file))

@@ -194,7 +194,7 @@ class IngressConfig(BaseModel):
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP ingress.")
     api_key_env: str = Field("HERA_API_KEY", description="Environment variable holding a bearer API key (named \"default\", no limits); with it and api_keys_file both unset, no key is required.")
     api_keys_file: Path | None = Field(None, description="YAML list of API keys ({name, key, requests_per_minute, burst, cloud_budget}), read by each ingress replica; accepted alongside the api_key_env key. A key's cloud spend is kept by the scheduler actor, so its budget holds across replicas; its rate bucket lives per ingress replica, so N replicas let it through up to N times its rate.")
-    max_concurrent_runs: int = Field(64, ge=1, description="Agent runs (streams included, until they end) one ingress replica works on at once; past it a run gets 429 with Retry-After at once instead of queueing.")
+    max_concurrent_runs: int = Field(8, ge=1, description="Agent runs (streams included, until they end) one ingress replica works on at once; past it a run gets 429 with Retry-After (about when a slot frees) at once instead of queueing. 8 keeps a run's latency bounded on a 2-core box with the bundled models (32 runs admitted at once took up to 15 min there); raise it with the cluster's capacity.")
     max_body_bytes: int = Field(1 * MiB, ge=1024, description="Largest request body accepted (413 past it).")
     max_ongoing_requests: int = Field(256, ge=2, description="Requests of any kind one ingress replica takes at once (Serve queues the rest); above max_concurrent_runs, so runs get hera's 429 first and health checks and /v1/models still get in while runs fill their slots.")
 

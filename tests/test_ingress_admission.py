@@ -106,6 +106,26 @@ def test_a_full_ingress_refuses_at_once_and_frees_the_slot_when_the_run_ends():
     asyncio.run(main())
 
 
+def test_retry_after_tells_a_refused_client_when_a_slot_should_free():
+    gate = AdmissionGate(4)
+    assert gate.retry_after_s == 1.0  # no run has finished yet: the first backoff
+    for _ in range(4):
+        gate.enter()
+    for _ in range(4):
+        gate.leave(run_s=60.0)  # runs take a minute; with 4 slots one frees about every 15 s
+    for _ in range(4):
+        gate.enter()
+    with pytest.raises(RateLimited) as info:
+        gate.enter()
+    assert info.value.retry_after_s == pytest.approx(15.0)
+    gate.leave(run_s=600.0)
+    assert gate.retry_after_s == 30.0  # never more than the cap
+    quick = AdmissionGate(8)
+    quick.enter()
+    quick.leave(run_s=0.5)
+    assert quick.retry_after_s == 1.0  # never less than a second
+
+
 def test_a_cancelled_run_gives_its_slot_back():
     # What a streaming client that hangs up looks like: the stream cancels the run's task.
     async def main():

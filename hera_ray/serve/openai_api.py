@@ -226,8 +226,9 @@ class HeraIngress:
                     except Exception as e:  # noqa: BLE001 - the run's own outcome matters more than the charge's
                         log.warning("could not charge %.6f to API key %r: %s", cost, key.name, e)
 
+        started = time.monotonic()
         task = asyncio.ensure_future(run())
-        task.add_done_callback(lambda _: self.admission.leave())
+        task.add_done_callback(lambda _: self.admission.leave(run_s=time.monotonic() - started))
         return task
 
     async def run_agent(self, question: str, policy: str = "all-slm", max_steps: int | None = None,
@@ -256,7 +257,9 @@ class HeraIngress:
             status = await asyncio.wait_for(self.actor.ping.remote(), 5)
         except Exception as e:  # noqa: BLE001 - any failure means not healthy
             return _json_error(503, f"scheduler unreachable: {e}")
-        return JSONResponse({"status": "ok", **status})
+        # This ingress replica's admission: runs it works on now, and how many it takes before 429.
+        return JSONResponse({"status": "ok", **status, "runs_in_flight": self.admission.in_flight,
+                             "max_concurrent_runs": self.admission.limit})
 
     @api.get("/v1/estimators")
     async def estimators_manifest(self, request: Request) -> dict[str, Any]:

@@ -50,6 +50,15 @@ def test_models_and_health(oai, cluster):
     assert {"all-slm", "all-llm", "random"} <= {m.id for m in oai.models.list()}
     health = httpx.get(f"{cluster.ingress_url}/healthz", timeout=10).json()
     assert health["status"] == "ok" and health["nodes_up"] == 2
+    assert health["max_concurrent_runs"] == 8 and health["runs_in_flight"] == 0
+
+
+def test_hera_nodes_finds_the_cluster_hera_up_started(cluster):
+    """`hera nodes` with no flags reads the registry and token of the cluster `hera up` started here."""
+    out = subprocess.run([sys.executable, "-m", "hera_ray", "nodes", "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    nodes = json.loads(out.stdout)
+    assert sorted(n["node_id"] for n in nodes) == ["edge-0", "edge-1"] and {n["state"] for n in nodes} == {"up"}
 
 
 def test_all_slm_trace_matches_what_ran(client, cluster):
