@@ -8,6 +8,7 @@ what it started in ``~/.cache/hera-ray/cluster/state.json``; ``down`` stops exac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +43,10 @@ class ClusterState:
     edge_pids: list[int] = field(default_factory=list)
     edge_addresses: list[str] = field(default_factory=list)
 
+
+# For the Ray processes a node starts: Ray's client server forks its per-client servers while gRPC
+# threads run and sometimes dies doing so ("Starting Ray client server failed", ray-project/ray#63202).
+RAY_NODE_ENV = {"GRPC_ENABLE_FORK_SUPPORT": "false"}
 
 # A local head stays on loopback: Ray would otherwise advertise (and dial) the host's own IP.
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -72,24 +78,64 @@ def _ray_bin() -> str:
     return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 
 
+def local_ray_temp_dir(port: int) -> Path:
+    """The temp dir of a local head started on ``port``: short (Ray's socket paths must fit in 107
+    bytes) and its own, so stopping this head touches no other Ray cluster on the machine."""
+    return Path(tempfile.gettempdir()) / f"hera-ray-{port}"
+
+
+def ensure_ray_token() -> None:
+    """Token auth is on (``RAY_AUTH_MODE=token``), and ``ray start`` refuses to start without a token:
+    on a machine that never ran Ray, make one (``~/.ray/auth_token``, as ``ray.init()`` would)."""
+    if os.environ.get("RAY_AUTH_TOKEN") or Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").exists():
+        return
+    out = subprocess.run([_ray_bin(), "get-auth-token", "--generate"], capture_output=True, text=True,
+                         env={**RAY_ENV, **os.environ}, timeout=120)
+    if out.returncode != 0:
+        raise HeraError(f"could not make a Ray auth token (`ray get-auth-token --generate`): {out.stderr[-1000:]}")
+
+
 def start_local_ray(num_cpus: int | None = None, object_store_bytes: int = 500_000_000,
                     port: int = 6379, client_port: int = 10001, dashboard_port: int = 8265,
                     metrics_port: int = 8090) -> str:
-    """``ray start --head`` on this machine; returns the GCS address."""
+    """``ray start --head`` on this machine, in its own temp dir; returns the GCS address."""
     cmd = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            f"--ray-client-server-port={client_port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--metrics-export-port={metrics_port}",
            f"--num-cpus={num_cpus or max(8, os.cpu_count() or 1)}", f"--object-store-memory={object_store_bytes}",
-           "--disable-usage-stats"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**RAY_ENV, **os.environ}, timeout=180)
+           f"--temp-dir={local_ray_temp_dir(port)}", "--disable-usage-stats"]
+    ensure_ray_token()
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**RAY_ENV, **RAY_NODE_ENV, **os.environ}, timeout=180)
     if out.returncode != 0:
         raise HeraError(f"`ray start --head` failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     return f"127.0.0.1:{port}"
 
 
-def stop_local_ray() -> None:
-    """``ray stop --force``: ends every Ray process on this machine."""
-    subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, timeout=120)
+def stop_local_ray(address: str, timeout_s: float = 30.0) -> int:
+    """Stop the local head ``start_local_ray`` started at ``address`` and every process of its cluster,
+    and nothing else: unlike ``ray stop``, other Ray clusters on the machine keep running. Its
+    processes are those naming its temp dir or its address on their command line (GCS, raylet,
+    monitors, the Ray client server) and their descendants (workers, agents, Serve replicas, which
+    rename themselves ``ray::...``), all gathered before any is stopped. Returns how many."""
+    import psutil
+
+    markers = (str(local_ray_temp_dir(int(address.rpartition(":")[2]))), f"--address={address}")
+    mine: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid != os.getpid() and any(m in arg for arg in (proc.info["cmdline"] or ()) for m in markers):
+            mine[proc.pid] = proc
+            with contextlib.suppress(psutil.Error):
+                mine.update({child.pid: child for child in proc.children(recursive=True) if child.pid != os.getpid()})
+    procs = list(mine.values())
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return len(procs)
 
 
 def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, timeout_s: float = 900.0,
@@ -220,7 +266,7 @@ def down(log=print) -> bool:
     except Exception as e:  # noqa: BLE001 - the cluster may be gone already
         log(f"Ray: {e}")
     if state.started_ray:
-        stop_local_ray()
+        stop_local_ray(state.ray_address)
         log("stopped the local Ray head")
     state_path().unlink(missing_ok=True)
     return True

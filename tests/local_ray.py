@@ -1,6 +1,6 @@
 """A Ray head on loopback with free ports, for the test packages that need a real local cluster
-(tests/serving, tests/fault). Stopping it runs ``ray stop --force``, which ends every Ray process
-on the machine: run those packages one after another, never beside another Ray cluster."""
+(tests/serving, tests/fault, tests/autoscale). Stopping it ends that cluster's processes only, so a
+cluster started by ``hera up`` (or another test run) on the same machine is left alone."""
 
 from __future__ import annotations
 
@@ -36,6 +36,6 @@ def local_ray_head(cache_dir: Path, env: dict[str, str] | None = None) -> Iterat
         import ray
 
         ray.shutdown()
-        stop_local_ray()
+        stop_local_ray(address)
         os.environ.clear()
         os.environ.update(saved)
