@@ -22,7 +22,7 @@ from hera_ray.config import EdgeNodeConfig, read_tokens
 from hera_ray.errors import ConfigError
 from hera_ray.models import resolve_model
 from hera_ray import tls
-from hera_ray.wire import (auth_metadata, edge_pb2, edge_pb2_grpc, grpc_errors, grpc_options, load_to_pb, reconnect_options, params_from_pb,
+from hera_ray.wire import (auth_metadata, edge_pb2, edge_pb2_grpc, grpc_errors, grpc_options, keepalive_options, load_to_pb, reconnect_options, params_from_pb,
                            registry_pb2, registry_pb2_grpc, server_options)
 
 from edge_node.worker import EdgeWorker
@@ -131,7 +131,7 @@ class EdgeNode:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.registry:
-            self._channel = tls.channel(self.config.registry, self.config.tls, options=grpc_options(self.config.max_message_bytes) + reconnect_options())
+            self._channel = tls.channel(self.config.registry, self.config.tls, options=grpc_options(self.config.max_message_bytes) + reconnect_options() + keepalive_options())
             self._stub = registry_pb2_grpc.EdgeRegistryStub(self._channel)
             self._heartbeats = asyncio.create_task(self._registration_loop())
 

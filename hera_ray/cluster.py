@@ -146,7 +146,7 @@ def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, 
     import ray
     from ray import serve
 
-    from hera_ray.scheduler.actor import get_or_create_scheduler
+    from hera_ray.scheduler.actor import advertised_host, get_or_create_scheduler, host_port
     from hera_ray.serve.app import build_app
 
     t0 = time.monotonic()
@@ -163,6 +163,8 @@ def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, 
     try:
         if not ray.is_initialized():
             ray.init(address=address, namespace=config.namespace, log_to_driver=False, logging_level=logging.WARNING)
+        if not address.startswith("ray://"):  # RAY_ADDRESS=auto (cluster.yaml's head): record the real one for `hera down`
+            state.ray_address = ray.get_runtime_context().gcs_address
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         token_file = config.scheduler.token_file or default_token_file()
         config = config.model_copy(update={"scheduler": config.scheduler.model_copy(update={"token_file": token_file})})
@@ -174,7 +176,9 @@ def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, 
         serve.start(http_options={"host": config.ingress.host, "port": config.ingress.port})
         log(f"deploying the Serve app {config.app_name!r} (cloud LLM: {config.cloud.backend} {config.cloud.model})")
         serve.run(build_app(config=config), name=config.app_name, route_prefix="/")
-        state.ingress_url = f"http://{config.ingress.host}:{config.ingress.port}"
+        # Serve's HTTP proxy runs on the head (and on nodes with replicas): with a wildcard ingress.host
+        # (0.0.0.0), the URL to give out is the head node's address.
+        state.ingress_url = f"http://{host_port(advertised_host(config.ingress.host, None, head_node_ip), config.ingress.port)}"
         _save_state(state)
 
         logs = cache_dir() / "cluster" / "logs"
@@ -194,6 +198,17 @@ def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, 
         raise
     log(f"hera-ray is up in {time.monotonic() - t0:.0f}s: {state.ingress_url}")
     return state
+
+
+def head_node_ip() -> str:
+    """The address of the Ray cluster's head node (this driver must be connected)."""
+    import ray
+    from hera_ray.scheduler.actor import HEAD_NODE_RESOURCE
+
+    for node in ray.nodes():
+        if node["Alive"] and HEAD_NODE_RESOURCE in node["Resources"]:
+            return node["NodeManagerAddress"]
+    raise HeraError("the Ray cluster has no live head node")
 
 
 def wait_healthy(state: ClusterState, edges: int, timeout_s: float) -> dict:

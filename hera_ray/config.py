@@ -150,6 +150,7 @@ class CloudLLMConfig(BaseModel):
     request_timeout_s: float = Field(600.0, gt=0, description="Longest a single generation may take.")
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description="vllm: extra AsyncEngineArgs (e.g. dtype, max_model_len).")
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each replica needs, e.g. {\"cloud\": 1} to keep replicas on the nodes started with `ray start --resources '{\"cloud\": 4}'`.")
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings, description="Replica autoscaling.")
 
 
@@ -160,6 +161,7 @@ class SchedulerConfig(BaseModel):
 
     registry_host: str = Field("127.0.0.1", description="Address the EdgeRegistry binds (0.0.0.0 to let edge boxes on other hosts in).")
     registry_port: int = Field(50051, ge=0, le=65535, description="Port of the EdgeRegistry.")
+    registry_advertise_host: str | None = Field(None, description="Host or IP edge boxes dial the registry at, as `hera up` reports it; default: registry_host, or the head node's IP when registry_host is 0.0.0.0 / ::.")
     token_file: Path | None = Field(None, description="Accepted edge tokens, one per line; default: ~/.cache/hera-ray/cluster/token, created if missing.")
     heartbeat_interval_s: float = Field(1.0, gt=0, description="How often edge nodes heartbeat.")
     missed_heartbeats: int = Field(3, ge=1, description="Heartbeats a node may miss before it is marked down.")

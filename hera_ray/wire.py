@@ -36,6 +36,7 @@ __all__ = [
     "check_token",
     "grpc_errors",
     "grpc_options",
+    "keepalive_options",
     "reconnect_options",
     "server_options",
     "status_code",
@@ -63,10 +64,30 @@ def reconnect_options(max_backoff_ms: int = 1000) -> list[tuple[str, Any]]:
     ]
 
 
+#: Keepalive pings on a connection with calls in flight: every KEEPALIVE_MS, and a ping not acked
+#: within KEEPALIVE_TIMEOUT_MS ends the connection, failing its calls with UNAVAILABLE. Without them a
+#: call over a cut link (a cable pulled, a host's link down: no RST ever comes) hangs to its deadline.
+KEEPALIVE_MS = 2000
+KEEPALIVE_TIMEOUT_MS = 2000
+
+
+def keepalive_options(interval_ms: int = KEEPALIVE_MS, timeout_ms: int = KEEPALIVE_TIMEOUT_MS) -> list[tuple[str, Any]]:
+    """Channel options that notice a dead connection under a long call (see ``KEEPALIVE_MS``); pings
+    go only while calls are in flight, and keep going through a call that sends nothing for a while."""
+    return [
+        ("grpc.keepalive_time_ms", interval_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    """Server options: size limits, and no SO_REUSEPORT, so a port already in use fails loudly
-    instead of two servers silently sharing it."""
-    return [*grpc_options(max_message_bytes), ("grpc.so_reuseport", 0)]
+    """Server options: size limits, no SO_REUSEPORT (so a port already in use fails loudly instead of
+    two servers silently sharing it), and room for the clients' keepalive pings (gRPC's default takes
+    a ping more often than every 5 minutes as abuse and drops the connection)."""
+    return [*grpc_options(max_message_bytes), ("grpc.so_reuseport", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2)]
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

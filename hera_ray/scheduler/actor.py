@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.util import metrics
@@ -26,6 +26,24 @@ from hera_ray.scheduler.router import RouteRequest, Router, SubtaskReport
 from hera_ray.tls import check as check_tls
 
 SCHEDULER_NAME = "SubtaskScheduler"
+# Ray gives every head node this resource (Serve pins its controller with it too). The actor asks
+# for a sliver of it, so it runs on the head, and so does every restart of it: edge boxes dial the
+# registry it runs at one known address.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
+
+
+def advertised_host(bind_host: str, advertise_host: str | None, node_ip: Callable[[], str]) -> str:
+    """The host edge boxes dial the registry at: the configured one, else the bind address unless it
+    is a wildcard (0.0.0.0 is not dialable from another host), else this node's IP."""
+    if advertise_host:
+        return advertise_host
+    return node_ip() if bind_host in _WILDCARD_HOSTS else bind_host
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 literal in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 class _RegistryThread(threading.Thread):
@@ -92,7 +110,8 @@ class SubtaskScheduler:
         self._registry.ready.wait(30)
         if self._registry.error is not None:
             raise ConfigError(f"the edge registry could not start on {s.registry_host}:{s.registry_port}: {self._registry.error}")
-        self.registry_address = f"{s.registry_host}:{self._registry.port}"
+        self.registry_address = host_port(advertised_host(s.registry_host, s.registry_advertise_host, ray.util.get_node_ip_address),
+                                          self._registry.port)
         self._key_spend: dict[str, float] = {}  # API key name -> cloud cost of its runs (kept from start; not persisted)
         self._m_subtasks = metrics.Counter("hera_subtasks", "Subtasks routed, by placement and policy.", ("placement", "policy"))
         self._m_tokens = metrics.Counter("hera_tokens", "Tokens processed, by placement.", ("placement",))
@@ -161,7 +180,7 @@ class SubtaskScheduler:
         nodes = self.table.nodes()
         for r in nodes:  # health checks come often: keep the per-node load gauges fresh
             self._m_load.set(r.utilisation, {"node": r.spec.node_id})
-        return {"registry": self.registry_address, "nodes": len(nodes),
+        return {"registry": self.registry_address, "node_ip": ray.util.get_node_ip_address(), "nodes": len(nodes),
                 "nodes_up": sum(1 for r in nodes if r.state.value == "up"), "policies": sorted(self.router.policies),
                 "cloud_model": self.router.cloud_model, "edge_model": self.router.edge_model,
                 "scheduler_started_at": self.started_at}
@@ -208,6 +227,7 @@ def get_or_create_scheduler(config: HeraConfig):
         max_restarts=-1,
         max_task_retries=3,
         num_cpus=0,
+        resources={HEAD_NODE_RESOURCE: 0.001},
         max_concurrency=1000,
     ).remote(config.model_dump(mode="json"))
 

@@ -10,7 +10,8 @@ import grpc
 from hera_ray.errors import Unavailable, error_from_dict
 from hera_ray.generation import GenerationParams, GenerationResult
 from hera_ray.tls import TLSFiles, channel as tls_channel, check as check_tls
-from hera_ray.wire import edge_pb2_grpc, error_from_rpc, grpc_options, reconnect_options, params_to_pb, result_from_pb
+from hera_ray.wire import (edge_pb2_grpc, error_from_rpc, grpc_options, keepalive_options, params_to_pb, reconnect_options,
+                           result_from_pb)
 
 
 class ActorScheduler:
@@ -41,7 +42,8 @@ class ClusterExecutor:
         self.timeout_s = timeout_s
         #: An edge call past this is taken as a frozen node (DEADLINE_EXCEEDED: re-routed).
         self.edge_timeout_s = edge_timeout_s or timeout_s
-        self._options = grpc_options(max_message_bytes) + reconnect_options()
+        # Keepalive: a subtask in flight on a node whose link is cut fails within seconds and is re-routed.
+        self._options = grpc_options(max_message_bytes) + reconnect_options() + keepalive_options()
         self._stubs: dict[str, edge_pb2_grpc.EdgeWorkerStub] = {}
 
     def _stub(self, address: str) -> edge_pb2_grpc.EdgeWorkerStub:
