@@ -82,9 +82,17 @@ def deployment_options(config: CloudLLMConfig) -> dict[str, Any]:
         "autoscaling_config": autoscaling,
         # llama.cpp refuses past its own queue; let Serve hold no more than that per replica.
         "max_ongoing_requests": config.slots + config.max_queue,
-        "ray_actor_options": {"num_cpus": config.num_cpus},
+        "ray_actor_options": {"num_cpus": config.num_cpus, **({"resources": dict(config.resources)} if config.resources else {})},
     }
 
 
 def build_cloud_deployment(config: CloudLLMConfig):
     return serve.deployment(CloudLLMServer, **deployment_options(config)).bind(config.model_dump(mode="json"))
+
+
+def replica_states(app_name: str = "hera") -> dict[str, int]:
+    """The cloud deployment's replicas by state (``{"RUNNING": 2, "STARTING": 1}``), as ``serve status``
+    shows them; empty if the app or deployment is not there. Needs a connected Ray driver."""
+    status = serve.status().applications.get(app_name)
+    deployment = status.deployments.get(DEPLOYMENT_NAME) if status else None
+    return {str(k.value if hasattr(k, "value") else k): v for k, v in (deployment.replica_states if deployment else {}).items()}
