@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -39,3 +40,24 @@ def local_ray_head(cache_dir: Path, env: dict[str, str] | None = None) -> Iterat
         stop_local_ray(address)
         os.environ.clear()
         os.environ.update(saved)
+
+
+def ingress_health(url: str) -> dict:
+    """The ingress's /healthz as JSON, or {} when it does not answer 200 (down, restarting)."""
+    import httpx
+
+    try:
+        r = httpx.get(f"{url}/healthz", timeout=5)
+        return r.json() if r.status_code == 200 else {}
+    except httpx.HTTPError:
+        return {}
+
+
+def wait_nodes_up(url: str, n: int, timeout_s: float) -> float | None:
+    """Seconds until the ingress at ``url`` reports exactly ``n`` edge nodes up, or None on timeout."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if ingress_health(url).get("nodes_up") == n:
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    return None

@@ -109,7 +109,7 @@ def test_no_keys_means_no_key_is_required():
 def test_ingress_config_takes_a_keys_file_and_keeps_room_beside_runs(tmp_path):
     c = IngressConfig(api_keys_file=tmp_path / "keys.yaml")
     assert c.api_keys_file == tmp_path / "keys.yaml" and c.api_key_env == "HERA_API_KEY"
-    assert c.max_ongoing_requests > c.max_concurrent_runs == 64
+    assert c.max_ongoing_requests > c.max_concurrent_runs == 8
     with pytest.raises(ValidationError, match="must exceed ingress.max_concurrent_runs"):
         IngressConfig(max_concurrent_runs=64, max_ongoing_requests=64)
 

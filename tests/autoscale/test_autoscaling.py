@@ -47,9 +47,14 @@ def test_cloud_replicas_scale_up_under_load_and_back_down(autoscale_cluster):
             replies.append(r)
             n += 1
 
+    def sample() -> int:
+        n = running(app)
+        seen.add(n)
+        return n
+
     def watch() -> None:
         while not stop.is_set():
-            seen.add(running(app))
+            sample()
             time.sleep(0.25)
 
     pool = ThreadPoolExecutor(5)
@@ -57,7 +62,7 @@ def test_cloud_replicas_scale_up_under_load_and_back_down(autoscale_cluster):
         pool.submit(client, i)
     pool.submit(watch)
     try:
-        scaled_up = wait_for(lambda: running(app) >= 2, 240)
+        scaled_up = wait_for(lambda: sample() >= 2, 240)
     finally:
         stop.set()
         pool.shutdown(wait=True)

@@ -7,12 +7,13 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import httpx
+
+from local_ray import ingress_health, wait_nodes_up
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "netns-cluster.sh"
@@ -64,11 +65,7 @@ class NetnsCluster:
     up_s: float
 
     def health(self) -> dict:
-        try:
-            r = httpx.get(f"{INGRESS}/healthz", timeout=5)
-            return r.json() if r.status_code == 200 else {}
-        except httpx.HTTPError:
-            return {}
+        return ingress_health(INGRESS)
 
     def run(self, policy: str, request_id: str | None = None, question: str = QUESTION, **body) -> httpx.Response:
         payload = {"question": question, "policy": policy, **body}
@@ -86,12 +83,7 @@ class NetnsCluster:
 
     def wait_nodes_up(self, n: int, timeout_s: float) -> float | None:
         """Seconds until the scheduler sees exactly ``n`` edge nodes up, or None."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout_s:
-            if self.health().get("nodes_up") == n:
-                return time.monotonic() - t0
-            time.sleep(0.1)
-        return None
+        return wait_nodes_up(INGRESS, n, timeout_s)
 
     def in_flight(self, host: str) -> int:
         """Subtasks the edge node on ``host`` is generating now (its EdgeWorker.Info, dialled directly)."""

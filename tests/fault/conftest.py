@@ -6,15 +6,13 @@ restart. SmolLM2-135M stands in as the cloud model to keep the suite inside CI's
 from __future__ import annotations
 
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
 from hera_ray.launcher import LocalProcess, start_edge
-from local_ray import free_port, local_ray_head
+from local_ray import free_port, ingress_health, local_ray_head, wait_nodes_up
 
 EDGE_NAMES = ("edge-a", "edge-b")
 
@@ -30,20 +28,11 @@ class FaultCluster:
     edges: dict[str, LocalProcess] = field(default_factory=dict)
 
     def health(self) -> dict:
-        try:
-            r = httpx.get(f"{self.url}/healthz", timeout=5)
-            return r.json() if r.status_code == 200 else {}
-        except httpx.HTTPError:
-            return {}
+        return ingress_health(self.url)
 
     def wait_nodes_up(self, n: int, timeout_s: float) -> float | None:
         """Seconds until the scheduler sees exactly ``n`` edge nodes up, or None on timeout."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout_s:
-            if self.health().get("nodes_up") == n:
-                return time.monotonic() - t0
-            time.sleep(0.1)
-        return None
+        return wait_nodes_up(self.url, n, timeout_s)
 
     def start_edge(self, name: str) -> LocalProcess:
         proc = start_edge(self.workdir, name, self.registry, self.token_file, extra_args=["--n-ctx", "1024"])
