@@ -1,6 +1,10 @@
 """A Ray head on loopback with free ports, for the test packages that need a real local cluster
 (tests/serving, tests/fault, tests/autoscale). Stopping it ends that cluster's processes only, so a
-cluster started by ``hera up`` (or another test run) on the same machine is left alone."""
+cluster started by ``hera up`` (or another test run) on the same machine is left alone.
+
+A Serve handle made in the test process outlives the cluster it was made for: Serve runs every
+handle's router on one loop per process, and a later package's handle then waits on it forever.
+Tests after tests/fault reach a cluster over HTTP or from a process of their own (``ray://``)."""
 
 from __future__ import annotations
 
