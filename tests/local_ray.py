@@ -3,8 +3,9 @@
 cluster started by ``hera up`` (or another test run) on the same machine is left alone.
 
 A Serve handle made in the test process outlives the cluster it was made for: Serve runs every
-handle's router on one loop per process, and a later package's handle then waits on it forever.
-Tests after tests/fault reach a cluster over HTTP or from a process of their own (``ray://``)."""
+handle's router on one loop per process, and a later package's first handle call then waits on it
+(10 minutes here). A test that makes a handle shuts it down (``handle.shutdown()``) before its
+cluster goes away, or reaches the cluster over HTTP or from a process of its own (``ray://``)."""
 
 from __future__ import annotations
 

@@ -124,9 +124,14 @@ def test_a_killed_cloud_replica_is_replaced_and_its_subtask_retried(cluster):
     handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=cluster.app_name)
     futures = submit(cluster.url, 2, "all-llm", "cloud")
     deadline = time.monotonic() + 120
-    while handle.load.remote().result(timeout_s=10).get("in_flight", 0) == 0:
-        assert time.monotonic() < deadline, "the cloud replica never started a subtask"
-        time.sleep(0.05)
+    try:
+        while handle.load.remote().result(timeout_s=10).get("in_flight", 0) == 0:
+            assert time.monotonic() < deadline, "the cloud replica never started a subtask"
+            time.sleep(0.05)
+    finally:
+        # Stop this process's router for the handle: left running, it outlives this cluster and the
+        # next package's first handle call waits on it (see tests/local_ray.py).
+        handle.shutdown()
     (replica,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
                   if a["name"].startswith("SERVE_REPLICA") and f"#{DEPLOYMENT_NAME}#" in a["name"]]
     ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
