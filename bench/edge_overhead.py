@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=12, help="timed requests per path (after 2 warm-ups)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads, the same for both paths")
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "edge_overhead.json")
     args = ap.parse_args()
     console = Console()

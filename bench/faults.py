@@ -45,6 +45,8 @@ class Cluster:
         self.url = url
         self.state = cluster.attach()  # a Ray driver, to kill actors
         self.expected = len(self.state.edge_pids)
+        #: Edges restarted by a fault serve the model the scheduler places work on.
+        self.edge_model = self.health().get("edge_model") or "qwen2.5-coder-0.5b"
         self.pool = ThreadPoolExecutor(8)
         self.requests: list = []
 
@@ -81,7 +83,7 @@ class Cluster:
         from hera_ray.models import cache_dir
 
         proc = start_edge(cache_dir() / "cluster" / "logs", f"edge-{i}", self.state.registry, Path(self.state.token_file),
-                          port=int(self.state.edge_addresses[i].rsplit(":", 1)[1]), detach=True)
+                          model=self.edge_model, port=int(self.state.edge_addresses[i].rsplit(":", 1)[1]), detach=True)
         self.state.edge_pids[i] = proc.pid
         _save_state(self.state)  # so `hera down` stops the new process
 

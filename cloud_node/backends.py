@@ -20,7 +20,7 @@ from typing import AsyncIterator
 
 from hera_ray.config import CloudLLMConfig
 from hera_ray.errors import ConfigError, InvalidRequest, ModelNotFound, Unavailable
-from hera_ray.generation import GenerationParams, GenerationResult, validate_params
+from hera_ray.generation import LINE_END, STOP_UNKNOWN, GenerationParams, GenerationResult, validate_params
 
 
 class LLMBackend(abc.ABC):
@@ -86,17 +86,29 @@ class OpenAIBackend(LLMBackend):
         if not key:
             raise ConfigError(f"the openai backend needs an API key in ${config.openai_api_key_env}")
         self.model_id = config.model_id or config.model
+        self.continue_final_message = config.openai_continue_final_message
         self.client = openai.AsyncOpenAI(base_url=config.openai_base_url, api_key=key, timeout=config.request_timeout_s)
 
     async def generate(self, p: GenerationParams) -> GenerationResult:
         self._check_model(p)
         validate_params(p)
         messages = [{"role": r, "content": c} for r, c in p.messages] or [{"role": "user", "content": p.prompt}]
+        extra: dict = {}
+        # An OpenAI-compatible API stops on strings, not token ids: the line end is the stop "\n"
+        # (the newline is not returned; the agent puts it back: hera_ray.agent.steps.make_step).
+        stops = [*p.stop, *([LINE_END] if p.stop_at_line_end and LINE_END not in p.stop else [])]
+        if p.continue_final_message:
+            if not self.continue_final_message:
+                raise InvalidRequest(
+                    f"the OpenAI-compatible endpoint behind {self.model_id!r} is not set to continue an open assistant "
+                    "message (cloud.openai_continue_final_message); ask for the next step in the turns format")
+            # vLLM's and SGLang's chat API: continue the last (assistant) message, no new turn.
+            extra["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
         t0 = time.perf_counter()
         reply = await self.client.chat.completions.create(
             model=self.model_id, messages=messages, max_tokens=p.max_tokens, temperature=p.temperature,
             **({"top_p": p.top_p} if p.top_p is not None else {}), **({"seed": p.seed} if p.seed is not None else {}),
-            **({"stop": list(p.stop)} if p.stop else {}),
+            **({"stop": stops} if stops else {}), **extra,
         )
         elapsed = time.perf_counter() - t0
         choice = reply.choices[0]
@@ -110,7 +122,29 @@ class OpenAIBackend(LLMBackend):
             queue_s=0.0,
             finish_reason="length" if choice.finish_reason == "length" else "stop",
             request_id=p.request_id,
+            stop_reason=_stop_reason(choice, p),
+            cached_prompt_tokens=_cached_tokens(usage),
         )
+
+
+def _stop_reason(choice, p: GenerationParams) -> str:
+    """Which stop string ended the reply. vLLM's and SGLang's servers say (``stop_reason``: the string,
+    or null for the end of the message); OpenAI's API has no such field and reports "stop" for a stop
+    string and for the end of the message alike, which is STOP_UNKNOWN."""
+    extra = getattr(choice, "model_extra", None) or {}
+    if "stop_reason" in extra:
+        said = extra["stop_reason"]
+        return said if isinstance(said, str) else ""
+    if choice.finish_reason == "stop" and (p.stop or p.stop_at_line_end):
+        return STOP_UNKNOWN
+    return ""
+
+
+def _cached_tokens(usage) -> int | None:
+    """The prompt tokens the provider billed as cached, if it says."""
+    details = getattr(usage, "prompt_tokens_details", None) if usage else None
+    cached = getattr(details, "cached_tokens", None) if details else None
+    return int(cached) if isinstance(cached, int) else None
 
 
 def make_backend(config: CloudLLMConfig) -> LLMBackend:

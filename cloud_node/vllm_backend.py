@@ -32,7 +32,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from cloud_node.backends import LLMBackend
 from hera_ray.config import CloudLLMConfig
 from hera_ray.errors import ConfigError, ContextLengthExceeded, HeraError, InvalidRequest, Unavailable
-from hera_ray.generation import GenerationParams, GenerationResult, validate_params
+from hera_ray.generation import LINE_END, GenerationParams, GenerationResult, validate_params
 from hera_ray.models import resolve_model
 
 try:  # an already tokenised ("rendered") input: vLLM takes it as is, without its deprecated raw-prompt path
@@ -109,6 +109,8 @@ class VLLMBackend(LLMBackend):
         self.n_ctx: int = self.engine.model_config.max_model_len
         self.tokenizer = self.engine.get_tokenizer()
         self._has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self._line_ends: frozenset[int] | None = None
+        self._line_end_ids()  # found once at start, not on the engine loop during a request
 
     # -- the engine thread ----------------------------------------------------------------------
 
@@ -133,12 +135,22 @@ class VLLMBackend(LLMBackend):
         if p.messages:
             if not self._has_chat_template:
                 raise InvalidRequest(f"model {self.model_id!r} has no chat template; send a raw prompt instead")
+            # continue_final_message: the open assistant message is continued, not closed and
+            # followed by a new turn (an agent's steps are one growing message).
             text = tok.apply_chat_template(
-                [{"role": r, "content": c} for r, c in p.messages], tokenize=False, add_generation_prompt=True
+                [{"role": r, "content": c} for r, c in p.messages], tokenize=False,
+                add_generation_prompt=not p.continue_final_message, continue_final_message=p.continue_final_message,
             )
             # The template writes its own special tokens (BOS and the like): add none.
             return list(tok.encode(text, add_special_tokens=False))
         return list(tok.encode(p.prompt))
+
+    def _line_end_ids(self) -> frozenset[int]:
+        """Ids of the tokenizer's tokens whose text holds a newline (found once)."""
+        if self._line_ends is None:
+            tok = self.tokenizer
+            self._line_ends = frozenset(i for i in range(len(tok)) if "\n" in tok.decode([i]))
+        return self._line_ends
 
     def _sampling_params(self, p: GenerationParams) -> SamplingParams:
         kw: dict[str, Any] = {
@@ -148,6 +160,11 @@ class VLLMBackend(LLMBackend):
             "seed": p.seed,
             "output_kind": RequestOutputKind.DELTA,
         }
+        if p.stop_at_line_end:
+            # Stop on the tokens that hold a newline, and keep that token's text (vLLM's detokenizer
+            # drops it otherwise): the step's line ends with it, as on llama.cpp.
+            kw["stop_token_ids"] = sorted(self._line_end_ids())
+            kw["include_stop_str_in_output"] = True
         if p.top_p is not None:
             kw["top_p"] = p.top_p
         if p.top_k is not None:
@@ -157,7 +174,12 @@ class VLLMBackend(LLMBackend):
     async def _produce(self, p: GenerationParams, emit: Callable[[str], None]) -> GenerationResult:
         """Run one request on the engine loop; emit text deltas; return the result."""
         t_start = time.perf_counter()
-        ids = self._prompt_ids(p)
+        try:
+            ids = self._prompt_ids(p)
+        except HeraError:
+            raise
+        except (ValueError, TypeError) as e:  # the chat template refused the messages (e.g. nothing to continue)
+            raise InvalidRequest(f"the chat template of {self.model_id!r} refused the messages: {e}") from e
         if len(ids) + p.max_tokens > self.n_ctx:
             raise ContextLengthExceeded(
                 f"the prompt is {len(ids)} tokens and max_tokens is {p.max_tokens}: "
@@ -168,6 +190,7 @@ class VLLMBackend(LLMBackend):
         parts: list[str] = []
         n_tokens = 0
         finish = None
+        stop_reason = ""
         t_submit = time.perf_counter()
         t_first = t_last = None
         try:
@@ -183,6 +206,10 @@ class VLLMBackend(LLMBackend):
                     emit(c.text)
                 if out.finished:
                     finish = c.finish_reason
+                    # vLLM's stop_reason: the stop string matched, a stop token id, or None (EOS).
+                    stop_reason = c.stop_reason if isinstance(c.stop_reason, str) else ""
+                    if p.stop_at_line_end and isinstance(c.stop_reason, int) and c.stop_reason in self._line_end_ids():
+                        stop_reason = LINE_END
         except HeraError:
             raise
         except EngineDeadError as e:
@@ -208,6 +235,7 @@ class VLLMBackend(LLMBackend):
             queue_s=t_submit - t_start,
             finish_reason=finish,
             request_id=p.request_id,
+            stop_reason=stop_reason,
         )
 
     # -- LLMBackend -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from hera_ray.errors import ConfigError
 from hera_ray.models import resolve_model
 from hera_ray import tls
 from hera_ray.wire import (auth_metadata, edge_pb2, edge_pb2_grpc, grpc_errors, grpc_options, keepalive_options, load_to_pb, reconnect_options, params_from_pb,
-                           registry_pb2, registry_pb2_grpc, server_options)
+                           prices_to_pb_fields, registry_pb2, registry_pb2_grpc, server_options)
 
 from edge_node.worker import EdgeWorker
 from hera_ray.generation import GenerationResult
@@ -54,6 +54,7 @@ class EdgeWorkerServicer(edge_pb2_grpc.EdgeWorkerServicer):
             model=self.worker.model_id,
             node_id=self.node_id,
             request_id=r.request_id,
+            stop_reason=r.stop_reason,
         )
 
     @grpc_errors
@@ -76,7 +77,7 @@ class EdgeWorkerServicer(edge_pb2_grpc.EdgeWorkerServicer):
             n_ctx=self.worker.n_ctx,
             slots=len(self.worker.slots),
             max_queue=self.worker.max_queue,
-            price_per_1k_tokens=self.config.price_per_1k_tokens,
+            **prices_to_pb_fields(self.config.prices),
             draining=self.worker.draining,
             load=load_to_pb(self.worker.load()),
         )
@@ -143,7 +144,7 @@ class EdgeNode:
             n_ctx=self.worker.n_ctx,
             slots=len(self.worker.slots),
             max_queue=self.worker.max_queue,
-            price_per_1k_tokens=self.config.price_per_1k_tokens,
+            **prices_to_pb_fields(self.config.prices),
             version=__version__,
         )
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
 from hera_ray.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded, Unavailable
-from hera_ray.generation import GenerationParams, GenerationResult, validate_params
+from hera_ray.generation import LINE_END, GenerationParams, GenerationResult, validate_params
 from hera_ray.scheduler.nodes import NodeLoad
 
 # OpenMP threads spin between tokens by default, which makes decode speed erratic on small
@@ -70,6 +70,17 @@ class LlamaSlot:
             verbose=False,
         )
         self.n_ctx = self.llm.n_ctx()
+        self._line_end_ids: frozenset[int] | None = None
+        self.line_end_ids  # found at load, so that no step pays for it
+
+    @property
+    def line_end_ids(self) -> frozenset[int]:
+        """Ids of the vocabulary's tokens whose text holds a newline (found once, ~0.1 s for 150k tokens)."""
+        if self._line_end_ids is None:
+            llm = self.llm
+            self._line_end_ids = frozenset(
+                t for t in range(llm.n_vocab()) if b"\n" in llm.detokenize([t], special=False))
+        return self._line_end_ids
 
     def run(
         self,
@@ -77,8 +88,8 @@ class LlamaSlot:
         p: GenerationParams,
         on_delta: Callable[[str], None] | None,
         cancelled: threading.Event,
-    ) -> tuple[str, int, float, float, str]:
-        """Decode; return (text, completion tokens, ttft_s, decode_s, finish_reason)."""
+    ) -> tuple[str, int, float, float, str, str]:
+        """Decode; return (text, completion tokens, ttft_s, decode_s, finish_reason, stop_reason)."""
         import llama_cpp
 
         llm = self.llm
@@ -86,10 +97,12 @@ class LlamaSlot:
             llm.set_seed(p.seed)
         vocab = llm._model.vocab
         stops = p.stop
+        line_ends = self.line_end_ids if p.stop_at_line_end else frozenset()
         completion: list[int] = []
         sent = 0  # characters of text already passed to on_delta
         text = ""
         finish = "length"
+        stop_reason = ""  # the stop string that ended generation
         hit_stop_string = False
         t0 = time.perf_counter()
         t_first = t_last = None
@@ -109,10 +122,15 @@ class LlamaSlot:
                 break
             completion.append(token)
             text = _valid_utf8_prefix(llm.detokenize(completion, prev_tokens=prompt_tokens))
+            if token in line_ends:  # the step's line ends with this token, which it keeps
+                finish, stop_reason, hit_stop_string = "stop", LINE_END, True
+                text = llm.detokenize(completion, prev_tokens=prompt_tokens).decode("utf-8", errors="replace")
+                break
             if stops:
-                hits = [i for i in (text.find(s, max(0, sent - len(s))) for s in stops) if i >= 0]
+                hits = [(i, s) for s in stops if (i := text.find(s, max(0, sent - len(s)))) >= 0]
                 if hits:
-                    text = text[: min(hits)]
+                    at, stop_reason = min(hits)
+                    text = text[:at]
                     finish, hit_stop_string = "stop", True
                     break
             if on_delta is not None:
@@ -127,8 +145,8 @@ class LlamaSlot:
         if on_delta is not None and len(text) > sent:
             on_delta(text[sent:])
         if t_first is None:
-            return text, 0, 0.0, 0.0, finish
-        return text, len(completion), t_first - t0, t_last - t_first, finish
+            return text, 0, 0.0, 0.0, finish, stop_reason
+        return text, len(completion), t_first - t0, t_last - t_first, finish, stop_reason
 
 
 @dataclass
@@ -185,7 +203,17 @@ class EdgeWorker:
         formatter = Jinja2ChatFormatter(
             template=template, eos_token=text_of(llm.token_eos()), bos_token=text_of(llm.token_bos())
         )
-        return lambda messages: formatter(messages=[{"role": r, "content": c} for r, c in messages]).prompt
+
+        def render(messages, continue_final_message: bool = False) -> str:
+            if continue_final_message:
+                # The template up to the assistant's header (add_generation_prompt), then the open
+                # message's content: what Hugging Face's continue_final_message renders, without
+                # depending on where a template puts its end-of-turn marker.
+                head = formatter(messages=[{"role": r, "content": c} for r, c in messages[:-1]]).prompt
+                return head + messages[-1][1]
+            return formatter(messages=[{"role": r, "content": c} for r, c in messages]).prompt
+
+        return render
 
     # -- load ---------------------------------------------------------------------------------
 
@@ -211,7 +239,7 @@ class EdgeWorker:
         if p.messages:
             if self._chat_format is None:
                 raise InvalidRequest(f"model {self.model_id!r} has no chat template; send a raw prompt instead")
-            return self._chat_format(p.messages)
+            return self._chat_format(p.messages, p.continue_final_message)
         return p.prompt
 
     async def _prepare(self, p: GenerationParams) -> list[int]:
@@ -262,7 +290,7 @@ class EdgeWorker:
 
         fut.add_done_callback(release)
         try:
-            text, n, ttft, decode, finish = await asyncio.shield(fut)
+            text, n, ttft, decode, finish, stop_reason = await asyncio.shield(fut)
         except asyncio.CancelledError:
             cancelled.set()  # the client went away: stop decoding at the next token
             raise
@@ -272,7 +300,7 @@ class EdgeWorker:
         if n > 1 and decode > 0:
             rate = (n - 1) / decode
             s.tokens_per_s = rate if s.tokens_per_s == 0 else EWMA_ALPHA * rate + (1 - EWMA_ALPHA) * s.tokens_per_s
-        return GenerationResult(text, len(tokens), n, ttft, decode, queue_s, finish, p.request_id)
+        return GenerationResult(text, len(tokens), n, ttft, decode, queue_s, finish, p.request_id, stop_reason)
 
     async def stream(self, p: GenerationParams) -> AsyncIterator[str | GenerationResult]:
         """Yield text deltas as they are decoded, then the GenerationResult."""

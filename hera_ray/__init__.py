@@ -1,6 +1,6 @@
 """hera-ray: per-subtask edge-cloud routing for AI agents (HERA, arXiv 2504.00434) on Ray."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):

@@ -424,7 +424,7 @@ def ask_cmd(
     policy: str = typer.Option("all-slm", help="Routing policy (the model name): all-slm, all-llm, random, ..."),
     url: Optional[str] = typer.Option(None, envvar="HERA_URL", help="Ingress URL [default: http://127.0.0.1:8000]."),
     max_steps: Optional[int] = typer.Option(None, help="Subtasks at most."),
-    max_cloud_cost: Optional[float] = typer.Option(None, help="Cap on this request's cloud spend."),
+    max_cloud_cost: Optional[float] = typer.Option(None, help="Cap on this request's cloud spend, in USD."),
     as_json: bool = typer.Option(False, "--json", help="Print {answer, trace} as JSON."),
 ) -> None:
     """Ask the running cluster; print the answer and where every subtask ran."""
@@ -440,12 +440,14 @@ def ask_cmd(
     if as_json:
         print(json.dumps(run, indent=2))
         return
-    table = Table(title=f"{policy}: {len(run['trace'])} subtask(s), SLM share {run['slm_share']:.0%}, cost {run['cost']:.6f}")
-    for col in ("#", "placement", "node", "stage", "tokens", "cost", "latency s", "subtask"):
-        table.add_column(col, no_wrap=col != "subtask", justify="right" if col in ("#", "tokens", "cost", "latency s") else "left")
+    table = Table(title=f"{policy}: {len(run['trace'])} step(s), SLM share {run['slm_share']:.0%}, cost ${run['cost']:.6f}")
+    numeric = ("#", "input", "cached", "output", "cost $", "latency s")
+    for col in ("#", "placement", "node", "stage", "input", "cached", "output", "cost $", "latency s", "step"):
+        table.add_column(col, no_wrap=col != "step", justify="right" if col in numeric else "left")
     for t in run["trace"]:
         table.add_row(str(t["index"]), t["placement"], t["node"], t["stage"] + (f" ({t['fallback']})" if t["fallback"] else ""),
-                      str(t["tokens"]), f"{t['cost']:.6f}", f"{t['latency_s']:.2f}", t["subtask"][:80])
+                      str(t.get("uncached_prompt_tokens", t["prompt_tokens"])), str(t.get("cached_prompt_tokens", 0)),
+                      str(t["completion_tokens"]), f"{t['cost']:.6f}", f"{t['latency_s']:.2f}", t["subtask"][:80])
     console.print(table)
     console.print(f"[bold]answer:[/bold] {run['answer']}", highlight=False)
 
@@ -590,7 +592,7 @@ def bench_cmd(
     hybrid_sweep: str = typer.Option("0.3,0.5,0.9", help="hybridllm τ values swept besides the configured one."),
     random_sweep: str = typer.Option("0.25,0.75", help="random SLM shares swept besides the configured one."),
     ablations: bool = typer.Option(True, "--ablations/--no-ablations", help="Also run hera-no-sd, hera-no-urc and hera-urc-only."),
-    max_steps: int = typer.Option(6, help="Subtasks per request at most."),
+    max_steps: Optional[int] = typer.Option(None, help="Steps per request at most (default: the cluster's agent.max_steps; the chain's token cap, agent.max_chain_tokens, usually binds first)."),
     out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for <dataset>.json/.png; runs/ beside them resumes."),
     url: Optional[str] = typer.Option(None, envvar="HERA_URL", help="Ingress URL [default: the cluster `hera up` started]."),
     fresh: bool = typer.Option(False, "--fresh", help="Forget recorded runs of these data sets and start over."),
@@ -641,7 +643,7 @@ def calibrate_cmd(
     target_cost: Optional[float] = typer.Option(None, min=0, help="Cost budget, as a fraction of all-llm's: the most accurate threshold within it."),
     target_pgr: Optional[float] = typer.Option(None, help="PGR to reach: the cheapest threshold that recovers this much of the gap."),
     sweep: str = typer.Option("0.5,0.6,0.7,0.8,0.9", help="Threshold bases to try."),
-    max_steps: int = typer.Option(6, help="Subtasks per request at most."),
+    max_steps: Optional[int] = typer.Option(None, help="Steps per request at most (default: the cluster's agent.max_steps; the chain's token cap, agent.max_chain_tokens, usually binds first)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="Settings file to write hera.threshold_base to [default: $HERA_CONFIG_FILE or ~/.config/hera-ray/config.yaml, which `hera up` reads]."),
     out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for the sweep's records and <dataset>-<split>.json."),
     url: Optional[str] = typer.Option(None, envvar="HERA_URL", help="Ingress URL [default: the cluster `hera up` started]."),
@@ -690,10 +692,10 @@ def calibrate_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    n: int = typer.Option(4, "--n", help="GSM8K test questions to answer."),
+    n: int = typer.Option(10, "--n", help="GSM8K test questions to answer (the first N of the test split)."),
     policies: str = typer.Option("all-slm,all-llm,hera", help="Comma-separated policies to compare."),
     edges: int = typer.Option(2, help="Local edge nodes to start."),
-    max_steps: int = typer.Option(5, help="Subtasks per question at most."),
+    max_steps: Optional[int] = typer.Option(None, help="Steps per question at most (default: agent.max_steps)."),
     keep: bool = typer.Option(False, "--keep", help="Leave the cluster running afterwards."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file of HeraConfig settings."),
 ) -> None:

@@ -15,9 +15,25 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from hera_ray.errors import ConfigError
+from hera_ray.pricing import DEFAULT_CLOUD_PRICES, FREE, PriceSheet
 from hera_ray.tls import TLSFiles
 
 MiB = 1024 * 1024
+
+_FLAT_ALIAS_HELP = ("Deprecated alias: one flat USD price per 1,000 tokens of any kind, the same as {sheet} at 1,000 "
+                    "times it; setting it and {sheet} to different prices is an error.")
+
+
+def _prices_with_flat_alias(flat: float | None, sheet: PriceSheet, sheet_given: bool, sheet_names: str) -> PriceSheet:
+    """The prices a config means: its sheet, or the sheet the deprecated ``price_per_1k_tokens`` stands for."""
+    if flat is None:
+        return sheet
+    alias = PriceSheet.flat(flat)
+    if sheet_given and sheet != alias:
+        raise ValueError(f"price_per_1k_tokens ({flat:g}, a deprecated alias for {sheet_names} all at {alias.input_per_mtok:g} "
+                         f"per million) disagrees with {sheet_names} ({sheet.input_per_mtok:g}, {sheet.cached_input_per_mtok:g}, "
+                         f"{sheet.output_per_mtok:g}): set only one of them")
+    return alias
 
 
 class EdgeNodeConfig(BaseSettings):
@@ -25,7 +41,7 @@ class EdgeNodeConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HERA_EDGE_", extra="forbid")
 
-    model: str = Field("smollm2-135m", description="Bundled model name (smollm2-135m, qwen2.5-coder-1.5b) or path to a GGUF file.")
+    model: str = Field("qwen2.5-coder-0.5b", description="Bundled model name (qwen2.5-coder-0.5b, smollm2-135m, qwen2.5-coder-1.5b) or path to a GGUF file.")
     model_id: str | None = Field(None, description="Model id advertised to the registry and matched against requests; default: the model name, or the GGUF file's stem.")
     node_id: str | None = Field(None, description="Unique id of this node in the registry; default: <hostname>-<port>.")
     host: str = Field("127.0.0.1", description="Address to bind the EdgeWorker gRPC server to (0.0.0.0 for all interfaces).")
@@ -36,14 +52,37 @@ class EdgeNodeConfig(BaseSettings):
     slots: int = Field(1, ge=1, le=64, description="Requests decoded at once; each slot holds its own llama.cpp context.")
     max_queue: int = Field(8, ge=0, le=10_000, description="Requests that may wait for a slot; more get RESOURCE_EXHAUSTED.")
     n_ctx: int = Field(2048, ge=128, le=131_072, description="Context window in tokens (prompt + completion).")
-    threads: int = Field(1, ge=1, le=256, description="llama.cpp threads per slot. One is fastest for a small SLM on a small box (SmolLM2-135M here: 132 tok/s on 1 thread, 44 on 2); raise it for larger models.")
-    price_per_1k_tokens: float = Field(0.0, ge=0, description="Price this node charges per 1,000 tokens (prompt + completion), for the cost ledger.")
+    threads: int = Field(1, ge=1, le=256, description="llama.cpp threads per slot. One is as fast as two for a small SLM on a small box (Qwen2.5-Coder-0.5B here: 29 tok/s on 1 thread, 27 on 2; SmolLM2-135M: 132 on 1, 44 on 2), and leaves the other core to the rest; raise it for larger models.")
+    input_price_per_mtok: float = Field(FREE.input_per_mtok, ge=0, allow_inf_nan=False, description="USD this node charges per million prompt tokens not found in its prompt cache, for the cost ledger.")
+    cached_input_price_per_mtok: float = Field(FREE.cached_input_per_mtok, ge=0, allow_inf_nan=False, description="USD this node charges per million prompt tokens found in its prompt cache (at most --input-price-per-mtok).")
+    output_price_per_mtok: float = Field(FREE.output_per_mtok, ge=0, allow_inf_nan=False, description="USD this node charges per million completion tokens.")
+    price_per_1k_tokens: float | None = Field(None, ge=0, allow_inf_nan=False, description=_FLAT_ALIAS_HELP.format(sheet="the three *_price_per_mtok"))
     drain_timeout_s: float = Field(120.0, gt=0, description="On SIGTERM, how long to wait for accepted work to finish before stopping.")
     max_message_bytes: int = Field(4 * MiB, ge=1024, description="Largest gRPC message the server accepts or sends.")
     tls_cert_file: Path | None = Field(None, description="PEM certificate: serve EdgeWorker over TLS (with --tls-key-file), and present it to an mTLS registry.")
     tls_key_file: Path | None = Field(None, description="PEM private key of --tls-cert-file.")
     tls_ca_file: Path | None = Field(None, description="PEM CA: dial the registry over TLS and verify it with this CA; with --tls-client-auth, the CA client certificates must be signed by.")
     tls_client_auth: bool = Field(False, description="Require callers to present a certificate signed by --tls-ca-file (mutual TLS).")
+
+    @model_validator(mode="after")
+    def _check_prices(self) -> "EdgeNodeConfig":
+        # Flat fields, not a nested PriceSheet: the CLI makes one flag per field.
+        if self.cached_input_price_per_mtok > self.input_price_per_mtok:
+            raise ValueError(f"cached_input_price_per_mtok ({self.cached_input_price_per_mtok:g}) may not exceed "
+                             f"input_price_per_mtok ({self.input_price_per_mtok:g})")
+        given = bool({"input_price_per_mtok", "cached_input_price_per_mtok", "output_price_per_mtok"} & self.model_fields_set)
+        prices = _prices_with_flat_alias(self.price_per_1k_tokens, self.prices, given,
+                                         "input_price_per_mtok, cached_input_price_per_mtok and output_price_per_mtok")
+        self.input_price_per_mtok = prices.input_per_mtok
+        self.cached_input_price_per_mtok = prices.cached_input_per_mtok
+        self.output_price_per_mtok = prices.output_per_mtok
+        return self
+
+    @property
+    def prices(self) -> PriceSheet:
+        """What this node charges, as the sheet it registers with."""
+        return PriceSheet(input_per_mtok=self.input_price_per_mtok, cached_input_per_mtok=self.cached_input_price_per_mtok,
+                          output_per_mtok=self.output_price_per_mtok)
 
     @property
     def tls(self) -> TLSFiles:
@@ -144,14 +183,21 @@ class CloudLLMConfig(BaseModel):
     slots: int = Field(1, ge=1, le=64, description="llama_cpp: requests decoded at once per replica.")
     max_queue: int = Field(16, ge=0, description="llama_cpp: requests that may wait for a slot per replica; more get 429/RESOURCE_EXHAUSTED.")
     threads: int = Field(2, ge=1, description="llama_cpp: threads per slot.")
-    price_per_1k_tokens: float = Field(0.002, ge=0, description="Cloud price per 1,000 tokens (prompt + completion), for the cost ledger.")
+    prices: PriceSheet = Field(DEFAULT_CLOUD_PRICES, description="What the cloud LLM costs, in USD per million input, cached input and output tokens, for the cost ledger and budgets; default: gpt-4o-mini's list price.")
+    price_per_1k_tokens: float | None = Field(None, ge=0, allow_inf_nan=False, description=_FLAT_ALIAS_HELP.format(sheet="prices"))
     openai_base_url: str | None = Field(None, description="openai: base URL of the OpenAI-compatible API (None: api.openai.com).")
     openai_api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
+    openai_continue_final_message: bool = Field(False, description="openai: the endpoint continues an open assistant message when asked with continue_final_message (a vLLM or SGLang server does; OpenAI's own API does not). Off, the agent asks for each step in the documented fallback format (steps as an assistant turn, then a user turn asking for the next step), and the trace says step_format \"turns\".")
     request_timeout_s: float = Field(600.0, gt=0, description="Longest a single generation may take.")
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description="vllm: extra AsyncEngineArgs (e.g. dtype, max_model_len).")
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each replica needs, e.g. {\"cloud\": 1} to keep replicas on the nodes started with `ray start --resources '{\"cloud\": 4}'`.")
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings, description="Replica autoscaling.")
+
+    @model_validator(mode="after")
+    def _flat_price_alias(self) -> "CloudLLMConfig":
+        self.prices = _prices_with_flat_alias(self.price_per_1k_tokens, self.prices, "prices" in self.model_fields_set, "prices")
+        return self
 
 
 class SchedulerConfig(BaseModel):
@@ -165,8 +211,8 @@ class SchedulerConfig(BaseModel):
     token_file: Path | None = Field(None, description="Accepted edge tokens, one per line; default: ~/.cache/hera-ray/cluster/token, created if missing.")
     heartbeat_interval_s: float = Field(1.0, gt=0, description="How often edge nodes heartbeat.")
     missed_heartbeats: int = Field(3, ge=1, description="Heartbeats a node may miss before it is marked down.")
-    edge_model: str = Field("smollm2-135m", description="Model id of the edge SLM that policies place subtasks on.")
-    max_cloud_cost_per_request: float | None = Field(None, ge=0, description="Cap on one request's cloud spend; past it, cloud subtasks fall back to the edge (or the request stops if none is up).")
+    edge_model: str = Field("qwen2.5-coder-0.5b", description="Model id of the edge SLM that policies place subtasks on.")
+    max_cloud_cost_per_request: float | None = Field(None, ge=0, description="Cap on one request's cloud spend, in USD; past it, cloud subtasks fall back to the edge (or the request stops if none is up).")
     random_slm_share: float = Field(0.5, ge=0, le=1, description="Share of subtasks the random policy sends to the edge.")
     seed: int = Field(0, description="Seed of the random policy.")
     tls: TLSFiles = Field(default_factory=TLSFiles, description="TLS of the EdgeRegistry (served with cert_file/key_file; client_auth: mTLS) and of the channels to edge nodes (TLS when ca_file is set, presenting cert_file for mTLS).")
@@ -177,9 +223,10 @@ class AgentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_steps: int = Field(6, ge=1, le=50, description="Subtasks per request at most; then the last result is the answer.")
-    max_steps_limit: int = Field(50, ge=1, le=50, description="Largest max_steps a request may ask for (its own cap on subtasks); the ingress answers 400 past it.")
-    max_tokens_per_step: int = Field(192, ge=8, le=4096, description="Tokens a model may write per subtask.")
+    max_steps: int = Field(100, ge=1, le=100, description="Steps per request at most (a step is one line of the chain of thought; hera_ray/agent/steps.py); then the answer is read from the chain so far. The chain's token cap (max_chain_tokens) usually ends a chain first, as max_tokens ends one turn.")
+    max_steps_limit: int = Field(100, ge=1, le=100, description="Largest max_steps a request may ask for (its own cap on steps); the ingress answers 400 past it.")
+    max_tokens_per_step: int = Field(256, ge=8, le=4096, description="Tokens a model may write in one step; a step cut here goes on in the next step from where it stopped.")
+    max_chain_tokens: int = Field(1024, ge=16, le=32_768, description="Tokens the whole chain of thought may hold (the sum of its steps' completions), like one turn's max_tokens; then the answer is read from the chain so far.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature of every step.")
     edge_retries: int = Field(2, ge=0, le=10, description="Times a failed edge subtask (node died, froze, drains or is full) is re-routed before it fails the request.")
     edge_timeout_s: float = Field(60.0, gt=0, description="Longest one edge subtask may take, queueing included; past it the node is taken as frozen and the subtask is re-routed.")
@@ -195,7 +242,7 @@ class IngressConfig(BaseModel):
     host: str = Field("127.0.0.1", description="Address the HTTP ingress listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP ingress.")
     api_key_env: str = Field("HERA_API_KEY", description="Environment variable holding a bearer API key (named \"default\", no limits); with it and api_keys_file both unset, no key is required.")
-    api_keys_file: Path | None = Field(None, description="YAML list of API keys ({name, key, requests_per_minute, burst, cloud_budget}), read by each ingress replica; accepted alongside the api_key_env key. A key's cloud spend is kept by the scheduler actor, so its budget holds across replicas; its rate bucket lives per ingress replica, so N replicas let it through up to N times its rate.")
+    api_keys_file: Path | None = Field(None, description="YAML list of API keys ({name, key, requests_per_minute, burst, cloud_budget in USD}), read by each ingress replica; accepted alongside the api_key_env key. A key's cloud spend is kept by the scheduler actor, so its budget holds across replicas; its rate bucket lives per ingress replica, so N replicas let it through up to N times its rate.")
     max_concurrent_runs: int = Field(8, ge=1, description="Agent runs (streams included, until they end) one ingress replica works on at once; past it a run gets 429 with Retry-After (about when a slot frees) at once instead of queueing. 8 keeps a run's latency bounded on a 2-core box with the bundled models (32 runs admitted at once took up to 15 min there); raise it with the cluster's capacity.")
     max_body_bytes: int = Field(1 * MiB, ge=1024, description="Largest request body accepted (413 past it).")
     max_ongoing_requests: int = Field(256, ge=2, description="Requests of any kind one ingress replica takes at once (Serve queues the rest); above max_concurrent_runs, so runs get hera's 429 first and health checks and /v1/models still get in while runs fill their slots.")

@@ -11,6 +11,11 @@ from typing import Any
 from hera_ray.errors import InvalidRequest
 
 CHAT_ROLES = ("system", "user", "assistant")
+#: ``stop_reason`` of a backend that cannot tell a stop string from the end of the message
+#: (OpenAI's API reports "stop" for both).
+STOP_UNKNOWN = "<unknown>"
+#: ``stop_reason`` when ``stop_at_line_end`` ended the generation.
+LINE_END = "\n"
 MAX_STOP_STRINGS = 16
 
 
@@ -28,6 +33,16 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     model: str = ""
     request_id: str = ""
+    #: ``messages`` ends with an assistant message that the model continues (no new turn): the
+    #: chat template up to the assistant's header, then that message's content, left open. The
+    #: name and meaning are vLLM's and Hugging Face's ``continue_final_message``.
+    continue_final_message: bool = False
+    #: End after the first generated token whose text holds a newline, keeping that token (an agent
+    #: step is one line of the chain of thought; the newline, or several, stay in the step's text).
+    #: llama.cpp and vLLM stop on those token ids and keep the token's text; an OpenAI-compatible
+    #: endpoint gets stop="\n" and drops it (the agent puts the newline back).
+    #: ``stop_reason`` is then "\n".
+    stop_at_line_end: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,6 +58,11 @@ class GenerationResult:
     queue_s: float
     finish_reason: str
     request_id: str = ""
+    #: The stop string that ended generation ("" if the model ended its message or hit max_tokens).
+    stop_reason: str = ""
+    #: Prompt tokens the provider billed as cached, when its API says (OpenAI's
+    #: ``usage.prompt_tokens_details.cached_tokens``); None: the agent counts them itself.
+    cached_prompt_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +94,8 @@ def validate_params(p: GenerationParams, n_ctx: int | None = None) -> None:
     for role, _content in p.messages:
         if role not in CHAT_ROLES:
             raise InvalidRequest(f"message role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+    if p.continue_final_message and (not p.messages or p.messages[-1][0] != "assistant"):
+        raise InvalidRequest("continue_final_message needs messages that end with an assistant message to continue")
     if p.messages:
         if not any(c.strip() for _r, c in p.messages):
             raise InvalidRequest("empty prompt: every message's content is empty")

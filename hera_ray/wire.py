@@ -15,6 +15,7 @@ import grpc
 
 from hera_ray.errors import HeraError, InvalidRequest, ModelNotFound, Overloaded, Unauthenticated, Unavailable
 from hera_ray.generation import GenerationParams, GenerationResult
+from hera_ray.pricing import PriceSheet, parse_prices
 from hera_ray.scheduler.nodes import NodeLoad
 
 try:
@@ -162,7 +163,8 @@ def grpc_errors(method: Callable) -> Callable:
 def params_to_pb(p: GenerationParams) -> "edge_pb2.GenerateRequest":
     request = edge_pb2.GenerateRequest(
         request_id=p.request_id, model=p.model, prompt=p.prompt, max_tokens=p.max_tokens,
-        temperature=p.temperature, stop=list(p.stop))
+        temperature=p.temperature, stop=list(p.stop), continue_final_message=p.continue_final_message,
+        stop_at_line_end=p.stop_at_line_end)
     for role, content in p.messages:
         request.messages.add(role=role, content=content)
     if p.top_p is not None:
@@ -186,13 +188,15 @@ def params_from_pb(r: "edge_pb2.GenerateRequest") -> GenerationParams:
         stop=tuple(r.stop),
         model=r.model,
         request_id=r.request_id,
+        continue_final_message=r.continue_final_message,
+        stop_at_line_end=r.stop_at_line_end,
     )
 
 
 def result_from_pb(r: "edge_pb2.GenerateResponse") -> GenerationResult:
     return GenerationResult(text=r.text, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                             ttft_s=r.ttft_s, decode_s=r.decode_s, queue_s=r.queue_s,
-                            finish_reason=r.finish_reason, request_id=r.request_id)
+                            finish_reason=r.finish_reason, request_id=r.request_id, stop_reason=r.stop_reason)
 
 
 # A failed call to an edge node, as the caller should treat it: retry elsewhere, or give up.
@@ -216,3 +220,28 @@ def load_to_pb(load: NodeLoad) -> "edge_pb2.NodeLoad":
 def load_from_pb(m: "edge_pb2.NodeLoad") -> NodeLoad:
     return NodeLoad(in_flight=m.in_flight, queued=m.queued, tokens_per_s=m.tokens_per_s, completed=m.completed,
                     tokens_generated=m.tokens_generated)
+
+
+_PRICE_FIELDS = ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok")
+
+
+def prices_to_pb_fields(prices: PriceSheet) -> dict[str, float]:
+    """A price sheet as the fields of a NodeSpec or InfoResponse; the deprecated flat
+    ``price_per_1k_tokens`` is sent as 0, which tells the reader to use the sheet."""
+    return {**{name: getattr(prices, name) for name in _PRICE_FIELDS}, "price_per_1k_tokens": 0.0}
+
+
+def prices_from_pb(m: "registry_pb2.NodeSpec | edge_pb2.InfoResponse") -> PriceSheet:
+    """The sheet a NodeSpec or InfoResponse carries. A node that predates the sheet sends only the
+    flat ``price_per_1k_tokens``: that price for every kind. Bad prices are InvalidRequest."""
+    sheet = {name: getattr(m, name) for name in _PRICE_FIELDS}
+    flat = m.price_per_1k_tokens
+    if flat == 0:  # NaN != 0, so a NaN flat price is refused below
+        return parse_prices(sheet)
+    if any(value != 0 for value in sheet.values()):
+        raise InvalidRequest("price_per_1k_tokens is a deprecated alias of input_per_mtok, cached_input_per_mtok "
+                             "and output_per_mtok: send it as 0 alongside them")
+    try:
+        return PriceSheet.flat(flat)
+    except ValueError:  # pydantic's ValidationError is one
+        raise InvalidRequest(f"price_per_1k_tokens must be a finite number >= 0, got {flat}") from None

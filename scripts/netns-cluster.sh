@@ -160,6 +160,8 @@ cloud:
   num_cpus: 0.5
   resources: {cloud: 1}
   autoscaling: {min_replicas: 1, max_replicas: 1}
+scheduler:
+  edge_model: smollm2-135m
 agent:
   max_steps: 3
   max_tokens_per_step: 96

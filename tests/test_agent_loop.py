@@ -7,12 +7,13 @@ import asyncio
 
 import pytest
 
-from hera_ray.agent import Agent
+from hera_ray.agent import Agent, StepFormat
 from hera_ray.config import AgentConfig
 from hera_ray.errors import Unavailable
 from hera_ray.generation import GenerationResult
 from hera_ray.policy import build_policies
 from hera_ray.policy.hera import HeraPolicyConfig
+from hera_ray.pricing import FREE, PriceSheet
 from hera_ray.scheduler.nodes import NodeSpec, NodeTable
 from hera_ray.scheduler.router import RouteRequest, Router, SubtaskReport
 from hera_ray.policy.base import PastStep, Placement
@@ -33,63 +34,62 @@ class RouterScheduler:
         return (await self.router.route(req, max_cloud_cost)).to_dict()
 
     async def report(self, report):
-        return self.router.report(SubtaskReport(report["request_id"], Placement(report["placement"]), report["node_id"],
-                                                report.get("prompt_tokens", 0), report.get("completion_tokens", 0),
-                                                report["price_per_1k_tokens"], report.get("ok", True)))
+        return self.router.report(SubtaskReport.from_dict(report))
 
     async def finish(self, request_id):
         return self.router.finish(request_id).to_dict()
 
 
 class ScriptedExecutor:
-    """Stand-in for the edge and cloud models: each side writes a scripted step."""
+    """Stand-in for the edge and cloud models: each side writes a scripted line, ending it as the
+    real engines do (the newline token kept, stop_reason "\n")."""
 
     def __init__(self, edge_text, cloud_text):
         self.edge_text, self.cloud_text, self.calls = edge_text, cloud_text, []
 
     async def edge(self, address, params):
         self.calls.append("edge")
-        return GenerationResult(self.edge_text, 10, 5, 0.01, 0.02, 0.0, "stop")
+        return GenerationResult(self.edge_text, 10, 5, 0.01, 0.02, 0.0, "stop", stop_reason="\n")
 
     async def cloud(self, params):
         self.calls.append("cloud")
-        return GenerationResult(self.cloud_text, 10, 5, 0.01, 0.02, 0.0, "stop")
+        return GenerationResult(self.cloud_text, 10, 5, 0.01, 0.02, 0.0, "stop", stop_reason="\n")
 
 
 def agent_for(est, edge_text, cloud_text):
     table = NodeTable()
-    table.register(NodeSpec("e0", "127.0.0.1:1", "slm", 2048, 1, 0, 0.0), "t")
+    table.register(NodeSpec("e0", "127.0.0.1:1", "slm", 2048, 1, 0, FREE), "t")
     router = Router(table, build_policies(estimators=est, hera=HeraPolicyConfig(use_urc=False, use_cd=False, use_sd=False)),
-                    "slm", "llm", 2.0)
+                    "slm", "llm", PriceSheet.flat(2.0))
     executor = ScriptedExecutor(edge_text, cloud_text)
     return Agent(RouterScheduler(router), executor, AgentConfig(max_steps=1)), executor, router
 
 
 def test_speculation_accepted_keeps_the_slm_step_and_runs_nothing_else():
     est = ScriptedEstimators(sims={("add them", "l"): 0.95})
-    agent, executor, router = agent_for(est, "Subtask: add them\nResult: 5", "Subtask: sum\nResult: 5")
+    agent, executor, router = agent_for(est, "add them\n", "sum\n")
     run = asyncio.run(agent.run("2+3?", "hera-spec"))
     (t,) = run.trace
     assert executor.calls == ["edge"]
-    assert (t.placement, t.stage, t.node, t.subtask, t.output) == ("edge", "sse", "e0", "add them", "5")
+    assert (t.placement, t.stage, t.node, t.subtask, t.output) == ("edge", "sse", "e0", "add them", "add them\n")
     assert t.speculative_s == 0.0 and t.scores["sse_sim"] == 0.95
     assert router.outstanding["e0"] == 0  # both node picks were released
 
 
 def test_speculation_rejected_runs_the_llm_and_reports_the_wasted_slm_time():
     est = ScriptedEstimators(sims={("guess", "l"): 0.1})
-    agent, executor, router = agent_for(est, "Subtask: guess\nResult: 7", "Subtask: sum\nResult: 5")
+    agent, executor, router = agent_for(est, "guess\n", "sum\n")
     run = asyncio.run(agent.run("2+3?", "hera-spec"))
     (t,) = run.trace
     assert executor.calls == ["edge", "cloud"]
-    assert (t.placement, t.stage, t.subtask, t.output) == ("cloud", "llm", "sum", "5")
+    assert (t.placement, t.stage, t.subtask, t.output) == ("cloud", "llm", "sum", "sum\n")
     assert t.speculative_s > 0.0 and t.cost > 0.0
     assert router.outstanding["e0"] == 0
 
 
 def test_plain_hera_does_not_speculate():
     est = ScriptedEstimators(sims={("s", "l"): 0.95})
-    agent, executor, _ = agent_for(est, "Subtask: a\nResult: 1", "Subtask: b\nResult: 2")
+    agent, executor, _ = agent_for(est, "a\n", "b\n")
     (t,) = asyncio.run(agent.run("q", "hera")).trace
     assert executor.calls == ["edge"] and t.stage == "sse" and "sp_slm:0" in est.calls
 
@@ -99,7 +99,7 @@ class FailingExecutor(ScriptedExecutor):
     (the gRPC error a dead or frozen node gives), and the cloud replica dies ``cloud_deaths`` times."""
 
     def __init__(self, dead_addresses=(), cloud_deaths=0):
-        super().__init__("Subtask: add\nResult: 5", "Subtask: add\nResult: 5")
+        super().__init__("2 + 3 = 5\n", "2 + 3 = 5\n")
         self.dead, self.cloud_deaths = set(dead_addresses), cloud_deaths
 
     async def edge(self, address, params):
@@ -119,9 +119,9 @@ class FailingExecutor(ScriptedExecutor):
 def _two_node_agent(executor, **config):
     table = NodeTable()
     for i in range(2):
-        table.register(NodeSpec(f"e{i}", f"127.0.0.1:{i + 1}", "slm", 2048, 1, 0, 0.0), "t")
-    router = Router(table, build_policies(), "slm", "llm", 2.0)
-    return Agent(RouterScheduler(router), executor, AgentConfig(max_steps=1, retry_backoff_s=0, **config)), router
+        table.register(NodeSpec(f"e{i}", f"127.0.0.1:{i + 1}", "slm", 2048, 1, 0, FREE), "t")
+    router = Router(table, build_policies(), "slm", "llm", PriceSheet.flat(2.0))
+    return Agent(RouterScheduler(router), executor, AgentConfig(**{"max_steps": 1, "retry_backoff_s": 0, **config})), router
 
 
 def test_a_dead_edge_node_is_retried_on_another_and_the_trace_names_it():
@@ -129,7 +129,7 @@ def test_a_dead_edge_node_is_retried_on_another_and_the_trace_names_it():
     agent, router = _two_node_agent(executor)
     (t,) = asyncio.run(agent.run("2+3?", "all-slm")).trace
     assert executor.calls == ["dead 127.0.0.1:1", "edge"]
-    assert (t.node, t.retries, t.output) == ("e1", 1, "5")
+    assert (t.node, t.retries, t.output) == ("e1", 1, "2 + 3 = 5\n")
     assert t.failures == ["e0: edge node at 127.0.0.1:1: UNAVAILABLE: connection refused"]
     # the failed node is avoided by the next request too, before the registry marks it down
     (t2,) = asyncio.run(agent.run("2+3?", "all-slm")).trace
@@ -147,8 +147,67 @@ def test_with_every_edge_node_dead_the_subtask_falls_back_to_the_cloud():
 def test_a_dead_cloud_replica_is_retried_and_gives_up_after_cloud_retries():
     agent, _ = _two_node_agent(FailingExecutor(cloud_deaths=2), cloud_retries=3)
     (t,) = asyncio.run(agent.run("2+3?", "all-llm")).trace
-    assert (t.placement, t.retries, t.output) == ("cloud", 2, "5")
+    assert (t.placement, t.retries, t.output) == ("cloud", 2, "2 + 3 = 5\n")
     assert t.failures == ["cloud: cloud replica failed during the call (ActorDiedError)"] * 2
     agent, _ = _two_node_agent(FailingExecutor(cloud_deaths=5), cloud_retries=1)
     with pytest.raises(Unavailable, match="cloud replica failed"):
         asyncio.run(agent.run("2+3?", "all-llm"))
+
+
+class LinesExecutor:
+    """Stand-in engine that writes a scripted chain one line per call, the last one ending the message."""
+
+    def __init__(self, lines):
+        self.lines, self.params = list(lines), []
+
+    async def _next(self, params):
+        self.params.append(params)
+        i = len(self.params) - 1
+        last = i == len(self.lines) - 1
+        return GenerationResult(self.lines[i], 20 + 5 * i, 8, 0.01, 0.02, 0.0, "stop", stop_reason="" if last else "\n")
+
+    async def edge(self, address, params):
+        return await self._next(params)
+
+    async def cloud(self, params):
+        return await self._next(params)
+
+
+LINES = ["Each box has 8 pencils.\n", "3 * 8 = 24 pencils.\n\n", "24 - 10 = 14.\n", "Answer: 14"]
+
+
+def test_the_chain_is_one_open_message_and_the_answer_is_read_from_it():
+    executor = LinesExecutor(LINES)
+    agent, _ = _two_node_agent(executor, max_steps=10)
+    run = asyncio.run(agent.run("Tom has 3 boxes of 8 pencils and gives away 10. How many are left?", "all-llm"))
+    assert [t.output for t in run.trace] == LINES and run.chain == "".join(LINES)
+    assert (run.answer, run.finished) == ("14", True)
+    first, *later = executor.params
+    assert not first.continue_final_message and [m[0] for m in first.messages] == ["system", "user"]  # as one turn
+    for i, params in enumerate(later, 1):  # step i continues the message the steps before it opened
+        assert params.continue_final_message and params.stop_at_line_end
+        assert params.messages[-1] == ("assistant", "".join(LINES[:i]))
+    # The cloud's prompt cache holds the previous call's prompt: only the newest line is new input.
+    assert [t.cached_prompt_tokens for t in run.trace] == [0, 20, 25, 30]
+    assert [t.uncached_prompt_tokens for t in run.trace] == [20, 5, 5, 5]
+
+
+def test_the_chain_stops_at_its_token_cap_and_its_step_limit():
+    agent, _ = _two_node_agent(LinesExecutor(LINES), max_steps=10, max_chain_tokens=16)  # 8 tokens a line
+    run = asyncio.run(agent.run("q", "all-slm"))
+    assert len(run.trace) == 2 and not run.finished and run.answer == "3 * 8 = 24 pencils."
+    agent, _ = _two_node_agent(LinesExecutor(LINES), max_steps=3)
+    assert len(asyncio.run(agent.run("q", "all-slm")).trace) == 3
+
+
+def test_an_endpoint_that_cannot_continue_gets_the_turns_fallback_and_the_trace_says_so():
+    executor = LinesExecutor(["3 * 8 = 24.", "Answer: 24"])
+    table = NodeTable()
+    router = Router(table, build_policies(), "slm", "llm", PriceSheet.flat(2.0))
+    agent = Agent(RouterScheduler(router), executor, AgentConfig(max_steps=5), cloud_step_format=StepFormat.TURNS)
+    run = asyncio.run(agent.run("q", "all-llm"))
+    assert [t.step_format for t in run.trace] == ["turns", "turns"]
+    assert not executor.params[1].continue_final_message
+    assert [m[0] for m in executor.params[1].messages] == ["system", "user", "assistant", "user"]
+    assert run.chain == "3 * 8 = 24.\nAnswer: 24"  # the dropped newline is put back
+    assert run.trace[1].cached_prompt_tokens == 0  # a closed turn does not extend the last prompt

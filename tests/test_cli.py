@@ -17,12 +17,15 @@ def hera(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 def test_nodes_and_edge_generate_as_json(procs):
     registry = procs.registry()
-    edge = procs.edge("edge-cli", registry)
+    edge = procs.edge("edge-cli", registry, extra_args=["--input-price-per-mtok", "0.02", "--cached-input-price-per-mtok",
+                                                        "0.01", "--output-price-per-mtok", "0.05"])
 
     out = hera("nodes", "--registry", registry.address, "--token-file", str(procs.token_file), "--json")
     assert out.returncode == 0, out.stderr
     (node,) = json.loads(out.stdout)
     assert node["node_id"] == "edge-cli" and node["state"] == "up" and node["address"] == edge.address
+    assert (node["input_per_mtok"], node["cached_input_per_mtok"], node["output_per_mtok"]) == (0.02, 0.01, 0.05)
+    assert node["price_per_1k_tokens"] == 0.0  # the deprecated flat price is sent as 0 beside the sheet
     assert set(node["load"]) >= {"in_flight", "queued", "tokens_per_s"}
 
     out = hera("edge", "generate", edge.address, "Say hello.", "--max-tokens", "8", "--json")
@@ -59,6 +62,13 @@ def test_invalid_settings_are_refused_before_start():
     out = hera("edge", "serve", "--slots", "0")
     assert out.returncode == 2
     assert "--slots" in out.stderr and "greater than or equal to 1" in out.stderr
+    out = hera("edge", "serve", "--price-per-1k-tokens", "0.5", "--output-price-per-mtok", "1")
+    stderr = " ".join(out.stderr.split())  # rich wraps long lines
+    assert out.returncode == 2
+    assert "price_per_1k_tokens (0.5" in stderr and "output_price_per_mtok" in stderr
+    out = hera("edge", "serve", "--input-price-per-mtok", "0.1", "--cached-input-price-per-mtok", "0.2")
+    stderr = " ".join(out.stderr.split())
+    assert out.returncode == 2 and "cached_input_price_per_mtok (0.2) may not exceed input_price_per_mtok (0.1)" in stderr
 
 
 def test_registry_needs_a_token_file():
@@ -71,10 +81,10 @@ def test_settings_come_from_env_and_config_file(tmp_path, monkeypatch):
     from hera_ray.config import EdgeNodeConfig, load_settings
 
     cfg = tmp_path / "edge.yaml"
-    cfg.write_text("slots: 3\nport: 50099\nprice_per_1k_tokens: 0.5\n")
+    cfg.write_text("slots: 3\nport: 50099\noutput_price_per_mtok: 0.5\n")
     monkeypatch.setenv("HERA_EDGE_PORT", "50100")
     c = load_settings(EdgeNodeConfig, cfg, slots=2)
-    assert (c.slots, c.port, c.price_per_1k_tokens) == (2, 50100, 0.5)  # flag > env > file
+    assert (c.slots, c.port, c.prices.output_per_mtok) == (2, 50100, 0.5)  # flag > env > file
 
 
 def test_help_lists_the_commands():
@@ -84,6 +94,8 @@ def test_help_lists_the_commands():
         assert word in out.stdout
     out = hera("edge", "serve", "--help")
     assert "--registry" in out.stdout and "--slots" in out.stdout and "RESOURCE_EXHAUSTED" in out.stdout
+    for flag in ("--input-price-per-mtok", "--cached-input-price-per-mtok", "--output-price-per-mtok", "--price-per-1k-tokens"):
+        assert flag in out.stdout
 
 
 def test_profile_and_train_refuse_bad_input_clearly(tmp_path):

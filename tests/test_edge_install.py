@@ -53,7 +53,7 @@ def test_edge_node_from_the_edge_venv_registers_and_serves(edge_venv, procs):
         import time
 
         deadline = time.monotonic() + 120
-        while b"serving smollm2-135m on" not in log.read_bytes():
+        while b"serving qwen2.5-coder-0.5b on" not in log.read_bytes():  # the default edge SLM, from its 6 packages
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
         address = log.read_text().split(" on ")[1].split()[0]

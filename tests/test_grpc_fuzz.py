@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hera_ray.wire import auth_metadata, edge_pb2, registry_pb2
+from hera_ray.wire import auth_metadata, edge_pb2, prices_from_pb, registry_pb2
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -169,7 +169,10 @@ def node_specs(draw) -> registry_pb2.NodeSpec:
         model=pick(st.just(MODEL), text),
         n_ctx=pick(st.integers(1, 4096), uint32), slots=pick(st.integers(1, 4), uint32),
         max_queue=pick(st.integers(0, 8), uint32),
-        price_per_1k_tokens=pick(st.floats(0, 1), double),
+        # mostly the sheet alone, as a node sends it; sometimes the deprecated flat price, alone or not
+        price_per_1k_tokens=pick(st.just(0.0), double),
+        input_per_mtok=pick(st.floats(0.5, 10), double), cached_input_per_mtok=pick(st.floats(0, 0.5), double),
+        output_per_mtok=pick(st.floats(0, 40), double),
         version=pick(st.just("0.1.0"), text))
 
 
@@ -360,7 +363,9 @@ def test_register_fuzzed_fields(registry_channel, token, data, spec):
     assert reply.heartbeat_interval_s > 0
     # What the registry accepts, the scheduler must be able to route to and price.
     assert request.node.slots >= 1 and request.node.model and request.node.address.rsplit(":", 1)[1].isdigit()
-    assert math.isfinite(request.node.price_per_1k_tokens) and request.node.price_per_1k_tokens >= 0
+    prices = prices_from_pb(request.node)  # what the registry read; raises if it should have refused
+    assert all(math.isfinite(v) and v >= 0 for v in prices.model_dump().values())
+    assert prices.cached_input_per_mtok <= prices.input_per_mtok
 
 
 @settings(FUZZ, max_examples=150)

@@ -17,6 +17,7 @@ from hera_ray.config import AgentConfig, HeraConfig
 from hera_ray.errors import BudgetExceeded, HeraError, RateLimited
 from hera_ray.generation import GenerationResult
 from hera_ray.policy import build_policies
+from hera_ray.pricing import FREE, PriceSheet
 from hera_ray.scheduler.actor import SubtaskScheduler
 from hera_ray.scheduler.nodes import NodeSpec, NodeTable
 from hera_ray.scheduler.router import Router
@@ -26,7 +27,7 @@ from hera_ray.serve.openai_api import HeraIngress
 
 from test_agent_loop import RouterScheduler
 
-STEP = "Subtask: add them\nResult: 5"
+STEP = "Add them: 2 + 3 = 5.\n"
 CLOUD_PRICE = 2.0  # per 1k tokens: a 15-token step costs 0.03
 #: The class under the deployment (Serve wraps it in an ASGI replica class whose async __del__ needs Serve).
 INGRESS_CLASS = next(k for k in HeraIngress.func_or_class.__mro__ if "_start_run" in vars(k))
@@ -57,7 +58,7 @@ class HeldExecutor:
         self.steps += 1
         if self.fail_at is not None and self.steps - 1 == self.fail_at:
             raise HeraError("the model broke")
-        return GenerationResult(STEP, 10, 5, 0.01, 0.02, 0.0, "stop")
+        return GenerationResult(STEP, 10, 5, 0.01, 0.02, 0.0, "stop", stop_reason="\n")  # a line, as engines end it
 
     async def edge(self, address, params):
         return await self._step()
@@ -69,8 +70,8 @@ class HeldExecutor:
 def ingress(limit: int, executor: HeldExecutor, max_steps: int = 2):
     """A HeraIngress without Serve: the run path's real parts, wired as ``__init__`` wires them."""
     table = NodeTable()
-    table.register(NodeSpec("e0", "127.0.0.1:1", "slm", 2048, 4, 0, 0.0), "t")
-    router = Router(table, build_policies(), "slm", "llm", CLOUD_PRICE)
+    table.register(NodeSpec("e0", "127.0.0.1:1", "slm", 2048, 4, 0, FREE), "t")
+    router = Router(table, build_policies(), "slm", "llm", PriceSheet.flat(CLOUD_PRICE))
     spend = object.__new__(SubtaskScheduler)  # only its key-spend methods are used
     spend._key_spend = {}
     ing = object.__new__(INGRESS_CLASS)

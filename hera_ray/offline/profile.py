@@ -40,7 +40,8 @@ from typing import Any, Awaitable, Callable, Literal, Protocol, Sequence
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hera_ray.agent import parse_step, step_messages
+from hera_ray.agent.steps import StepFormat, chain_answer, chain_text, continues, make_step, read_answer, step_messages
+from hera_ray.agent.steps import Step as ChainStep
 from hera_ray.errors import ConfigError
 from hera_ray.generation import GenerationParams, GenerationResult
 
@@ -56,12 +57,12 @@ class ProfileConfig(BaseSettings):
 
     dataset: str = Field("gsm8k", description="Data set to profile.")
     split: str = Field("profile", description="Split of the data set (profile / dev / test).")
-    max_steps: int = Field(6, ge=1, le=30, description="Steps per path at most (as the agent's step limit).")
+    max_steps: int = Field(32, ge=1, le=100, description="Steps per path at most (as the agent's step limit; a step is one line of the chain of thought).")
     max_depth: int = Field(4, ge=1, le=30, description="Spine nodes (from the root) at which both models write the step.")
     max_branches: int = Field(1, ge=0, le=30, description="Switch branches (SLM step, then LLM to the end) per request.")
     max_distance: int = Field(3, ge=0, le=10, description="Largest S-L distance looked for; beyond it d is ∞.")
     match_threshold: float = Field(0.7, ge=0, le=1, description="SBERT similarity at which two subtasks count as the same.")
-    max_tokens: int = Field(160, ge=8, le=4096, description="Tokens a model may write per step.")
+    max_tokens: int = Field(256, ge=8, le=4096, description="Tokens a model may write per step (as agent.max_tokens_per_step).")
 
     def fingerprint(self) -> str:
         """Settings that change what is recorded (not how many requests)."""
@@ -70,18 +71,24 @@ class ProfileConfig(BaseSettings):
 
 @dataclass
 class Step:
-    """One step written by one model."""
+    """One step written by one model (the agent's step format: hera_ray/agent/steps.py)."""
 
-    subtask: str
-    output: str
-    final_answer: str | None
+    subtask: str  # the step's text
+    output: str  # the same text (kept apart for the estimators' data sets)
+    final_answer: str | None  # the answer line the step holds, if any
     by: Side
     tokens: int = 0
     seconds: float = 0.0
+    boundary: str = ""  # what the chain adds after the text ("\n" if a backend dropped the line end; see agent.steps)
+    end: bool = False  # the model ended its message with this step
 
     @property
     def is_final(self) -> bool:
-        return self.final_answer is not None
+        """The path ends here, as the agent's chain does: the model ended its message."""
+        return self.end
+
+    def as_chain_step(self) -> ChainStep:
+        return ChainStep(self.output, self.boundary, self.end)
 
 
 class StepModels(Protocol):
@@ -94,10 +101,8 @@ Similarity = Callable[[Sequence[tuple[str, str]]], Awaitable[list[float]]]
 
 
 def path_answer(steps: Sequence[Step]) -> str:
-    """The answer of a path, as the agent gives it: the final answer, else the last result."""
-    if not steps:
-        return ""
-    return steps[-1].final_answer if steps[-1].is_final else steps[-1].output
+    """The answer of a path, as the agent gives it: read from the whole chain, else its last line."""
+    return chain_answer(chain_text(s.as_chain_step() for s in steps))[0]
 
 
 @dataclass
@@ -117,13 +122,17 @@ class Profiler:
         self.counters = Counters()
 
     async def step(self, side: Side, question: str, history: Sequence[Step], request_id: str) -> Step:
-        params = GenerationParams(messages=step_messages(question, list(history)), max_tokens=self.config.max_tokens,
-                                  temperature=0.0, stop=("\nSubtask:",), request_id=f"profile:{request_id}:{side}:{len(history)}")
+        chain = chain_text(s.as_chain_step() for s in history)
+        # The agent's step format (hera_ray/agent/steps.py); profiled clusters' backends continue a message.
+        params = GenerationParams(messages=step_messages(question, chain), continue_final_message=continues(StepFormat.CONTINUE, chain),
+                                  max_tokens=self.config.max_tokens, temperature=0.0, stop_at_line_end=True,
+                                  request_id=f"profile:{request_id}:{side}:{len(history)}")
         t0 = time.perf_counter()
         result = await self._generate(side, params)
-        parsed = parse_step(result.text)
+        step = make_step(result.text, result.finish_reason, result.stop_reason)
         tokens = result.prompt_tokens + result.completion_tokens
-        return Step(parsed.subtask, parsed.result, parsed.final_answer, side, tokens, time.perf_counter() - t0)
+        return Step(step.text, step.text, read_answer(step.text)[0], side, tokens, time.perf_counter() - t0,
+                    step.boundary, step.end)
 
     async def _generate(self, side: Side, params: GenerationParams) -> GenerationResult:
         """One model call, counted for the progress bar."""

@@ -96,7 +96,7 @@ class SubtaskScheduler:
             build_policies(s.random_slm_share, s.seed, **_hera_policies(cfg)),
             edge_model=s.edge_model,
             cloud_model=cfg.cloud.model_id or cfg.cloud.model,
-            cloud_price_per_1k_tokens=cfg.cloud.price_per_1k_tokens,
+            cloud_prices=cfg.cloud.prices,
             max_cloud_cost_per_request=s.max_cloud_cost_per_request,
         )
         registry = RegistryConfig(host=s.registry_host, port=s.registry_port,
@@ -114,8 +114,9 @@ class SubtaskScheduler:
                                           self._registry.port)
         self._key_spend: dict[str, float] = {}  # API key name -> cloud cost of its runs (kept from start; not persisted)
         self._m_subtasks = metrics.Counter("hera_subtasks", "Subtasks routed, by placement and policy.", ("placement", "policy"))
-        self._m_tokens = metrics.Counter("hera_tokens", "Tokens processed, by placement.", ("placement",))
-        self._m_cost = metrics.Counter("hera_cost", "Cost charged, by placement (configured prices).", ("placement",))
+        self._m_tokens = metrics.Counter("hera_tokens", "Tokens processed, by placement and kind (input: uncached prompt, "
+                                         "cached_input, output).", ("placement", "kind"))
+        self._m_cost = metrics.Counter("hera_cost", "Cost charged in USD, by placement (configured price sheets).", ("placement",))
         self._m_decision = metrics.Histogram("hera_decision_latency_s", "Time to make one routing decision.",
                                              boundaries=[0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.2, 1.0])
         self._m_load = metrics.Gauge("hera_node_load", "Edge node utilisation: (in flight + queued) / slots.", ("node",))
@@ -141,18 +142,18 @@ class SubtaskScheduler:
         return route.to_dict()
 
     async def report(self, report: dict[str, Any]) -> float:
-        rep = SubtaskReport(
-            request_id=report["request_id"], placement=Placement(report["placement"]), node_id=report["node_id"],
-            prompt_tokens=int(report.get("prompt_tokens", 0)), completion_tokens=int(report.get("completion_tokens", 0)),
-            price_per_1k_tokens=float(report.get("price_per_1k_tokens", 0.0)), ok=bool(report.get("ok", True)))
+        """Record a subtask the agent ran (see :meth:`SubtaskReport.from_dict` for the dict); returns its cost in USD."""
+        rep = SubtaskReport.from_dict(report)
         cost = self.router.report(rep)
         if rep.ok:
-            tags = {"placement": rep.placement.value}
-            tokens = rep.prompt_tokens + rep.completion_tokens
-            if tokens:  # ray.util.metrics counters refuse 0 (a speculative step kept: nothing new ran)
-                self._m_tokens.inc(tokens, tags)
+            placement = rep.placement.value
+            tokens = rep.tokens
+            for kind, count in (("input", tokens.uncached_prompt), ("cached_input", tokens.cached_prompt),
+                                ("output", tokens.completion)):
+                if count:  # ray.util.metrics counters refuse 0 (a speculative step kept: nothing new ran)
+                    self._m_tokens.inc(count, {"placement": placement, "kind": kind})
             if cost:
-                self._m_cost.inc(cost, tags)
+                self._m_cost.inc(cost, {"placement": placement})
         return cost
 
     async def finish(self, request_id: str) -> dict[str, Any]:
@@ -189,7 +190,7 @@ class SubtaskScheduler:
         out = []
         for r in self.table.nodes():
             self._m_load.set(r.utilisation, {"node": r.spec.node_id})
-            out.append({**r.spec.__dict__, "state": r.state.value, "load": r.load.__dict__,
+            out.append({**r.spec.__dict__, "prices": r.spec.prices.model_dump(), "state": r.state.value, "load": r.load.__dict__,
                         "last_heartbeat_age_s": self.table.heartbeat_age(r)})
         return out
 

@@ -1,4 +1,8 @@
-"""The cost ledger: tokens and spend per request, per node and in total, split edge / cloud."""
+"""The cost ledger: tokens and spend per request, per node and in total, split edge / cloud.
+
+Tokens are kept by how they are billed (uncached prompt, cached prompt, completion) and costs in
+USD, priced by :func:`hera_ray.pricing.cost`.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,45 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 from hera_ray.policy.base import Placement
+from hera_ray.pricing import PriceSheet, TokenCounts, cost as priced
 
 
 @dataclass
 class Usage:
     edge_subtasks: int = 0
     cloud_subtasks: int = 0
-    edge_tokens: int = 0
-    cloud_tokens: int = 0
-    edge_cost: float = 0.0
-    cloud_cost: float = 0.0
+    edge_uncached_prompt_tokens: int = 0
+    edge_cached_prompt_tokens: int = 0
+    edge_completion_tokens: int = 0
+    cloud_uncached_prompt_tokens: int = 0
+    cloud_cached_prompt_tokens: int = 0
+    cloud_completion_tokens: int = 0
+    edge_cost: float = 0.0  # USD
+    cloud_cost: float = 0.0  # USD
 
-    def add(self, placement: Placement, tokens: int, cost: float) -> None:
+    def add(self, placement: Placement, tokens: TokenCounts, cost: float) -> None:
         if placement is Placement.EDGE:
             self.edge_subtasks += 1
-            self.edge_tokens += tokens
+            self.edge_uncached_prompt_tokens += tokens.uncached_prompt
+            self.edge_cached_prompt_tokens += tokens.cached_prompt
+            self.edge_completion_tokens += tokens.completion
             self.edge_cost += cost
         else:
             self.cloud_subtasks += 1
-            self.cloud_tokens += tokens
+            self.cloud_uncached_prompt_tokens += tokens.uncached_prompt
+            self.cloud_cached_prompt_tokens += tokens.cached_prompt
+            self.cloud_completion_tokens += tokens.completion
             self.cloud_cost += cost
+
+    @property
+    def edge_tokens(self) -> int:
+        """Every token the edge read or wrote."""
+        return self.edge_uncached_prompt_tokens + self.edge_cached_prompt_tokens + self.edge_completion_tokens
+
+    @property
+    def cloud_tokens(self) -> int:
+        """Every token the cloud read or wrote."""
+        return self.cloud_uncached_prompt_tokens + self.cloud_cached_prompt_tokens + self.cloud_completion_tokens
 
     @property
     def subtasks(self) -> int:
@@ -40,11 +63,8 @@ class Usage:
         return self.edge_subtasks / self.subtasks if self.subtasks else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "subtasks": self.subtasks, "cost": self.cost, "slm_share": self.slm_share}
-
-
-def token_cost(tokens: int, price_per_1k_tokens: float) -> float:
-    return tokens * price_per_1k_tokens / 1000.0
+        return {**asdict(self), "edge_tokens": self.edge_tokens, "cloud_tokens": self.cloud_tokens,
+                "subtasks": self.subtasks, "cost": self.cost, "slm_share": self.slm_share}
 
 
 class CostLedger:
@@ -56,8 +76,10 @@ class CostLedger:
         self._requests: OrderedDict[str, Usage] = OrderedDict()
         self._max_open = max_open
 
-    def charge(self, request_id: str, placement: Placement, node_id: str, tokens: int, price_per_1k_tokens: float) -> float:
-        cost = token_cost(tokens, price_per_1k_tokens)
+    def charge(self, request_id: str, placement: Placement, node_id: str, tokens: TokenCounts,
+               prices: PriceSheet) -> float:
+        """Record one finished subtask; returns what it cost, in USD."""
+        cost = priced(tokens, prices)
         for usage in (self.total, self.request(request_id), self.by_node.setdefault(node_id, Usage())):
             usage.add(placement, tokens, cost)
         return cost

@@ -16,6 +16,7 @@ from enum import Enum
 from typing import Callable
 
 from hera_ray.errors import InvalidRequest, NodeIdConflict, PermissionDenied, UnknownNode
+from hera_ray.pricing import FREE, PriceSheet, parse_prices
 
 
 class NodeState(str, Enum):
@@ -39,7 +40,8 @@ class NodeSpec:
     n_ctx: int
     slots: int
     max_queue: int = 0
-    price_per_1k_tokens: float = 0.0
+    #: What the node charges, for the cost ledger (an edge box's default: nothing).
+    prices: PriceSheet = FREE
     version: str = ""
 
     def validate(self) -> None:
@@ -61,8 +63,9 @@ class NodeSpec:
             raise InvalidRequest(f"slots must be >= 1, got {self.slots}")
         if self.n_ctx < 1:
             raise InvalidRequest(f"n_ctx must be >= 1, got {self.n_ctx}")
-        if not (math.isfinite(self.price_per_1k_tokens) and self.price_per_1k_tokens >= 0):  # NaN compares False
-            raise InvalidRequest(f"price_per_1k_tokens must be a finite number >= 0, got {self.price_per_1k_tokens}")
+        if not isinstance(self.prices, PriceSheet):
+            raise InvalidRequest(f"prices must be a PriceSheet, got {type(self.prices).__name__}")
+        parse_prices(self.prices)  # checked again: a sheet made with model_construct() skipped its checks
 
 
 @dataclass(frozen=True)

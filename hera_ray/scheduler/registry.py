@@ -19,8 +19,8 @@ from hera_ray.config import RegistryConfig, read_tokens
 from hera_ray.errors import ConfigError
 from hera_ray.scheduler.nodes import NodeRecord, NodeSpec, NodeState, NodeTable
 from hera_ray import tls
-from hera_ray.wire import (bearer_token, check_token, grpc_errors, load_from_pb, load_to_pb, registry_pb2,
-                           registry_pb2_grpc, server_options)
+from hera_ray.wire import (bearer_token, check_token, grpc_errors, load_from_pb, load_to_pb, prices_from_pb,
+                           prices_to_pb_fields, registry_pb2, registry_pb2_grpc, server_options)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def spec_from_pb(m: registry_pb2.NodeSpec) -> NodeSpec:
         n_ctx=m.n_ctx,
         slots=m.slots,
         max_queue=m.max_queue,
-        price_per_1k_tokens=m.price_per_1k_tokens,
+        prices=prices_from_pb(m),
         version=m.version,
     )
 
@@ -56,7 +56,7 @@ def status_to_pb(table: NodeTable, r: NodeRecord) -> registry_pb2.NodeStatus:
             n_ctx=s.n_ctx,
             slots=s.slots,
             max_queue=s.max_queue,
-            price_per_1k_tokens=s.price_per_1k_tokens,
+            **prices_to_pb_fields(s.prices),
             version=s.version,
         ),
         state=_STATE_TO_PB[r.state],

@@ -14,9 +14,11 @@ import random
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
-from hera_ray.errors import BudgetExceeded, UnknownPolicy
+from hera_ray.errors import BudgetExceeded, InvalidRequest, UnknownPolicy
 from hera_ray.policy.base import PastStep, Placement, Policy, SubtaskContext
+from hera_ray.pricing import FREE, PriceSheet, TokenCounts, parse_prices
 from hera_ray.scheduler.ledger import CostLedger, Usage
 from hera_ray.scheduler.nodes import NodeRecord, NodeTable
 
@@ -42,7 +44,9 @@ class Route:
     node_id: str = ""
     address: str = ""
     model: str = ""
-    price_per_1k_tokens: float = 0.0
+    #: What the chosen side charges: ``PriceSheet.model_dump()``, a plain dict, since routes cross
+    #: Ray as dicts. The agent sends it back in its report.
+    prices: dict[str, float] = field(default_factory=FREE.model_dump)
     #: Why the policy's choice was overridden: "budget" (cloud cap reached) or "no-edge".
     fallback: str = ""
     decision_s: float = 0.0
@@ -55,13 +59,42 @@ class Route:
 
 @dataclass(frozen=True)
 class SubtaskReport:
+    """A finished (or failed) subtask, as the agent reports it."""
+
     request_id: str
     placement: Placement
     node_id: str
-    prompt_tokens: int
-    completion_tokens: int
-    price_per_1k_tokens: float
+    #: The whole prompt, cached part included.
+    prompt_tokens: int = 0
+    #: The part of the prompt the model found in its prompt cache.
+    cached_prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prices: PriceSheet = FREE
     ok: bool = True
+    #: Only give back the node pick of a route that ran nothing new (a speculative step the policy
+    #: kept: it already ran, and was charged, under the first pick).
+    release_only: bool = False
+
+    def __post_init__(self) -> None:
+        self.tokens  # noqa: B018 - refuse bad counts when the report is made, not when it is charged
+
+    @property
+    def tokens(self) -> TokenCounts:
+        return TokenCounts.from_prompt(self.prompt_tokens, self.cached_prompt_tokens, self.completion_tokens)
+
+    @classmethod
+    def from_dict(cls, report: dict[str, Any]) -> "SubtaskReport":
+        """The report dict the agent sends: ``request_id``, ``placement``, ``node_id``, ``prices``
+        (the route's; missing or empty: free), ``ok``, ``prompt_tokens``, ``cached_prompt_tokens`` (missing:
+        0) and ``completion_tokens``."""
+        try:
+            placement = Placement(report["placement"])
+            counts = {k: int(report.get(k, 0)) for k in ("prompt_tokens", "cached_prompt_tokens", "completion_tokens")}
+            return cls(request_id=str(report["request_id"]), placement=placement, node_id=str(report["node_id"]),
+                       prices=parse_prices(report.get("prices") or None), ok=bool(report.get("ok", True)),
+                       release_only=bool(report.get("release_only", False)), **counts)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidRequest(f"malformed subtask report: {type(e).__name__}: {e}") from None
 
 
 class Router:
@@ -71,7 +104,7 @@ class Router:
         policies: dict[str, Policy],
         edge_model: str,
         cloud_model: str,
-        cloud_price_per_1k_tokens: float,
+        cloud_prices: PriceSheet,
         max_cloud_cost_per_request: float | None = None,
         ledger: CostLedger | None = None,
     ):
@@ -80,7 +113,7 @@ class Router:
         self._tuned: dict[str, Policy] = {}
         self.edge_model = edge_model
         self.cloud_model = cloud_model
-        self.cloud_price = cloud_price_per_1k_tokens
+        self.cloud_prices = cloud_prices
         self.max_cloud_cost = max_cloud_cost_per_request
         self.ledger = ledger or CostLedger()
         self.outstanding: dict[str, int] = defaultdict(int)
@@ -141,9 +174,10 @@ class Router:
             self.outstanding[node.spec.node_id] += 1
             self._affinity[req.request_id] = node.spec.node_id
             route = Route(placement, decision.stage, decision.scores, node.spec.node_id, node.spec.address,
-                          node.spec.model, node.spec.price_per_1k_tokens, fallback)
+                          node.spec.model, node.spec.prices.model_dump(), fallback)
         else:
-            route = Route(placement, decision.stage, decision.scores, "cloud", "", self.cloud_model, self.cloud_price, fallback)
+            route = Route(placement, decision.stage, decision.scores, "cloud", "", self.cloud_model,
+                          self.cloud_prices.model_dump(), fallback)
         return replace(route, decision_s=time.perf_counter() - t0)
 
     #: Up to this many live nodes, scan them all; above, sample two.
@@ -174,7 +208,7 @@ class Router:
         return busy / max(1, r.spec.slots), r.spec.node_id
 
     def report(self, rep: SubtaskReport) -> float:
-        """Record a finished (or failed) subtask; returns its cost."""
+        """Record a finished (or failed) subtask; returns its cost in USD (:func:`hera_ray.pricing.cost`)."""
         if rep.placement is Placement.EDGE and self.outstanding.get(rep.node_id, 0) > 0:
             self.outstanding[rep.node_id] -= 1
         if not rep.ok:
@@ -183,8 +217,9 @@ class Router:
             if rep.placement is Placement.EDGE:
                 self._suspects[rep.node_id] = time.monotonic()
             return 0.0
-        return self.ledger.charge(rep.request_id, rep.placement, rep.node_id,
-                                  rep.prompt_tokens + rep.completion_tokens, rep.price_per_1k_tokens)
+        if rep.release_only:
+            return 0.0
+        return self.ledger.charge(rep.request_id, rep.placement, rep.node_id, rep.tokens, rep.prices)
 
     def finish(self, request_id: str) -> Usage:
         """The request is done: forget its node affinity and return its usage."""

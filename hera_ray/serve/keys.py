@@ -10,7 +10,7 @@ A keys file is a YAML list::
       key: "sk-alice-0123456789"
       requests_per_minute: 30   # optional; no limit without it
       burst: 5                  # optional; default: one minute's worth
-      cloud_budget: 0.50        # optional, in the cost ledger's units; no cap without it
+      cloud_budget: 0.50        # optional, in USD; no cap without it
     - name: batch
       key: "sk-batch-0123456789"
 """
@@ -43,7 +43,7 @@ class ApiKey(BaseModel):
     key: str = Field(..., repr=False, description="The bearer secret the caller sends (Authorization: Bearer <key>).")
     requests_per_minute: float | None = Field(None, gt=0, description="Sustained request rate allowed; none: no limit.")
     burst: int | None = Field(None, ge=1, description="Requests allowed at once after a quiet spell; default: one minute's worth.")
-    cloud_budget: float | None = Field(None, ge=0, description="Total cloud cost the key may spend (the ledger's units); none: no cap.")
+    cloud_budget: float | None = Field(None, ge=0, description="Total cloud cost the key may spend, in USD; none: no cap.")
 
     @field_validator("key")
     @classmethod

@@ -23,7 +23,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hera_ray import __version__
-from hera_ray.agent import Agent, AgentRun, TraceEntry
+from hera_ray.agent import Agent, AgentRun, StepFormat, TraceEntry
 from hera_ray.config import HeraConfig
 from hera_ray.errors import HeraError, InvalidRequest, RateLimited, UnknownPolicy, error_to_dict
 from hera_ray.scheduler.actor import get_or_create_scheduler
@@ -46,6 +46,14 @@ api.state.max_body_bytes = 1024 * 1024
 def _json_error(status: int, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"), param),
                         status_code=status)
+
+
+def cloud_step_format(cloud) -> StepFormat:
+    """How the agent asks the cloud backend for a step: llama.cpp and vLLM continue the open assistant
+    message; an OpenAI-compatible endpoint does only when configured to (else the turns fallback)."""
+    if cloud.backend == "openai" and not cloud.openai_continue_final_message:
+        return StepFormat.TURNS
+    return StepFormat.CONTINUE
 
 
 class _BodyTooLarge(Exception):
@@ -127,10 +135,17 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _usage(run: AgentRun) -> dict[str, int]:
+def _usage(run: AgentRun) -> dict[str, Any]:
     prompt = sum(t.prompt_tokens for t in run.trace)
     completion = sum(t.completion_tokens for t in run.trace)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(t.cached_prompt_tokens for t in run.trace)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _content(run: AgentRun) -> str:
+    """The reply's text: the answer, or the whole of it when it runs over several lines (a code block)."""
+    return run.final_text if "\n" in run.final_text.strip() else run.answer
 
 
 def _completion(model: str, run: AgentRun) -> dict[str, Any]:
@@ -139,7 +154,7 @@ def _completion(model: str, run: AgentRun) -> dict[str, Any]:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": run.answer},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": _content(run)},
                      "finish_reason": "stop" if run.finished else "length"}],
         "usage": _usage(run),
         "hera": _json_safe(run.to_dict()),
@@ -167,7 +182,7 @@ class HeraIngress:
         self.agent = Agent(ActorScheduler(self.actor), ClusterExecutor(cloud_handle, self.config.cloud.request_timeout_s,
                                                                    edge_timeout_s=self.config.agent.edge_timeout_s,
                                                                    tls=self.config.scheduler.tls),
-                           self.config.agent)
+                           self.config.agent, cloud_step_format=cloud_step_format(self.config.cloud))
         self.cloud = cloud_handle
 
     async def _check_policy(self, name: str) -> None:
@@ -258,8 +273,14 @@ class HeraIngress:
         except Exception as e:  # noqa: BLE001 - any failure means not healthy
             return _json_error(503, f"scheduler unreachable: {e}")
         # This ingress replica's admission: runs it works on now, and how many it takes before 429.
+        a = self.config.agent
         return JSONResponse({"status": "ok", **status, "runs_in_flight": self.admission.in_flight,
-                             "max_concurrent_runs": self.admission.limit})
+                             "max_concurrent_runs": self.admission.limit,
+                             # What changes a run's answers and costs, so that a benchmark can record it.
+                             "cloud_prices": self.config.cloud.prices.model_dump(),
+                             "cloud_step_format": self.agent.cloud_step_format.value,
+                             "agent": {"max_steps": a.max_steps, "max_tokens_per_step": a.max_tokens_per_step,
+                                       "max_chain_tokens": a.max_chain_tokens, "temperature": a.temperature}})
 
     @api.get("/v1/estimators")
     async def estimators_manifest(self, request: Request) -> dict[str, Any]:
@@ -328,7 +349,7 @@ class HeraIngress:
                 else:
                     getter.cancel()
             run = task.result()
-            yield chunk({"content": run.answer})
+            yield chunk({"content": _content(run)})
             yield chunk({}, "stop" if run.finished else "length", usage=_usage(run),
                         hera={k: v for k, v in run.to_dict().items() if k != "trace"})
         except HeraError as e:

@@ -21,7 +21,7 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000,
                                         examples=[[{"role": "user", "content": "What is 2 + 3?"}]])
     stream: bool = False
-    max_steps: int | None = Field(None, ge=1, le=50, description="hera: subtasks at most.")
+    max_steps: int | None = Field(None, ge=1, le=100, description="hera: steps at most (each a line of the chain of thought).")
     # allow_inf_nan: Python's JSON parser takes Infinity, which would pass ge=0 and then fail the reply.
     max_cloud_cost: float | None = Field(None, ge=0, allow_inf_nan=False, description="hera: cap on this request's cloud spend.")
 
@@ -43,7 +43,7 @@ class AgentRunRequest(BaseModel):
 
     question: str = Field(..., min_length=1, max_length=200_000, examples=["What is 2 + 3?"])
     policy: str = Field("all-slm", min_length=1, max_length=200, description="Routing policy.")
-    max_steps: int | None = Field(None, ge=1, le=50)
+    max_steps: int | None = Field(None, ge=1, le=100)
     max_cloud_cost: float | None = Field(None, ge=0, allow_inf_nan=False)
     request_id: str | None = Field(None, max_length=200)
 

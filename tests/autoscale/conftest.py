@@ -23,7 +23,7 @@ def autoscale_cluster(tmp_path_factory):
         config = HeraConfig.model_validate({
             "cloud": {"model": "smollm2-135m", "model_id": "smollm2-as-cloud", "threads": 1, "n_ctx": 1024,
                       "num_cpus": 0.5, "autoscaling": AUTOSCALING},
-            "scheduler": {"registry_port": 0},
+            "scheduler": {"registry_port": 0, "edge_model": "smollm2-135m"},
             "agent": {"max_steps": 3, "max_tokens_per_step": 96},
             "ingress": {"port": free_port()},
             "hera": {"enabled": False},

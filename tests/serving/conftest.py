@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from hera_ray.pricing import PriceSheet
 from local_ray import local_ray_head
 from serving_settings import API_KEY, CLOUD_PRICE, free_port, write_keys_file
 
@@ -27,9 +28,10 @@ def cluster(ray_head, tmp_path_factory):
 
     config = HeraConfig.model_validate({
         "cloud": {"model": "smollm2-135m", "model_id": "smollm2-as-cloud", "threads": 1, "n_ctx": 2048,
-                  "num_cpus": 0.5, "price_per_1k_tokens": CLOUD_PRICE,
+                  "num_cpus": 0.5, "prices": PriceSheet.flat(CLOUD_PRICE).model_dump(),
                   "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-        "scheduler": {"registry_port": 0},
+        # SmolLM2 on the edges too: fast, and the tests check the plumbing, not the answers.
+        "scheduler": {"registry_port": 0, "edge_model": "smollm2-135m"},
         "agent": {"max_steps": 3, "max_tokens_per_step": 64, "max_steps_limit": 3},
         "ingress": {"port": free_port(), "api_keys_file": str(write_keys_file(tmp_path_factory.mktemp("keys")))},
     })

@@ -1,0 +1,321 @@
+"""The agent loop: a request answered as a chain of steps, each placed by the scheduler.
+
+A step is one line of the model's own chain of thought (the format is in
+:mod:`hera_ray.agent.steps`): the steps so far are one open assistant message, and the model
+chosen for the next step continues it until the end of a line, its token cap or the end of its
+message. The loop asks the scheduler where each step runs, runs it there, records a trace entry
+(tokens split into uncached prompt, cached prompt and completion, and the step's cost), and stops
+when the model ends its message, the chain reaches its token cap, or the step limit is hit. The
+answer is read from the whole chain.
+
+Pure asyncio over two small interfaces (a scheduler and an executor), so it is tested without
+Ray; the Serve ingress plugs in the SubtaskScheduler actor and real edge/cloud executors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+from hera_ray.agent.steps import Step, StepFormat, chain_answer, chain_text, continues, make_step, step_messages
+from hera_ray.config import AgentConfig
+from hera_ray.errors import Overloaded, Unavailable
+from hera_ray.generation import GenerationParams, GenerationResult
+from hera_ray.policy.base import SPECULATE
+
+
+@dataclass
+class TraceEntry:
+    index: int
+    #: The step's text, stripped (what the HERA estimators see as the subtask).
+    subtask: str
+    #: The step's text as the chain holds it (with its line end).
+    output: str
+    placement: str
+    node: str
+    model: str
+    stage: str
+    scores: dict[str, float]
+    fallback: str
+    #: Prompt tokens in all (``cached_prompt_tokens + uncached_prompt_tokens``).
+    prompt_tokens: int
+    completion_tokens: int
+    tokens: int
+    cost: float
+    latency_s: float
+    decision_s: float
+    generation_s: float  # the executor call, as the agent saw it (includes the transport)
+    model_s: float = 0.0  # the model's own time: time to first token + decode, as the engine measured it
+    retries: int = 0
+    finish_reason: str = ""
+    #: Time spent on an SLM step the policy then sent to the LLM (speculative SSE only), and what
+    #: that step cost on its edge node (``cost`` is then the step that was kept, alone).
+    speculative_s: float = 0.0
+    speculative_cost: float = 0.0
+    #: Attempts of this subtask that failed before it ran ("<node>: <error>"), oldest first: a node
+    #: that died, froze past the subtask timeout or was full, or a cloud replica that died.
+    failures: list[str] = field(default_factory=list)
+    #: The part of the prompt that extends this side's previous call of the request (a provider's
+    #: prefix cache hit: priced as cached input), and the rest (priced as input).
+    cached_prompt_tokens: int = 0
+    uncached_prompt_tokens: int = 0
+    #: What the chain adds after ``output``: "" (the step holds its own line end, was cut by its
+    #: token cap, or ended the message), or "\n" (a backend that stopped on the string dropped it).
+    boundary: str = ""
+    #: How the step was asked for: "continue" (the open assistant message) or "turns" (fallback).
+    step_format: str = StepFormat.CONTINUE.value
+
+
+@dataclass
+class AgentRun:
+    request_id: str
+    policy: str
+    question: str
+    answer: str
+    finished: bool  # the model ended its message or wrote an answer line (else a limit ended the run)
+    #: Everything from the answer line on (several lines: a code block); ``answer`` is its first line.
+    final_text: str = ""
+    trace: list[TraceEntry] = field(default_factory=list)
+    latency_s: float = 0.0
+    usage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def slm_share(self) -> float:
+        return sum(t.placement == "edge" for t in self.trace) / len(self.trace) if self.trace else 0.0
+
+    @property
+    def cost(self) -> float:
+        return sum(t.cost + t.speculative_cost for t in self.trace)
+
+    @property
+    def chain(self) -> str:
+        """The whole chain of thought: every step with its boundary, as one message."""
+        return "".join(t.output + t.boundary for t in self.trace)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(slm_share=self.slm_share, cost=self.cost, chain=self.chain,
+                 cloud_tokens=sum(t.tokens for t in self.trace if t.placement == "cloud"),
+                 prompt_tokens=sum(t.prompt_tokens for t in self.trace),
+                 cached_prompt_tokens=sum(t.cached_prompt_tokens for t in self.trace),
+                 completion_tokens=sum(t.completion_tokens for t in self.trace))
+        return d
+
+
+class Scheduler(Protocol):
+    async def route(self, request: dict[str, Any], max_cloud_cost: float | None = None) -> dict[str, Any]: ...
+    async def report(self, report: dict[str, Any]) -> float: ...
+    async def finish(self, request_id: str) -> dict[str, Any]: ...
+
+
+class Executor(Protocol):
+    async def edge(self, address: str, params: GenerationParams) -> GenerationResult: ...
+    async def cloud(self, params: GenerationParams) -> GenerationResult: ...
+
+
+@dataclass
+class _LastCall:
+    """One side's previous call in this request: what a prefix cache holds of it."""
+
+    chain: str
+    prompt_tokens: int
+
+
+@dataclass
+class _RunState:
+    run: AgentRun
+    steps: list[Step] = field(default_factory=list)
+    chain_tokens: int = 0
+    #: Per side ("cloud", or an edge node id): the previous call, for the cached-prompt count.
+    last_call: dict[str, _LastCall] = field(default_factory=dict)
+
+
+class Agent:
+    """Runs one request as a chain of steps.
+
+    ``cloud_step_format``: how the cloud backend is asked for the next step; CONTINUE for llama.cpp
+    and vLLM, TURNS for an OpenAI-compatible endpoint that cannot continue a message. Edge nodes
+    (llama.cpp) always continue.
+    """
+
+    def __init__(self, scheduler: Scheduler, executor: Executor, config: AgentConfig | None = None,
+                 cloud_step_format: StepFormat = StepFormat.CONTINUE):
+        self.scheduler = scheduler
+        self.executor = executor
+        self.config = config or AgentConfig()
+        self.cloud_step_format = StepFormat(cloud_step_format)
+
+    async def run(
+        self,
+        question: str,
+        policy: str,
+        request_id: str | None = None,
+        max_steps: int | None = None,
+        max_cloud_cost: float | None = None,
+        on_step: Callable[[TraceEntry], Awaitable[None] | None] | None = None,
+    ) -> AgentRun:
+        request_id = request_id or uuid.uuid4().hex
+        steps = max_steps or self.config.max_steps
+        run = AgentRun(request_id=request_id, policy=policy, question=question, answer="", finished=False)
+        state = _RunState(run)
+        t_run = time.perf_counter()
+        try:
+            for index in range(steps):
+                budget = self.config.max_chain_tokens - state.chain_tokens
+                if budget <= 0:
+                    break
+                entry, step = await self._step(state, index, min(budget, self.config.max_tokens_per_step), max_cloud_cost)
+                run.trace.append(entry)
+                state.steps.append(step)
+                state.chain_tokens += entry.completion_tokens
+                if on_step is not None:
+                    maybe = on_step(entry)
+                    if maybe is not None:
+                        await maybe
+                if step.end or (entry.completion_tokens == 0 and not step.text):
+                    break  # the model ended its message (or wrote nothing more: asking again would loop)
+            answer, final_text, found = chain_answer(chain_text(state.steps))
+            run.finished = found or bool(state.steps and state.steps[-1].end)
+            run.answer, run.final_text = answer, final_text
+        finally:
+            run.usage = await self.scheduler.finish(request_id)
+            run.latency_s = time.perf_counter() - t_run
+        return run
+
+    def _params(self, state: _RunState, index: int, max_tokens: int, fmt: StepFormat) -> GenerationParams:
+        run = state.run
+        chain = chain_text(state.steps)
+        return GenerationParams(
+            messages=step_messages(run.question, chain, fmt),
+            continue_final_message=continues(fmt, chain),
+            max_tokens=max_tokens,
+            temperature=self.config.temperature,
+            stop_at_line_end=True,
+            request_id=f"{run.request_id}:{index}",
+        )
+
+    def _format(self, route: dict[str, Any]) -> StepFormat:
+        return StepFormat.CONTINUE if route["placement"] == "edge" else self.cloud_step_format
+
+    async def _step(self, state: _RunState, index: int, max_tokens: int,
+                    max_cloud_cost: float | None) -> tuple[TraceEntry, Step]:
+        run = state.run
+        history = [{"subtask": t.subtask, "output": t.output, "placement": t.placement} for t in run.trace]
+        request = {"request_id": run.request_id, "policy": run.policy, "index": index, "question": run.question,
+                   "history": history, "exclude_nodes": []}
+        t0 = time.perf_counter()
+        decision_s = speculative_s = speculative_cost = 0.0
+        failures: list[str] = []
+        while True:
+            route = await self.scheduler.route(request, max_cloud_cost)
+            decision_s += route["decision_s"]
+            fmt = self._format(route)
+            params = self._params(state, index, max_tokens, fmt)
+            t_gen = time.perf_counter()
+            try:
+                result, cost, cached = await self._execute(state, route, params, failures)
+            except (Unavailable, Overloaded) as e:
+                # The edge node died, froze past the subtask timeout, drains or is full: re-route this
+                # subtask elsewhere (another node, or the cloud once none is left).
+                if route["placement"] != "edge":
+                    raise
+                failures.append(f"{route['node_id']}: {e.message}")
+                if len(request["exclude_nodes"]) >= self.config.edge_retries:
+                    raise
+                request["exclude_nodes"] = [*request["exclude_nodes"], route["node_id"]]
+                continue
+            generation_s = time.perf_counter() - t_gen
+            step = make_step(result.text, result.finish_reason, result.stop_reason)
+            if route["stage"] == SPECULATE and route["placement"] == "edge":
+                # The policy asked for the SLM's real step first: ask again with what it wrote.
+                final = await self.scheduler.route({**request, "slm_candidate": step.text.strip()}, max_cloud_cost)
+                decision_s += final["decision_s"]
+                if final["placement"] == "edge":  # accepted: the step already ran; release the second node pick
+                    await self.scheduler.report({**_report_base(run, final), "ok": True, "release_only": True})
+                    route = {**final, "node_id": route["node_id"], "model": route["model"]}
+                else:  # rejected: the LLM writes this step, and the SLM's time was spent for nothing
+                    speculative_s, speculative_cost = generation_s, cost
+                    fmt = self._format(final)
+                    params = self._params(state, index, max_tokens, fmt)
+                    t_gen = time.perf_counter()
+                    result, cost, cached = await self._execute(state, final, params, failures)
+                    generation_s = time.perf_counter() - t_gen
+                    step = make_step(result.text, result.finish_reason, result.stop_reason)
+                    route = final
+            entry = TraceEntry(
+                index=index, subtask=step.text.strip(), output=step.text, placement=route["placement"],
+                node=route["node_id"], model=route["model"], stage=route["stage"], scores=route["scores"],
+                fallback=route["fallback"], prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens, tokens=result.prompt_tokens + result.completion_tokens,
+                cost=cost, latency_s=time.perf_counter() - t0, decision_s=decision_s, generation_s=generation_s,
+                model_s=result.ttft_s + result.decode_s, retries=len(failures), finish_reason=result.finish_reason,
+                speculative_s=speculative_s, speculative_cost=speculative_cost, failures=failures, cached_prompt_tokens=cached,
+                uncached_prompt_tokens=result.prompt_tokens - cached, boundary=step.boundary, step_format=fmt.value,
+            )
+            return entry, step
+
+    async def _execute(self, state: _RunState, route: dict[str, Any], params: GenerationParams,
+                       failures: list[str]) -> tuple[GenerationResult, float, int]:
+        """Run the step where ``route`` says and report it to the scheduler; (result, cost, cached
+        prompt tokens). A cloud step whose replica died or was full is tried again after a backoff
+        (Serve replaces a dead replica); each failed try is added to ``failures``. An edge failure
+        is raised for re-routing."""
+        for attempt in range(self.config.cloud_retries + 1):
+            try:
+                return await self._execute_once(state, route, params)
+            except (Unavailable, Overloaded) as e:
+                if route["placement"] == "edge":
+                    raise
+                failures.append(f"cloud: {e.message}")
+                if attempt == self.config.cloud_retries:
+                    raise
+                await asyncio.sleep(min(self.config.retry_backoff_s * 2 ** attempt, 10.0))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _execute_once(self, state: _RunState, route: dict[str, Any],
+                            params: GenerationParams) -> tuple[GenerationResult, float, int]:
+        run = state.run
+        try:
+            if route["placement"] == "edge":
+                result = await self.executor.edge(route["address"], params)
+            else:
+                result = await self.executor.cloud(params)
+        except (Unavailable, Overloaded):
+            await self.scheduler.report({**_report_base(run, route), "ok": False})
+            raise
+        cached = _cached_prompt_tokens(state, route, params, result)
+        cost = await self.scheduler.report({**_report_base(run, route), "prompt_tokens": result.prompt_tokens,
+                                            "cached_prompt_tokens": cached,
+                                            "completion_tokens": result.completion_tokens, "ok": True})
+        return result, cost, cached
+
+
+def _cached_prompt_tokens(state: _RunState, route: dict[str, Any], params: GenerationParams,
+                          result: GenerationResult) -> int:
+    """The prompt tokens a provider's prefix cache would hit: those of this side's previous call in
+    the request when this prompt extends it (an open assistant message that grew), else 0.
+
+    Only the previous call's *prompt* counts, as a cloud API's prompt cache does (its output is
+    billed again as input the first time it is sent back). The TURNS fallback closes the message
+    with a new user turn every step, so its prompts do not extend each other: counted uncached.
+    A backend whose API reports the cached count (OpenAI's) is taken at its word. Not modelled: a
+    provider's minimum cacheable prompt (OpenAI: 1,024 tokens, in steps of 128).
+    """
+    side = "cloud" if route["placement"] != "edge" else route["node_id"]
+    chain = params.messages[-1][1] if params.continue_final_message else ("" if len(params.messages) == 2 else None)
+    previous = state.last_call.get(side)
+    cached = 0
+    if result.cached_prompt_tokens is not None:  # the provider said what it billed as cached
+        cached = max(0, min(result.cached_prompt_tokens, result.prompt_tokens))
+    elif chain is not None and previous is not None and chain.startswith(previous.chain):
+        cached = min(previous.prompt_tokens, result.prompt_tokens)
+    state.last_call[side] = _LastCall(chain if chain is not None else "\0", result.prompt_tokens)
+    return cached
+
+
+def _report_base(run: AgentRun, route: dict[str, Any]) -> dict[str, Any]:
+    return {"request_id": run.request_id, "placement": route["placement"], "node_id": route["node_id"],
+            "prices": route.get("prices", {})}

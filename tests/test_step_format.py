@@ -1,0 +1,116 @@
+"""The step format on the real pair (llama.cpp with the bundled Qwen2.5-Coder GGUFs): an agent
+step is one step of the model's own chain of thought, so ``all-llm`` through the agent writes
+what one turn writes, and a chain that switches models step by step re-reads only its newest
+steps (cached prompt tokens grow, uncached ones stay small) and is priced by the three prices."""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+
+import pytest
+
+from agent_helpers import Alternate, EngineExecutor, RouterScheduler
+from edge_node.worker import EdgeWorker
+from hera_ray.agent import Agent, one_turn_messages, read_answer
+from hera_ray.config import AgentConfig
+from hera_ray.generation import GenerationParams
+from hera_ray.models import resolve_model
+from hera_ray.policy import build_policies
+from hera_ray.pricing import DEFAULT_CLOUD_PRICES, PriceSheet, TokenCounts, cost
+from hera_ray.scheduler.nodes import NodeSpec, NodeTable
+from hera_ray.scheduler.router import Router
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+QUESTIONS = (
+    "A baker makes 12 loaves a day for 5 days and sells 45 of them. How many loaves are left?",
+    "Tom has 3 boxes of 8 pencils. He gives away 10 pencils. How many pencils does he have now?",
+)
+CHAIN_TOKENS = 320
+EDGE_PRICES = PriceSheet(input_per_mtok=0.02, cached_input_per_mtok=0.01, output_per_mtok=0.05)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    worker = EdgeWorker(resolve_model("qwen2.5-coder-1.5b").path, "qwen2.5-coder-1.5b", n_ctx=2048, threads=2)
+    yield worker
+    worker.close()
+
+
+@pytest.fixture(scope="module")
+def slm():
+    worker = EdgeWorker(resolve_model("qwen2.5-coder-0.5b").path, "qwen2.5-coder-0.5b", n_ctx=2048, threads=2)
+    yield worker
+    worker.close()
+
+
+def make_agent(slm, llm, extra_policies=()):
+    table = NodeTable()
+    table.register(NodeSpec("edge-0", "edge-0:1", "qwen2.5-coder-0.5b", 2048, 1, prices=EDGE_PRICES), "t")
+    policies = {**build_policies(), **{p.name: p for p in extra_policies}}
+    router = Router(table, policies, "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", DEFAULT_CLOUD_PRICES)
+    executor = EngineExecutor({"edge-0:1": slm}, llm)
+    config = AgentConfig(max_steps=100, max_steps_limit=100, max_chain_tokens=CHAIN_TOKENS)
+    return Agent(RouterScheduler(router), executor, config), executor
+
+
+def cold(worker):
+    """Empty the engine's KV cache, so that a run prefills its prompt as one batch from scratch.
+
+    llama.cpp's kernels for a batch and for one token round differently; a prefix left in the cache
+    by another run would change the last bits of some logits and can flip a near-tie in greedy
+    decoding. Both runs compared here start cold, so any difference comes from the step format.
+    """
+    for slot in worker.slots:
+        slot.llm.reset()
+    return worker
+
+
+def one_turn(worker, question):
+    cold(worker)
+    params = GenerationParams(messages=one_turn_messages(question), max_tokens=CHAIN_TOKENS, temperature=0.0)
+    return asyncio.run(worker.generate(params)).text
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_all_llm_through_the_agent_writes_what_one_turn_writes(llm, slm, question):
+    agent, executor = make_agent(slm, llm)
+    cold(llm)
+    run = asyncio.run(agent.run(question, "all-llm"))
+    turn = one_turn(llm, question)
+    assert len(run.trace) > 1, "the chain was not cut into steps"
+    assert all(t.placement == "cloud" and t.step_format == "continue" for t in run.trace)
+    # Step i+1 continues the message step i left open: its prompt is the one-turn prompt plus the steps so far.
+    assert executor.calls[0][1].messages == one_turn_messages(question)  # step 0 is asked as one turn is
+    for i, (_side, params) in enumerate(executor.calls[1:], 1):  # then each step continues the open message
+        assert params.continue_final_message and params.messages[:2] == one_turn_messages(question)
+        assert params.messages[2] == ("assistant", "".join(t.output + t.boundary for t in run.trace[:i]))
+    assert run.answer == read_answer(turn)[0], f"agent answered {run.answer!r}, one turn {read_answer(turn)[0]!r}"
+    # The same text: each step is re-tokenised into the next prompt, and here that changed nothing.
+    diff = "\n".join(difflib.unified_diff(turn.splitlines(), run.chain.splitlines(), "one turn", "agent", lineterm=""))
+    assert run.chain == turn, f"the agent's chain differs from one turn:\n{diff}"
+
+
+def test_alternating_models_reread_only_the_newest_steps_and_pay_the_three_prices(llm, slm):
+    agent, _ = make_agent(slm, llm, [Alternate()])
+    run = asyncio.run(agent.run(QUESTIONS[0], "alternate"))
+    trace = run.trace
+    assert len(trace) >= 4, f"only {len(trace)} steps: {[t.output for t in trace]}"
+    assert [t.placement for t in trace[:4]] == ["edge", "cloud", "edge", "cloud"]
+    for side in ("edge", "cloud"):
+        mine = [t for t in trace if t.placement == side]
+        assert mine[0].cached_prompt_tokens == 0 and mine[0].uncached_prompt_tokens == mine[0].prompt_tokens
+        for before, now in zip(mine, mine[1:]):
+            # What this side read last time is cached; only the steps written since are new input.
+            assert now.cached_prompt_tokens == before.prompt_tokens > 0
+            written_since = sum(t.completion_tokens for t in trace[before.index:now.index]) + 2 * (now.index - before.index)
+            assert 0 < now.uncached_prompt_tokens <= written_since, (side, before.index, now.index)
+        cached = [t.cached_prompt_tokens for t in mine[1:]]
+        assert cached == sorted(cached) and len(set(cached)) == len(cached), f"cached tokens did not grow: {cached}"
+    for t in trace:
+        prices = EDGE_PRICES if t.placement == "edge" else DEFAULT_CLOUD_PRICES
+        assert t.prompt_tokens == t.cached_prompt_tokens + t.uncached_prompt_tokens
+        want = cost(TokenCounts(t.uncached_prompt_tokens, t.cached_prompt_tokens, t.completion_tokens), prices)
+        assert t.cost == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert run.cost == pytest.approx(sum(t.cost for t in trace))
