@@ -233,6 +233,38 @@ def print_table(console: Console, summary: dict, models: list[str]) -> None:
     console.print(table)
 
 
+def plot(summary: dict, models: list[str], path: Path) -> None:
+    """Accuracy in one turn and through the agent per model, and the agent's time over one turn's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {"llm": "LLM (Qwen2.5-Coder-1.5B)", "slm": "SLM (Qwen2.5-Coder-0.5B)"}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    x = range(len(models))
+    one = [100 * (summary["one_turn"].get(m) or 0) for m in models]
+    agent = [100 * (summary["agent"].get(m) or 0) for m in models]
+    ax1.bar([i - 0.2 for i in x], one, 0.4, label="one turn")
+    ax1.bar([i + 0.2 for i in x], agent, 0.4, label="through the agent")
+    ax1.set_xticks(list(x), [names.get(m, m) for m in models], fontsize=8)
+    ax1.set_ylabel("GSM8K accuracy, %")
+    ax1.set_ylim(0, 100)
+    ax1.legend(fontsize=8)
+    ax1.set_title(f"accuracy (first {summary['n']} test items)", fontsize=9)
+    ratios = [summary["wall_ratio"].get(m) or 0 for m in models]
+    ax2.bar(list(x), ratios, 0.5, color="tab:gray")
+    ax2.axhline(1.15, color="tab:red", linestyle="--", linewidth=1, label="target 1.15")
+    ax2.set_xticks(list(x), [names.get(m, m) for m in models], fontsize=8)
+    ax2.set_ylabel("agent wall time / one turn")
+    ax2.set_ylim(0, max(1.3, max(ratios) + 0.1))
+    ax2.legend(fontsize=8)
+    ax2.set_title("time cost of the step format and runtime", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100, help="first N GSM8K test items")
@@ -273,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                   "estimators": "off (hera.enabled false: all-llm and all-slm do not use them)"},
     )
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    if all(summary["wall_ratio"].get(m) is not None for m in models):
+        plot(summary, models, args.out.with_suffix(".png"))
     console.print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
 

@@ -15,29 +15,10 @@ from hera_ray.policy import build_policies
 from hera_ray.policy.hera import HeraPolicyConfig
 from hera_ray.pricing import FREE, PriceSheet
 from hera_ray.scheduler.nodes import NodeSpec, NodeTable
-from hera_ray.scheduler.router import RouteRequest, Router, SubtaskReport
-from hera_ray.policy.base import PastStep, Placement
+from hera_ray.scheduler.router import Router
 
+from agent_helpers import RouterScheduler
 from test_hera_policy import ScriptedEstimators
-
-
-class RouterScheduler:
-    """The agent's Scheduler interface over a Router in process (the actor does the same over Ray)."""
-
-    def __init__(self, router: Router):
-        self.router = router
-
-    async def route(self, request, max_cloud_cost=None):
-        req = RouteRequest(request["request_id"], request["policy"], request["index"], request.get("question", ""),
-                           tuple(PastStep(h["subtask"], h["output"], Placement(h["placement"])) for h in request["history"]),
-                           tuple(request.get("exclude_nodes", ())), request.get("slm_candidate"))
-        return (await self.router.route(req, max_cloud_cost)).to_dict()
-
-    async def report(self, report):
-        return self.router.report(SubtaskReport.from_dict(report))
-
-    async def finish(self, request_id):
-        return self.router.finish(request_id).to_dict()
 
 
 class ScriptedExecutor:

@@ -25,7 +25,7 @@ from hera_ray.serve.admission import AdmissionGate
 from hera_ray.serve.keys import ApiKey
 from hera_ray.serve.openai_api import HeraIngress
 
-from test_agent_loop import RouterScheduler
+from agent_helpers import RouterScheduler
 
 STEP = "Add them: 2 + 3 = 5.\n"
 CLOUD_PRICE = 2.0  # per 1k tokens: a 15-token step costs 0.03

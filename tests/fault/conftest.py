@@ -56,8 +56,9 @@ def fault_cluster(ray_head, tmp_path_factory):
                   "num_cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
         "scheduler": {"registry_port": free_port(), "heartbeat_interval_s": 1.0, "missed_heartbeats": 3,
                       "edge_model": "smollm2-135m"},
-        # Long steps, so a fault lands mid-subtask; a short subtask timeout, so a frozen node is left soon.
-        "agent": {"max_steps": 2, "max_tokens_per_step": 160, "edge_timeout_s": 6, "retry_backoff_s": 0.5},
+        # Steps end at a line end now, so several per request keep the nodes busy and a fault lands
+        # mid-step; a short subtask timeout, so a frozen node is left soon.
+        "agent": {"max_steps": 6, "max_tokens_per_step": 160, "edge_timeout_s": 6, "retry_backoff_s": 0.5},
         "ingress": {"port": free_port()},
         "hera": {"enabled": False},
     })

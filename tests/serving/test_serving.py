@@ -187,3 +187,47 @@ def test_openai_backend_talks_to_an_openai_compatible_endpoint(cluster):
     assert result.text and result.prompt_tokens > 0 and result.completion_tokens > 0
     with pytest.raises(ConfigError, match="NO_SUCH_KEY_VAR"):
         OpenAIBackend(config.model_copy(update={"openai_api_key_env": "NO_SUCH_KEY_VAR"}))
+
+
+def test_an_endpoint_that_cannot_continue_a_message_gets_the_turns_format(cluster):
+    """The agent over the `openai` backend pointed at a real OpenAI-compatible server (hera-ray's own
+    ingress, which neither continues an assistant message nor says which stop string ended a reply):
+    each step is asked for in the documented turns format, the newline the server drops is put back,
+    and the trace says which format ran."""
+    import asyncio
+
+    from agent_helpers import RouterScheduler
+    from cloud_node.backends import OpenAIBackend
+    from hera_ray.agent import Agent, StepFormat
+    from hera_ray.config import AgentConfig, CloudLLMConfig
+    from hera_ray.policy import build_policies
+    from hera_ray.pricing import DEFAULT_CLOUD_PRICES
+    from hera_ray.scheduler.nodes import NodeTable
+    from hera_ray.scheduler.router import Router
+
+    backend = OpenAIBackend(CloudLLMConfig(backend="openai", model="all-slm", openai_base_url=f"{cluster.ingress_url}/v1",
+                                           openai_api_key_env="HERA_API_KEY"))
+    sent = []
+
+    class OverTheAPI:
+        async def cloud(self, params):
+            sent.append(params)
+            return await backend.generate(params)
+
+        async def edge(self, address, params):  # pragma: no cover - all-llm places nothing on the edge
+            raise AssertionError("no edge step expected")
+
+    router = Router(NodeTable(), build_policies(), "slm", "all-slm", DEFAULT_CLOUD_PRICES)
+    agent = Agent(RouterScheduler(router), OverTheAPI(), AgentConfig(max_steps=2, max_tokens_per_step=32),
+                  cloud_step_format=StepFormat.TURNS)
+    run = asyncio.run(agent.run(QUESTION, "all-llm"))
+    assert run.trace and all(t.step_format == "turns" and t.placement == "cloud" for t in run.trace)
+    assert not any(p.continue_final_message for p in sent) and all(p.stop == () and p.stop_at_line_end for p in sent)
+    assert run.chain == "".join(t.output + t.boundary for t in run.trace)
+    assert all(t.cost > 0 for t in run.trace)
+    from hera_ray.errors import InvalidRequest
+    from hera_ray.generation import GenerationParams
+
+    with pytest.raises(InvalidRequest, match="not set to continue an open assistant message"):
+        asyncio.run(backend.generate(GenerationParams(messages=(("user", "q"), ("assistant", "so far")),
+                                                      continue_final_message=True, max_tokens=8)))
