@@ -121,11 +121,10 @@ class LlamaSlot:
                 finish = "stop"
                 break
             completion.append(token)
-            text = _valid_utf8_prefix(llm.detokenize(completion, prev_tokens=prompt_tokens))
             if token in line_ends:  # the step's line ends with this token, which it keeps
-                finish, stop_reason, hit_stop_string = "stop", LINE_END, True
-                text = llm.detokenize(completion, prev_tokens=prompt_tokens).decode("utf-8", errors="replace")
-                break
+                finish, stop_reason = "stop", LINE_END
+                break  # the text is decoded once, below
+            text = _valid_utf8_prefix(llm.detokenize(completion, prev_tokens=prompt_tokens))
             if stops:
                 hits = [(i, s) for s in stops if (i := text.find(s, max(0, sent - len(s)))) >= 0]
                 if hits:

@@ -312,7 +312,10 @@ def _cached_prompt_tokens(state: _RunState, route: dict[str, Any], params: Gener
         cached = max(0, min(result.cached_prompt_tokens, result.prompt_tokens))
     elif chain is not None and previous is not None and chain.startswith(previous.chain):
         cached = min(previous.prompt_tokens, result.prompt_tokens)
-    state.last_call[side] = _LastCall(chain if chain is not None else "\0", result.prompt_tokens)
+    if chain is None:  # a closed turn: the next call cannot extend this one
+        state.last_call.pop(side, None)
+    else:
+        state.last_call[side] = _LastCall(chain, result.prompt_tokens)
     return cached
 
 
