@@ -92,6 +92,10 @@ class OpenAIBackend(LLMBackend):
     async def generate(self, p: GenerationParams) -> GenerationResult:
         self._check_model(p)
         validate_params(p)
+        if p.candidate:
+            raise InvalidRequest(
+                f"the OpenAI-compatible endpoint behind {self.model_id!r} cannot score a candidate: its chat API returns "
+                "no prompt log-probabilities; serve the cloud model with the llama.cpp or vLLM backend to check steps")
         messages = [{"role": r, "content": c} for r, c in p.messages] or [{"role": "user", "content": p.prompt}]
         extra: dict = {}
         # An OpenAI-compatible API stops on strings, not token ids: the line end is the stop "\n"
@@ -108,7 +112,7 @@ class OpenAIBackend(LLMBackend):
         reply = await self.client.chat.completions.create(
             model=self.model_id, messages=messages, max_tokens=p.max_tokens, temperature=p.temperature,
             **({"top_p": p.top_p} if p.top_p is not None else {}), **({"seed": p.seed} if p.seed is not None else {}),
-            **({"stop": stops} if stops else {}), **extra,
+            **({"stop": stops} if stops else {}), **({"logprobs": True} if p.logprobs else {}), **extra,
         )
         elapsed = time.perf_counter() - t0
         choice = reply.choices[0]
@@ -124,6 +128,7 @@ class OpenAIBackend(LLMBackend):
             request_id=p.request_id,
             stop_reason=_stop_reason(choice, p),
             cached_prompt_tokens=_cached_tokens(usage),
+            logprobs=[t.logprob for t in (choice.logprobs.content or [])] if p.logprobs and choice.logprobs else None,
         )
 
 

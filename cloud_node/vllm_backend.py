@@ -165,6 +165,12 @@ class VLLMBackend(LLMBackend):
             # drops it otherwise): the step's line ends with it, as on llama.cpp.
             kw["stop_token_ids"] = sorted(self._line_end_ids())
             kw["include_stop_str_in_output"] = True
+        if p.logprobs:
+            kw["logprobs"] = 0  # the sampled token's own log-probability
+        if p.candidate:  # score, don't write: one token is generated and dropped
+            kw.update(max_tokens=1, prompt_logprobs=1, stop=None)
+            kw.pop("stop_token_ids", None)
+            kw.pop("include_stop_str_in_output", None)
         if p.top_p is not None:
             kw["top_p"] = p.top_p
         if p.top_k is not None:
@@ -176,6 +182,14 @@ class VLLMBackend(LLMBackend):
         t_start = time.perf_counter()
         try:
             ids = self._prompt_ids(p)
+            split = len(ids)
+            if p.candidate:  # the prompt and the candidate tokenised together, as the model reads them
+                joined = ids + list(self.tokenizer.encode(p.candidate, add_special_tokens=False))
+                alone = ids
+                ids = list(self.tokenizer.encode(self.tokenizer.decode(joined), add_special_tokens=False))
+                split = next((i for i, (a, b) in enumerate(zip(alone, ids)) if a != b), min(len(alone), len(ids)))
+                if split >= len(ids) or split == 0:
+                    raise InvalidRequest("the candidate adds no token to the prompt (or there is no prompt to score it after)")
         except HeraError:
             raise
         except (ValueError, TypeError) as e:  # the chat template refused the messages (e.g. nothing to continue)
@@ -191,6 +205,8 @@ class VLLMBackend(LLMBackend):
         n_tokens = 0
         finish = None
         stop_reason = ""
+        logprobs: list[float] | None = [] if p.logprobs or p.candidate else None
+        tops: list[float] | None = None
         t_submit = time.perf_counter()
         t_first = t_last = None
         try:
@@ -201,6 +217,18 @@ class VLLMBackend(LLMBackend):
                     if t_first is None:
                         t_first = t_last
                     n_tokens += len(c.token_ids)
+                if p.candidate:
+                    if out.prompt_logprobs is not None and tops is None:
+                        tops = []
+                        for token, entry in zip(ids[split:], out.prompt_logprobs[split:]):
+                            logprobs.append(entry[token].logprob)
+                            tops.append(max(lp.logprob for lp in entry.values()))
+                    if out.finished:
+                        finish = "score"
+                    continue
+                if p.logprobs and c.logprobs:
+                    logprobs.extend(next(iter(d.values())).logprob if len(d) == 1 else d[t].logprob
+                                    for t, d in zip(c.token_ids[-len(c.logprobs):], c.logprobs))
                 if c.text:
                     parts.append(c.text)
                     emit(c.text)
@@ -221,6 +249,9 @@ class VLLMBackend(LLMBackend):
                 raise InvalidRequest(f"vLLM refused the request: {cause}") from e
             # A HeraError, so that callers (the Serve deployment) pass it on as an internal error.
             raise HeraError(f"vLLM failed on the request: {type(cause).__name__}: {cause}") from e
+        if p.candidate and finish == "score":
+            return GenerationResult("", len(ids), 0, time.perf_counter() - t_submit, 0.0, t_submit - t_start, "score",
+                                    p.request_id, logprobs=logprobs, top_logprobs=tops or [])
         if finish not in ("stop", "length"):
             raise Unavailable(f"vLLM ended the request without finishing it (finish_reason={finish!r})")
         t_end = time.perf_counter()
@@ -236,6 +267,7 @@ class VLLMBackend(LLMBackend):
             finish_reason=finish,
             request_id=p.request_id,
             stop_reason=stop_reason,
+            logprobs=logprobs,
         )
 
     # -- LLMBackend -----------------------------------------------------------------------------

@@ -55,6 +55,9 @@ class EdgeWorkerServicer(edge_pb2_grpc.EdgeWorkerServicer):
             node_id=self.node_id,
             request_id=r.request_id,
             stop_reason=r.stop_reason,
+            logprobs=r.logprobs or [],
+            top_logprobs=r.top_logprobs or [],
+            has_logprobs=r.logprobs is not None,
         )
 
     @grpc_errors

@@ -44,6 +44,15 @@ def _valid_utf8_prefix(data: bytes) -> str:
         return data.decode("utf-8", errors="replace")
 
 
+def _logprob(logits, token: int) -> tuple[float, float]:
+    """(log-probability of ``token``, of the most likely token) under one row of logits."""
+    import numpy as np
+
+    top = float(logits.max())
+    lse = top + float(np.log(np.exp(logits - top, dtype=np.float64).sum()))
+    return float(logits[token]) - lse, top - lse
+
+
 def _stop_holdback(text: str, stops: Sequence[str]) -> int:
     """How many trailing characters might start a stop string, and so must not be sent yet."""
     longest = 0
@@ -88,9 +97,11 @@ class LlamaSlot:
         p: GenerationParams,
         on_delta: Callable[[str], None] | None,
         cancelled: threading.Event,
-    ) -> tuple[str, int, float, float, str, str]:
-        """Decode; return (text, completion tokens, ttft_s, decode_s, finish_reason, stop_reason)."""
+    ) -> tuple[str, int, float, float, str, str, list[float] | None]:
+        """Decode; return (text, completion tokens, ttft_s, decode_s, finish_reason, stop_reason,
+        the tokens' log-probabilities if ``p.logprobs``)."""
         import llama_cpp
+        import numpy as np
 
         llm = self.llm
         if p.seed is not None:
@@ -99,6 +110,8 @@ class LlamaSlot:
         stops = p.stop
         line_ends = self.line_end_ids if p.stop_at_line_end else frozenset()
         completion: list[int] = []
+        logprobs: list[float] | None = [] if p.logprobs else None
+        n_vocab = llm.n_vocab()
         sent = 0  # characters of text already passed to on_delta
         text = ""
         finish = "length"
@@ -121,6 +134,9 @@ class LlamaSlot:
                 finish = "stop"
                 break
             completion.append(token)
+            if logprobs is not None:  # the row the token was sampled from (the model's own distribution)
+                row = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+                logprobs.append(_logprob(row, token)[0])
             if token in line_ends:  # the step's line ends with this token, which it keeps
                 finish, stop_reason = "stop", LINE_END
                 break  # the text is decoded once, below
@@ -144,8 +160,49 @@ class LlamaSlot:
         if on_delta is not None and len(text) > sent:
             on_delta(text[sent:])
         if t_first is None:
-            return text, 0, 0.0, 0.0, finish, stop_reason
-        return text, len(completion), t_first - t0, t_last - t_first, finish, stop_reason
+            return text, 0, 0.0, 0.0, finish, stop_reason, logprobs
+        return text, len(completion), t_first - t0, t_last - t_first, finish, stop_reason, logprobs
+
+    def score(self, prompt_tokens: list[int], candidate_tokens: list[int]) -> tuple[list[float], list[float], float]:
+        """One prefill of ``candidate_tokens`` after ``prompt_tokens``, over the KV cache's common
+        prefix; returns (each candidate token's log-probability, the most likely token's at each
+        position, seconds). The candidate stays in the cache, so a later prompt that extends it
+        (or the prompt alone) reuses it."""
+        import numpy as np
+
+        llm = self.llm
+        t0 = time.perf_counter()
+        tokens = list(prompt_tokens) + list(candidate_tokens)
+        n_prompt, n_vocab = len(prompt_tokens), llm.n_vocab()
+        cached = llm.input_ids[: llm.n_tokens]
+        k = min(len(cached), len(tokens))
+        differ = np.nonzero(cached[:k] != np.asarray(tokens[:k]))[0]
+        common = int(differ[0]) if len(differ) else k
+        # The last prompt token is decoded again: its logits score the candidate's first token.
+        keep = min(common, n_prompt - 1)
+        llm.n_tokens = keep
+        llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+        if n_prompt - 1 > keep:
+            llm.eval(tokens[keep: n_prompt - 1])  # the new part of the prefix: no logits needed
+        tail = tokens[n_prompt - 1:]
+        logprobs: list[float] = []
+        tops: list[float] = []
+        for i in range(0, len(tail), llm.n_batch):
+            batch = tail[i: i + llm.n_batch]
+            n_past = llm.n_tokens
+            llm._batch.set_batch(batch=batch, n_past=n_past, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), n_vocab))
+            for j in range(len(batch)):
+                at = i + j + 1  # the row at tail[i + j] predicts tail[i + j + 1]
+                if at < len(tail):
+                    lp, top = _logprob(rows[j], tail[at])
+                    logprobs.append(lp)
+                    tops.append(top)
+            llm.input_ids[n_past: n_past + len(batch)] = batch
+            llm.n_tokens += len(batch)
+        llm._requires_eval = False
+        return logprobs, tops, time.perf_counter() - t0
 
 
 @dataclass
@@ -245,7 +302,7 @@ class EdgeWorker:
         validate_params(p, self.n_ctx)
         if len(p.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequest(f"request_id is {len(p.request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
-        text = self._prompt_text(p)
+        text = self._prompt_text(p) + p.candidate
         loop = asyncio.get_running_loop()
         tokens = await loop.run_in_executor(self._tok_pool, lambda: self._tokenize(text.encode("utf-8"), True, True))
         if len(tokens) + p.max_tokens > self.n_ctx:
@@ -257,10 +314,26 @@ class EdgeWorker:
 
     # -- generation ---------------------------------------------------------------------------
 
+    async def _split_candidate(self, p: GenerationParams, tokens: list[int]) -> int:
+        """Where the candidate's tokens start in ``tokens`` (prompt + candidate, tokenised together,
+        as the model reads them): after the longest prefix shared with the prompt's own tokens."""
+        text = self._prompt_text(p)
+        loop = asyncio.get_running_loop()
+        alone = await loop.run_in_executor(self._tok_pool, lambda: self._tokenize(text.encode("utf-8"), True, True))
+        n = 0
+        for a, b in zip(alone, tokens):
+            if a != b:
+                break
+            n += 1
+        if n >= len(tokens) or n == 0:
+            raise InvalidRequest("the candidate adds no token to the prompt (or there is no prompt to score it after)")
+        return n
+
     async def generate(self, p: GenerationParams, on_delta: Callable[[str], None] | None = None) -> GenerationResult:
         if self.draining:
             raise Unavailable("this edge node is draining and takes no new work; send to another node")
         tokens = await self._prepare(p)
+        split = await self._split_candidate(p, tokens) if p.candidate else 0
         if self._in_flight + self._queued >= len(self.slots) + self.max_queue:
             raise Overloaded(
                 f"edge node queue is full ({self._in_flight} in flight, {self._queued} queued); retry later or elsewhere"
@@ -280,7 +353,10 @@ class EdgeWorker:
         queue_s = time.perf_counter() - t_queue
         self._in_flight += 1
         cancelled = threading.Event()
-        fut = loop.run_in_executor(self._gen_pool, slot.run, tokens, p, on_delta, cancelled)
+        if p.candidate:
+            fut = loop.run_in_executor(self._gen_pool, slot.score, tokens[:split], tokens[split:])
+        else:
+            fut = loop.run_in_executor(self._gen_pool, slot.run, tokens, p, on_delta, cancelled)
 
         def release(_f) -> None:  # runs on the loop once the thread is done, even if cancelled
             self._in_flight -= 1
@@ -289,17 +365,23 @@ class EdgeWorker:
 
         fut.add_done_callback(release)
         try:
-            text, n, ttft, decode, finish, stop_reason = await asyncio.shield(fut)
+            out = await asyncio.shield(fut)
         except asyncio.CancelledError:
             cancelled.set()  # the client went away: stop decoding at the next token
             raise
+        if p.candidate:  # scored, not generated: the candidate's tokens are prompt tokens
+            logprobs, tops, seconds = out
+            return GenerationResult("", len(tokens), 0, seconds, 0.0, queue_s, "score", p.request_id,
+                                    logprobs=logprobs, top_logprobs=tops)
+        text, n, ttft, decode, finish, stop_reason, logprobs = out
         s = self._stats
         s.completed += 1
         s.tokens_generated += n
         if n > 1 and decode > 0:
             rate = (n - 1) / decode
             s.tokens_per_s = rate if s.tokens_per_s == 0 else EWMA_ALPHA * rate + (1 - EWMA_ALPHA) * s.tokens_per_s
-        return GenerationResult(text, len(tokens), n, ttft, decode, queue_s, finish, p.request_id, stop_reason)
+        return GenerationResult(text, len(tokens), n, ttft, decode, queue_s, finish, p.request_id, stop_reason,
+                                logprobs=logprobs)
 
     async def stream(self, p: GenerationParams) -> AsyncIterator[str | GenerationResult]:
         """Yield text deltas as they are decoded, then the GenerationResult."""

@@ -142,7 +142,13 @@ def edge_serve(config: EdgeNodeConfig) -> None:
 
 
 def _message_dict(msg: Any) -> dict[str, Any]:
-    return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields if f.message_type is None}
+    """A reply's scalar and repeated-scalar fields (JSON-ready)."""
+    out = {}
+    for f in msg.DESCRIPTOR.fields:
+        if f.message_type is None:
+            value = getattr(msg, f.name)
+            out[f.name] = value if isinstance(value, (str, bytes, int, float, bool)) else list(value)
+    return out
 
 
 @edge_app.command("generate")
@@ -460,21 +466,16 @@ from hera_ray.offline.profile import ProfileConfig  # noqa: E402 - light (pydant
 @settings_command(app, "profile", ProfileConfig, extra={
     "n": (Optional[int], typer.Option(None, "--n", help="Requests to profile (the first N of the split) (default: all).")),
     "out": (Path, typer.Option(Path("runs/profile"), "--out", help="Run folder: profile.jsonl goes here; re-runs resume.")),
-    "concurrency": (int, typer.Option(2, help="Requests profiled at once.")),
+    "concurrency": (int, typer.Option(1, help="Requests profiled at once (1: the cloud model's prefix cache follows one request).")),
 })
 def profile_cmd(config: ProfileConfig, n: Optional[int], out: Path, concurrency: int) -> None:
     """Run each request with both the SLM and the LLM at each step on the live cluster; record the tree."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from hera_ray.eval.datasets import load
-    from hera_ray.eval.scorers import SCORERS
+    from hera_ray.eval.scorers import score
     from hera_ray.offline.profile import Profiler, connect_cluster, prepare_run_folder, request_id, run_profile
 
-    from hera_ray.eval.datasets import LOADERS
-
-    if config.dataset in LOADERS and config.dataset not in SCORERS:
-        raise _fail(f"hera profile scores a path by its final answer; {config.dataset} needs its code run against "
-                    f"tests, which profiling does not do yet: profile one of {', '.join(SCORERS)}", 2)
     try:
         items = load(config.dataset, config.split, n)
         done = prepare_run_folder(out, config)
@@ -488,7 +489,10 @@ def profile_cmd(config: ProfileConfig, n: Optional[int], out: Path, concurrency:
     async def similarity(pairs):
         return await asyncio.to_thread(sbert.similarities, pairs)
 
-    profiler = Profiler(models, similarity, SCORERS[config.dataset], config)
+    def scorer(item, answer: str, chain: str) -> bool:  # as `hera bench` scores (code is run against its tests)
+        return score(item, answer, chain).correct
+
+    profiler = Profiler(models, similarity, scorer, config)
     todo = sum(1 for it in items if request_id(config, it.id) not in done)
     err_console.print(f"profiling {len(items)} {config.dataset}/{config.split} request(s) into {out} "
                       f"({len(items) - todo} already there); {len(models.edges)} edge node(s)", highlight=False)
@@ -499,7 +503,7 @@ def profile_cmd(config: ProfileConfig, n: Optional[int], out: Path, concurrency:
 
         def on_done(record: dict) -> None:
             c = profiler.counters
-            progress.update(task, advance=1, calls=f"LLM steps {c.llm_calls}, SLM steps {c.slm_calls}, "
+            progress.update(task, advance=1, calls=f"LLM calls {c.llm_calls}, SLM steps {c.slm_calls}, "
                                                    f"last: LLM {'✓' if record['all_llm']['correct'] else '✗'} "
                                                    f"SLM {'✓' if record['all_slm']['correct'] else '✗'}")
 

@@ -275,6 +275,21 @@ class HeraPolicySettings(BaseModel):
     threads: int = Field(1, ge=1, description="llama.cpp threads per generative estimator (SP_SLM, SP_LLM, SD).")
 
 
+class VerifySettings(BaseModel):
+    """The step-verifying policy ``hera-verify`` (:mod:`hera_ray.policy.verify`): the SLM writes each
+    step; its confidence or a trained classifier keeps it; the LLM scores the rest and rewrites
+    what it rejects."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Offer the hera-verify policy.")
+    classifier: Path | None = Field(None, description="Step classifier (JSON, `hera train`'s verifier.json); default: the one in hera.estimators' folder (the bundled set's), else none (the SLM's confidence alone).")
+    keep: float = Field(0.7, ge=0, le=1, description="The knob: P(good) at which the SLM's step is kept without the LLM (`hera-verify@<keep>`).")
+    confidence_keep: float = Field(0.97, ge=0, le=1.01, description="SLM geometric-mean token probability at which a step is kept outright (above 1: never).")
+    llm_accept: float = Field(0.5, ge=0, le=1, description="LLM step score (geometric mean of p(token)/p(top token)) at which the LLM keeps the SLM's step; below it the LLM rewrites the step.")
+    reject_below: float = Field(0.0, ge=0, le=1, description="P(good) under which the LLM rewrites the step without scoring it first (0: always score first).")
+
+
 class HeraConfig(BaseSettings):
     """The whole cluster side: what ``hera up`` and the Serve builder read."""
 
@@ -287,6 +302,7 @@ class HeraConfig(BaseSettings):
     agent: AgentConfig = Field(default_factory=AgentConfig, description="The agent loop.")
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="The HTTP ingress.")
     hera: HeraPolicySettings = Field(default_factory=HeraPolicySettings, description="The HERA policy and its estimators.")
+    verify: VerifySettings = Field(default_factory=VerifySettings, description="The step-verifying policy hera-verify.")
 
 
 def default_config_file() -> Path:

@@ -43,6 +43,16 @@ class GenerationParams:
     #: endpoint gets stop="\n" and drops it (the agent puts the newline back).
     #: ``stop_reason`` is then "\n".
     stop_at_line_end: bool = False
+    #: Return the log-probability of each generated token under the model (before temperature and
+    #: sampling: the model's own distribution), in ``GenerationResult.logprobs``. As OpenAI's and
+    #: vLLM's ``logprobs``.
+    logprobs: bool = False
+    #: Text to *score* instead of writing: the model reads the prompt, then this text, in one prefill
+    #: (over its cached prefix), and returns the log-probability of each of the text's tokens
+    #: (``logprobs``) and of the token it would have chosen at each position (``top_logprobs``).
+    #: Nothing is generated (``max_tokens`` may be 0); the text's tokens count as prompt tokens.
+    #: vLLM calls this ``prompt_logprobs``; the step check of SpecReason and RSD reads it.
+    candidate: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +73,12 @@ class GenerationResult:
     #: Prompt tokens the provider billed as cached, when its API says (OpenAI's
     #: ``usage.prompt_tokens_details.cached_tokens``); None: the agent counts them itself.
     cached_prompt_tokens: int | None = None
+    #: Per token: the generated tokens' log-probabilities (``logprobs=True``), or a scored
+    #: ``candidate``'s; None when not asked for.
+    logprobs: list[float] | None = None
+    #: For a scored candidate: at each of its positions, the log-probability of the model's own
+    #: most likely token (equal to ``logprobs[i]`` where the model would have written the same token).
+    top_logprobs: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,8 +93,11 @@ def params_from_dict(d: dict[str, Any]) -> GenerationParams:
 
 def validate_params(p: GenerationParams, n_ctx: int | None = None) -> None:
     """Refuse an empty prompt or out-of-range settings with a message naming the field and the limit."""
-    if p.max_tokens <= 0:
-        raise InvalidRequest(f"max_tokens must be > 0, got {p.max_tokens}")
+    if p.max_tokens < 0 or (p.max_tokens == 0 and not p.candidate):
+        raise InvalidRequest(f"max_tokens must be > 0, got {p.max_tokens}"
+                             + (" (0 is allowed only when scoring a candidate)" if p.max_tokens == 0 else ""))
+    if p.candidate and not p.candidate.strip():
+        raise InvalidRequest("candidate is blank: give the text to score, or leave it empty to generate")
     if n_ctx is not None and p.max_tokens > n_ctx:
         raise InvalidRequest(f"max_tokens {p.max_tokens} exceeds the context window of {n_ctx} tokens")
     if not 0.0 <= p.temperature <= 5.0:

@@ -164,7 +164,7 @@ def params_to_pb(p: GenerationParams) -> "edge_pb2.GenerateRequest":
     request = edge_pb2.GenerateRequest(
         request_id=p.request_id, model=p.model, prompt=p.prompt, max_tokens=p.max_tokens,
         temperature=p.temperature, stop=list(p.stop), continue_final_message=p.continue_final_message,
-        stop_at_line_end=p.stop_at_line_end)
+        stop_at_line_end=p.stop_at_line_end, logprobs=p.logprobs, candidate=p.candidate)
     for role, content in p.messages:
         request.messages.add(role=role, content=content)
     if p.top_p is not None:
@@ -190,13 +190,17 @@ def params_from_pb(r: "edge_pb2.GenerateRequest") -> GenerationParams:
         request_id=r.request_id,
         continue_final_message=r.continue_final_message,
         stop_at_line_end=r.stop_at_line_end,
+        logprobs=r.logprobs,
+        candidate=r.candidate,
     )
 
 
 def result_from_pb(r: "edge_pb2.GenerateResponse") -> GenerationResult:
     return GenerationResult(text=r.text, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                             ttft_s=r.ttft_s, decode_s=r.decode_s, queue_s=r.queue_s,
-                            finish_reason=r.finish_reason, request_id=r.request_id, stop_reason=r.stop_reason)
+                            finish_reason=r.finish_reason, request_id=r.request_id, stop_reason=r.stop_reason,
+                            logprobs=list(r.logprobs) if r.has_logprobs else None,
+                            top_logprobs=list(r.top_logprobs) if r.has_logprobs and r.top_logprobs else None)
 
 
 # A failed call to an edge node, as the caller should treat it: retry elsewhere, or give up.

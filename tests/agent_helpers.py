@@ -16,9 +16,7 @@ class RouterScheduler:
         self.router = router
 
     async def route(self, request, max_cloud_cost=None):
-        req = RouteRequest(request["request_id"], request["policy"], request["index"], request.get("question", ""),
-                           tuple(PastStep(h["subtask"], h["output"], Placement(h["placement"])) for h in request["history"]),
-                           tuple(request.get("exclude_nodes", ())), request.get("slm_candidate"))
+        req = RouteRequest.from_dict(request)
         return (await self.router.route(req, max_cloud_cost)).to_dict()
 
     async def report(self, report):

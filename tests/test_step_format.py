@@ -114,3 +114,36 @@ def test_alternating_models_reread_only_the_newest_steps_and_pay_the_three_price
         want = cost(TokenCounts(t.uncached_prompt_tokens, t.cached_prompt_tokens, t.completion_tokens), prices)
         assert t.cost == pytest.approx(want, rel=1e-12, abs=1e-15)
     assert run.cost == pytest.approx(sum(t.cost for t in trace))
+
+
+def test_hera_verify_checks_slm_steps_on_the_llm_and_rewrites_and_costs_the_rejected_ones(llm, slm):
+    """Every SLM step goes to the LLM's check (keep 1.0, no confidence shortcut); a strict bar
+    makes the LLM reject some. A kept step costs its edge call and the check; a rejected one also
+    the LLM's rewrite, whose prompt the check left in the cache."""
+    from hera_ray.policy.verify import KEPT_BY_LLM, REWRITTEN, VerifyConfig, VerifyPolicy
+
+    policy = VerifyPolicy(VerifyConfig(keep=1.0, confidence_keep=1.01, llm_accept=0.9))
+    agent, executor = make_agent(slm, llm, [policy])
+    run = asyncio.run(agent.run(QUESTIONS[1], "hera-verify"))
+    stages = [t.stage for t in run.trace]
+    assert set(stages) <= {KEPT_BY_LLM, REWRITTEN} and KEPT_BY_LLM in stages and REWRITTEN in stages, stages
+    for t in run.trace:
+        assert {"slm_confidence", "p_good", "llm_score", "llm_accept"} <= set(t.scores)
+        assert t.check_prompt_tokens > 0 and t.check_cost > 0 and not t.check_error
+        assert t.check_cost == pytest.approx(cost(TokenCounts(t.check_prompt_tokens - t.check_cached_prompt_tokens,
+                                                              t.check_cached_prompt_tokens, 0), DEFAULT_CLOUD_PRICES))
+        if t.stage == KEPT_BY_LLM:
+            assert t.placement == "edge" and t.scores["llm_score"] >= 0.9 and not t.rejected_output
+            assert t.cost == pytest.approx(cost(TokenCounts(t.uncached_prompt_tokens, t.cached_prompt_tokens,
+                                                            t.completion_tokens), EDGE_PRICES))
+        else:
+            assert t.placement == "cloud" and t.scores["llm_score"] < 0.9
+            assert t.rejected_output and t.speculative_cost > 0 and t.speculative_s > 0
+            # The check put the prompt in the LLM's cache: the rewrite pays only for its output.
+            assert t.cached_prompt_tokens == t.prompt_tokens and t.uncached_prompt_tokens == 0
+            assert t.cost == pytest.approx(cost(TokenCounts(0, t.prompt_tokens, t.completion_tokens), DEFAULT_CLOUD_PRICES))
+    # The chain holds the kept SLM steps and the LLM's rewrites, not the rejected steps.
+    assert run.chain == "".join(t.output + t.boundary for t in run.trace)
+    assert run.cost == pytest.approx(sum(t.cost + t.speculative_cost + t.check_cost for t in run.trace))
+    checks = [p for side, p in executor.calls if side == "cloud" and p.candidate]
+    assert len(checks) == len(run.trace) and all(p.max_tokens == 0 for p in checks)

@@ -22,9 +22,10 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from hera_ray.agent.steps import Step, StepFormat, chain_answer, chain_text, continues, make_step, step_messages
 from hera_ray.config import AgentConfig
-from hera_ray.errors import Overloaded, Unavailable
+from hera_ray.errors import InvalidRequest, Overloaded, Unavailable
 from hera_ray.generation import GenerationParams, GenerationResult
 from hera_ray.policy.base import SPECULATE
+from hera_ray.policy.verify import VERIFY
 
 
 @dataclass
@@ -67,6 +68,16 @@ class TraceEntry:
     boundary: str = ""
     #: How the step was asked for: "continue" (the open assistant message) or "turns" (fallback).
     step_format: str = StepFormat.CONTINUE.value
+    #: The LLM's check of the SLM's step (a ``verify`` decision): one prefill of the step over the
+    #: LLM's cached prefix, billed as input. Its prompt tokens (cached and not), cost and time;
+    #: ``check_error`` if the cloud backend could not score (the LLM then rewrote the step).
+    check_prompt_tokens: int = 0
+    check_cached_prompt_tokens: int = 0
+    check_cost: float = 0.0
+    check_s: float = 0.0
+    check_error: str = ""
+    #: The SLM's step the policy discarded (the LLM wrote this one instead), if any.
+    rejected_output: str = ""
 
 
 @dataclass
@@ -88,7 +99,7 @@ class AgentRun:
 
     @property
     def cost(self) -> float:
-        return sum(t.cost + t.speculative_cost for t in self.trace)
+        return sum(t.cost + t.speculative_cost + t.check_cost for t in self.trace)
 
     @property
     def chain(self) -> str:
@@ -122,6 +133,17 @@ class _LastCall:
 
     chain: str
     prompt_tokens: int
+
+
+@dataclass
+class _Check:
+    """The LLM's check of one SLM step, as the trace entry reports it."""
+
+    prompt_tokens: int = 0
+    cached: int = 0
+    cost: float = 0.0
+    seconds: float = 0.0
+    error: str = ""
 
 
 @dataclass
@@ -185,16 +207,19 @@ class Agent:
             run.latency_s = time.perf_counter() - t_run
         return run
 
-    def _params(self, state: _RunState, index: int, max_tokens: int, fmt: StepFormat) -> GenerationParams:
+    def _params(self, state: _RunState, index: int, max_tokens: int, fmt: StepFormat,
+                logprobs: bool = False, candidate: str = "") -> GenerationParams:
         run = state.run
         chain = chain_text(state.steps)
         return GenerationParams(
             messages=step_messages(run.question, chain, fmt),
             continue_final_message=continues(fmt, chain),
-            max_tokens=max_tokens,
+            max_tokens=0 if candidate else max_tokens,
             temperature=self.config.temperature,
-            stop_at_line_end=True,
-            request_id=f"{run.request_id}:{index}",
+            stop_at_line_end=not candidate,
+            request_id=f"{run.request_id}:{index}" + (":check" if candidate else ""),
+            logprobs=logprobs,
+            candidate=candidate,
         )
 
     def _format(self, route: dict[str, Any]) -> StepFormat:
@@ -209,11 +234,14 @@ class Agent:
         t0 = time.perf_counter()
         decision_s = speculative_s = speculative_cost = 0.0
         failures: list[str] = []
+        check = _Check()
+        rejected = ""
         while True:
             route = await self.scheduler.route(request, max_cloud_cost)
             decision_s += route["decision_s"]
             fmt = self._format(route)
-            params = self._params(state, index, max_tokens, fmt)
+            speculate = route["stage"] == SPECULATE and route["placement"] == "edge"
+            params = self._params(state, index, max_tokens, fmt, logprobs=speculate)
             t_gen = time.perf_counter()
             try:
                 result, cost, cached = await self._execute(state, route, params, failures)
@@ -229,15 +257,24 @@ class Agent:
                 continue
             generation_s = time.perf_counter() - t_gen
             step = make_step(result.text, result.finish_reason, result.stop_reason)
-            if route["stage"] == SPECULATE and route["placement"] == "edge":
+            scores = route["scores"]
+            if speculate:
                 # The policy asked for the SLM's real step first: ask again with what it wrote.
-                final = await self.scheduler.route({**request, "slm_candidate": step.text.strip()}, max_cloud_cost)
+                spec = {**request, "slm_candidate": step.text, "slm_logprobs": result.logprobs}
+                final = await self.scheduler.route(spec, max_cloud_cost)
                 decision_s += final["decision_s"]
+                scores = {**scores, **final["scores"]}
+                if final["stage"] == VERIFY and final["placement"] == "cloud":
+                    # Borderline: the LLM scores the step in one prefill, then the policy decides.
+                    final = await self._check(state, index, max_tokens, step, spec, final, check, failures, max_cloud_cost)
+                    decision_s += final["decision_s"]
+                    scores = {**scores, **final["scores"]}
                 if final["placement"] == "edge":  # accepted: the step already ran; release the second node pick
                     await self.scheduler.report({**_report_base(run, final), "ok": True, "release_only": True})
                     route = {**final, "node_id": route["node_id"], "model": route["model"]}
                 else:  # rejected: the LLM writes this step, and the SLM's time was spent for nothing
                     speculative_s, speculative_cost = generation_s, cost
+                    rejected = step.text
                     fmt = self._format(final)
                     params = self._params(state, index, max_tokens, fmt)
                     t_gen = time.perf_counter()
@@ -247,15 +284,37 @@ class Agent:
                     route = final
             entry = TraceEntry(
                 index=index, subtask=step.text.strip(), output=step.text, placement=route["placement"],
-                node=route["node_id"], model=route["model"], stage=route["stage"], scores=route["scores"],
+                node=route["node_id"], model=route["model"], stage=route["stage"], scores=scores,
                 fallback=route["fallback"], prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens, tokens=result.prompt_tokens + result.completion_tokens,
                 cost=cost, latency_s=time.perf_counter() - t0, decision_s=decision_s, generation_s=generation_s,
                 model_s=result.ttft_s + result.decode_s, retries=len(failures), finish_reason=result.finish_reason,
                 speculative_s=speculative_s, speculative_cost=speculative_cost, failures=failures, cached_prompt_tokens=cached,
                 uncached_prompt_tokens=result.prompt_tokens - cached, boundary=step.boundary, step_format=fmt.value,
+                check_prompt_tokens=check.prompt_tokens, check_cached_prompt_tokens=check.cached, check_cost=check.cost,
+                check_s=check.seconds, check_error=check.error, rejected_output=rejected,
             )
             return entry, step
+
+    async def _check(self, state: _RunState, index: int, max_tokens: int, step: Step, spec: dict[str, Any],
+                     route: dict[str, Any], check: "_Check", failures: list[str],
+                     max_cloud_cost: float | None) -> dict[str, Any]:
+        """Score the SLM's ``step`` on the cloud LLM (``route``: the ``verify`` decision) and ask the
+        policy again with the LLM's log-probabilities; returns that final decision. A backend that
+        cannot score (an OpenAI endpoint) leaves the step to the LLM to rewrite."""
+        fmt = self._format(route)
+        candidate = step.text + step.boundary  # exactly what the chain would hold
+        params = self._params(state, index, max_tokens, fmt, candidate=candidate)
+        t0 = time.perf_counter()
+        try:
+            result, check.cost, check.cached = await self._execute(state, route, params, failures)
+        except InvalidRequest as e:
+            check.error, check.seconds = e.message, time.perf_counter() - t0
+            return {**route, "stage": "llm-rewrite", "fallback": "no-check", "decision_s": 0.0, "scores": {}}
+        check.seconds = time.perf_counter() - t0
+        check.prompt_tokens = result.prompt_tokens
+        return await self.scheduler.route({**spec, "llm_logprobs": result.logprobs or [],
+                                           "llm_top_logprobs": result.top_logprobs or []}, max_cloud_cost)
 
     async def _execute(self, state: _RunState, route: dict[str, Any], params: GenerationParams,
                        failures: list[str]) -> tuple[GenerationResult, float, int]:
@@ -289,7 +348,8 @@ class Agent:
         cached = _cached_prompt_tokens(state, route, params, result)
         cost = await self.scheduler.report({**_report_base(run, route), "prompt_tokens": result.prompt_tokens,
                                             "cached_prompt_tokens": cached,
-                                            "completion_tokens": result.completion_tokens, "ok": True})
+                                            "completion_tokens": result.completion_tokens, "ok": True,
+                                            "check": bool(params.candidate)})
         return result, cost, cached
 
 
@@ -312,6 +372,11 @@ def _cached_prompt_tokens(state: _RunState, route: dict[str, Any], params: Gener
         cached = max(0, min(result.cached_prompt_tokens, result.prompt_tokens))
     elif chain is not None and previous is not None and chain.startswith(previous.chain):
         cached = min(previous.prompt_tokens, result.prompt_tokens)
+    elif chain is not None and previous is not None and previous.chain.startswith(chain):
+        # This prompt is a prefix of the previous one (the LLM rewrites a step it just scored).
+        cached = min(previous.prompt_tokens, result.prompt_tokens)
+    if chain is not None and params.candidate:  # a scored candidate stays in the cache after the prompt
+        chain += params.candidate
     if chain is None:  # a closed turn: the next call cannot extend this one
         state.last_call.pop(side, None)
     else:

@@ -13,13 +13,24 @@ so the profiler keeps the part of the tree the estimators learn from and prunes 
   (0..``max_distance``) until an SLM subtask is at least ``match_threshold`` similar to the LLM's
   subtask at the node (``None`` = ∞), and whether the SLM's path ended correct when it finished
   within those steps. The rollout from the root runs to the end: the All-SLM path.
-* **Switch branches.** At the first ``max_branches`` spine nodes where the two subtasks differ
-  (similarity < ``match_threshold``), the SLM's step is taken and the LLM continues to the end:
-  did one SLM step here cost the answer? Other divergent nodes are pruned there.
-* **SD's teacher.** At every node where the two subtasks differ, the LLM also splits its own
-  subtask into smaller steps (``llm_decomposition``): what the decomposer learns to write.
-* Beyond the first switch every path continues with one model (greedy, temperature 0), so
-  per request the LLM writes at most ``max_steps · (1 + max_branches)`` steps.
+* **The SLM's steps, checked by the LLM (``slm_checks``).** Along the All-SLM path, for its first
+  ``verify_steps`` steps, the LLM (1) scores the SLM's step in one prefill over the same context
+  (its tokens' log-probabilities under the LLM, and the LLM's own top choice's at each position)
+  and (2) writes its own step from that context, which SBERT compares with the SLM's. This is what
+  the step-verifying policy (``hera-verify``) learns from: the SLM's own token log-probabilities
+  (recorded on every SLM step), the LLM's judgement of the step, and whether the LLM would have
+  written the same thing. The checks run after the spine, one context at a time, so the cloud
+  model's prefix cache is reused from one check to the next.
+* **Switch branches** (off by default: ``max_branches`` 0). At the first ``max_branches`` spine
+  nodes where the two subtasks differ, the SLM's step is taken and the LLM continues to the end.
+  They are the dearest part of the tree (a whole LLM path each) and no estimator trains on them;
+  the one-step checks above ask "would the LLM agree here?" for a fraction of the price.
+* **SD's teacher.** At the first ``max_decompositions`` nodes where the two subtasks differ, the
+  LLM also splits its own subtask into smaller steps (``llm_decomposition``).
+* Every path continues with one model (greedy, temperature 0) and ends where the agent's would:
+  the model ends its message, ``max_steps``, or ``max_chain_tokens`` written. Per request the LLM
+  writes the spine, ``verify_steps`` one-step checks, ``max_decompositions`` splits and
+  ``max_branches`` whole paths.
 
 Output: ``<out>/profile.jsonl``, one JSON line per finished request (its nodes inside), appended
 as each request finishes; ``<out>/profile_config.json`` holds the settings. A re-run with the
@@ -57,9 +68,12 @@ class ProfileConfig(BaseSettings):
 
     dataset: str = Field("gsm8k", description="Data set to profile.")
     split: str = Field("profile", description="Split of the data set (profile / dev / test).")
-    max_steps: int = Field(32, ge=1, le=100, description="Steps per path at most (as the agent's step limit; a step is one line of the chain of thought).")
-    max_depth: int = Field(4, ge=1, le=30, description="Spine nodes (from the root) at which both models write the step.")
-    max_branches: int = Field(1, ge=0, le=30, description="Switch branches (SLM step, then LLM to the end) per request.")
+    max_steps: int = Field(48, ge=1, le=100, description="Steps per path at most (as the agent's step limit; a step is one line of the chain of thought).")
+    max_chain_tokens: int = Field(1024, ge=8, le=16384, description="Tokens a path may write in all (as agent.max_chain_tokens).")
+    max_depth: int = Field(6, ge=1, le=30, description="Spine nodes (from the root) at which both models write the step.")
+    max_branches: int = Field(0, ge=0, le=30, description="Switch branches (SLM step, then LLM to the end) per request.")
+    verify_steps: int = Field(12, ge=0, le=100, description="Steps of the All-SLM path the LLM scores and writes itself (slm_checks).")
+    max_decompositions: int = Field(2, ge=0, le=30, description="Divergent nodes per request whose LLM subtask the LLM also splits (SD's teacher).")
     max_distance: int = Field(3, ge=0, le=10, description="Largest S-L distance looked for; beyond it d is ∞.")
     match_threshold: float = Field(0.7, ge=0, le=1, description="SBERT similarity at which two subtasks count as the same.")
     max_tokens: int = Field(256, ge=8, le=4096, description="Tokens a model may write per step (as agent.max_tokens_per_step).")
@@ -81,6 +95,9 @@ class Step:
     seconds: float = 0.0
     boundary: str = ""  # what the chain adds after the text ("\n" if a backend dropped the line end; see agent.steps)
     end: bool = False  # the model ended its message with this step
+    completion_tokens: int = 0
+    #: The SLM's log-probability of each token it wrote (SLM steps; rounded to 4 places).
+    logprobs: list[float] | None = None
 
     @property
     def is_final(self) -> bool:
@@ -116,23 +133,47 @@ class Counters:
 class Profiler:
     """Grows the pruned tree for one request at a time (several requests may run at once)."""
 
-    def __init__(self, models: StepModels, similarity: Similarity, scorer: Callable[[str, str], bool],
+    def __init__(self, models: StepModels, similarity: Similarity, scorer: Callable[[Any, str, str], bool],
                  config: ProfileConfig):
+        """``scorer(item, answer, chain)``: is a path's answer right (``hera_ray.eval.scorers.score``)."""
         self.models, self.similarity, self.scorer, self.config = models, similarity, scorer, config
         self.counters = Counters()
+
+    def remaining(self, history: Sequence[Step]) -> int:
+        """Tokens the path may still write (``max_chain_tokens``)."""
+        return self.config.max_chain_tokens - sum(s.completion_tokens for s in history)
+
+    def finished(self, path: Sequence[Step]) -> bool:
+        """The path ended where the agent's chain would."""
+        return bool(path) and (path[-1].is_final or len(path) >= self.config.max_steps or self.remaining(path) <= 0)
 
     async def step(self, side: Side, question: str, history: Sequence[Step], request_id: str) -> Step:
         chain = chain_text(s.as_chain_step() for s in history)
         # The agent's step format (hera_ray/agent/steps.py); profiled clusters' backends continue a message.
         params = GenerationParams(messages=step_messages(question, chain), continue_final_message=continues(StepFormat.CONTINUE, chain),
-                                  max_tokens=self.config.max_tokens, temperature=0.0, stop_at_line_end=True,
+                                  max_tokens=max(1, min(self.config.max_tokens, self.remaining(history))), temperature=0.0,
+                                  stop_at_line_end=True, logprobs=side == "slm",
                                   request_id=f"profile:{request_id}:{side}:{len(history)}")
         t0 = time.perf_counter()
         result = await self._generate(side, params)
         step = make_step(result.text, result.finish_reason, result.stop_reason)
         tokens = result.prompt_tokens + result.completion_tokens
+        logprobs = [round(x, 4) for x in result.logprobs] if result.logprobs is not None else None
         return Step(step.text, step.text, read_answer(step.text)[0], side, tokens, time.perf_counter() - t0,
-                    step.boundary, step.end)
+                    step.boundary, step.end, result.completion_tokens, logprobs)
+
+    async def check(self, question: str, history: Sequence[Step], candidate: Step, request_id: str) -> dict[str, Any]:
+        """The LLM's judgement of the SLM's ``candidate`` step after ``history``: its tokens'
+        log-probabilities under the LLM, in one prefill (the step-verifying policy's LLM check)."""
+        chain = chain_text(s.as_chain_step() for s in history)
+        params = GenerationParams(messages=step_messages(question, chain), continue_final_message=continues(StepFormat.CONTINUE, chain),
+                                  max_tokens=0, candidate=candidate.output,
+                                  request_id=f"profile:{request_id}:check:{len(history)}")
+        t0 = time.perf_counter()
+        result = await self._generate("llm", params)
+        return {"llm_logprobs": [round(x, 4) for x in result.logprobs or []],
+                "llm_top_logprobs": [round(x, 4) for x in result.top_logprobs or []],
+                "check_prompt_tokens": result.prompt_tokens, "check_s": round(time.perf_counter() - t0, 4)}
 
     async def _generate(self, side: Side, params: GenerationParams) -> GenerationResult:
         """One model call, counted for the progress bar."""
@@ -156,9 +197,10 @@ class Profiler:
         return parse_parts((await self._generate("llm", params)).text)
 
     async def decompose_divergent(self, record: dict[str, Any]) -> bool:
-        """Add the LLM's decomposition to every node where the two subtasks differ; True if any was added."""
-        todo = [n for n in record["nodes"]
-                if n["similarity"] < self.config.match_threshold and "llm_decomposition" not in n]
+        """Add the LLM's decomposition to the first ``max_decompositions`` nodes where the two
+        subtasks differ; True if any was added."""
+        divergent = [n for n in record["nodes"] if n["similarity"] < self.config.match_threshold]
+        todo = [n for n in divergent[: self.config.max_decompositions] if "llm_decomposition" not in n]
         parts = await asyncio.gather(*(self.decompose(record["question"], n["llm"]["subtask"], record["request_id"])
                                        for n in todo))
         for node, p in zip(todo, parts):
@@ -171,18 +213,24 @@ class Profiler:
         steps in all); returns the whole path."""
         path = list(history)
         limit = min(limit or self.config.max_steps, self.config.max_steps)
-        while len(path) < limit and not (path and path[-1].is_final):
+        while len(path) < limit and not self.finished(path):
             path.append(await self.step(side, question, path, request_id))
         return path
 
-    async def profile(self, request_id: str, question: str, gold: str) -> dict[str, Any]:
+    async def profile(self, request_id: str, item: Any) -> dict[str, Any]:
+        """Grow the tree for one data set item (``.question``, ``.answer``); the scorer judges paths."""
         c = self.config
+        question, gold = item.question, item.answer
+
+        def correct(path: Sequence[Step]) -> bool:
+            return bool(self.scorer(item, path_answer(path), chain_text(s.as_chain_step() for s in path)))
+
         t0 = time.perf_counter()
         spine: list[Step] = []
         nodes: list[dict[str, Any]] = []
         rollouts: list[asyncio.Task] = []
         # The LLM spine; at each node of depth < max_depth the SLM writes its step from the same context.
-        while len(spine) < c.max_steps and not (spine and spine[-1].is_final):
+        while not self.finished(spine):
             depth = len(spine)
             if depth < c.max_depth:
                 slm_step, llm_step = await asyncio.gather(self.step("slm", question, spine, request_id),
@@ -215,12 +263,12 @@ class Profiler:
             node["distance"] = next((d for d, s in enumerate(node_sims) if s >= c.match_threshold), None)
             node["rollout_sims"] = node_sims
             node["slm_rollout"] = [asdict(s) for s in rolled]
-            finished = bool(path) and path[-1].is_final or len(path) >= c.max_steps
+            finished = self.finished(path)
             node["slm_path_answer"] = path_answer(path) if finished else None
-            node["slm_path_correct"] = self.scorer(path_answer(path), gold) if finished else None
+            node["slm_path_correct"] = correct(path) if finished else None
 
         llm_answer = path_answer(spine)
-        llm_correct = self.scorer(llm_answer, gold)
+        llm_correct = correct(spine)
         for node in nodes:
             node["llm_path_correct"] = llm_correct  # the spine continues with the LLM from every node
             node["switch_path_correct"] = None
@@ -230,19 +278,41 @@ class Profiler:
             self.continue_path("llm", question, spine[: n["depth"]] + [Step(**n["slm"])], request_id) for n in divergent))
         for node, path in zip(divergent, branches):
             node["switch_path_answer"] = path_answer(path)
-            node["switch_path_correct"] = self.scorer(path_answer(path), gold)
+            node["switch_path_correct"] = correct(path)
 
         all_slm = slm_paths[0] if slm_paths else []
         record = {
             "request_id": request_id, "question": question, "gold": gold,
             "all_llm": {"answer": llm_answer, "correct": llm_correct, "steps": [asdict(s) for s in spine]},
-            "all_slm": {"answer": path_answer(all_slm), "correct": self.scorer(path_answer(all_slm), gold),
+            "all_slm": {"answer": path_answer(all_slm), "correct": correct(all_slm),
                         "steps": [asdict(s) for s in all_slm]},
             "nodes": nodes,
+            "slm_checks": await self.check_slm_path(question, all_slm, spine, request_id),
         }
         await self.decompose_divergent(record)
         record["profile_s"] = time.perf_counter() - t0
         return record
+
+
+    async def check_slm_path(self, question: str, path: Sequence[Step], spine: Sequence[Step],
+                             request_id: str) -> list[dict[str, Any]]:
+        """At each of the All-SLM path's first ``verify_steps`` steps: the LLM's score of the SLM's
+        step and the LLM's own step from the same context, with their SBERT similarity."""
+        checks = []
+        for i, slm_step in enumerate(path[: self.config.verify_steps]):
+            if not slm_step.output.strip():
+                continue
+            check = {"index": i, **await self.check(question, path[:i], slm_step, request_id)}
+            # From the root the LLM's own step is the spine's first one (same context).
+            own = spine[0] if i == 0 and spine else await self.step("llm", question, path[:i], request_id)
+            check["llm"] = asdict(own)
+            checks.append(check)
+        if checks:
+            sims = await self.similarity([(path[ch["index"]].subtask, ch["llm"]["subtask"]) for ch in checks])
+            for ch, sim in zip(checks, sims):
+                ch["similarity"] = sim
+                ch["agree"] = sim >= self.config.match_threshold
+        return checks
 
 
 # -- the run folder -------------------------------------------------------------------------------
@@ -327,7 +397,7 @@ async def run_profile(profiler: Profiler, items: Sequence[Any], out: Path, concu
 
     async def one(item) -> None:
         async with sem:
-            record = await profiler.profile(request_id(profiler.config, item.id), item.question, item.answer)
+            record = await profiler.profile(request_id(profiler.config, item.id), item)
             record["item_id"] = item.id
             record["dataset"] = profiler.config.dataset
         async with lock:  # one whole line per request: a crash never leaves half a request behind

@@ -32,6 +32,12 @@ class SubtaskContext:
     #: The subtask the edge SLM actually wrote for this position, when the agent ran it first
     #: because the policy asked to speculate (stage ``speculate``); None otherwise.
     slm_candidate: str | None = None
+    #: The SLM's log-probability of each token of ``slm_candidate``, when its edge returned them.
+    slm_logprobs: tuple[float, ...] | None = None
+    #: After a ``verify`` decision: the cloud LLM's log-probabilities of the candidate's tokens (one
+    #: prefill over its cached prefix), and of its own most likely token at each position.
+    llm_logprobs: tuple[float, ...] | None = None
+    llm_top_logprobs: tuple[float, ...] | None = None
 
 
 #: A decision's stage that means "run the SLM's step first, then ask again with its subtask".

@@ -54,7 +54,7 @@ class RandomPolicy(Policy):
 
 
 def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None, hera=None,
-                   tau_hybrid: float = 0.78) -> dict[str, Policy]:
+                   tau_hybrid: float = 0.78, verify: Policy | None = None) -> dict[str, Policy]:
     """The policies a scheduler offers, by name (the model name clients pass).
 
     With ``estimators`` (an :class:`~hera_ray.estimators.base.EstimatorSet` that also has
@@ -62,7 +62,8 @@ def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None
     :class:`~hera_ray.policy.hera.HeraPolicyConfig`), its ablations ``hera-no-urc``,
     ``hera-no-cd``, ``hera-no-sd``, ``hera-urc-only`` (URC, then the LLM: the paper's Table 4
     "URC alone" row), ``hera-spec`` (speculative SSE, see :mod:`hera_ray.policy.hera`), and
-    ``hybridllm``.
+    ``hybridllm``. ``verify``: the step-verifying policy (``hera-verify``), offered as given; it
+    needs no estimator deployment.
     """
     from dataclasses import replace
 
@@ -70,6 +71,8 @@ def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None
     from hera_ray.policy.hybrid import HybridLLMPolicy
 
     policies: dict[str, Policy] = {p.name: p for p in (AllSLM(), AllLLM(), RandomPolicy(random_slm_share, seed))}
+    if verify is not None:
+        policies[verify.name] = verify
     if estimators is not None:
         hera = hera or HeraPolicyConfig()
         policies["hera"] = HeraPolicy(estimators, hera)

@@ -103,7 +103,7 @@ class HeraPolicy(Policy):
             return Decision(Placement.EDGE, SPECULATE, scores)
         if c.speculative:
             pending = self._pending.pop((ctx.request_id, ctx.index), None)
-            s_slm = ctx.slm_candidate
+            s_slm = ctx.slm_candidate.strip()
             s_llm = await pending if pending is not None else await self.est.predict_subtask("llm", ctx)
         else:
             # The two sides are separate models: predict both at once.

@@ -19,13 +19,13 @@ from ray.util import metrics
 from hera_ray.config import HeraConfig, RegistryConfig, default_token_file
 from hera_ray.errors import ConfigError, HeraError
 from hera_ray.policy import Placement, build_policies
-from hera_ray.policy.base import PastStep
 from hera_ray.scheduler.nodes import NodeSpec, NodeTable
 from hera_ray.scheduler.registry import RegistryServer
 from hera_ray.scheduler.router import RouteRequest, Router, SubtaskReport
 from hera_ray.tls import check as check_tls
 
 SCHEDULER_NAME = "SubtaskScheduler"
+
 # Ray gives every head node this resource (Serve pins its controller with it too). The actor asks
 # for a sliver of it, so it runs on the head, and so does every restart of it: edge boxes dial the
 # registry it runs at one known address.
@@ -70,17 +70,31 @@ class _RegistryThread(threading.Thread):
         loop.run_forever()
 
 
+def _verify_policy(cfg: HeraConfig) -> dict[str, Any]:
+    """hera-verify, with its step classifier (``verify.classifier``, else the estimator folder's)."""
+    if not cfg.verify.enabled:
+        return {}
+    from hera_ray.estimators.trained import estimators_path
+    from hera_ray.policy.verify import VERIFIER_FILE, StepClassifier, VerifyConfig, VerifyPolicy
+
+    v = cfg.verify
+    path = v.classifier or estimators_path(cfg.hera.estimators) / VERIFIER_FILE
+    classifier = StepClassifier.load(path) if v.classifier or path.exists() else None
+    config = VerifyConfig(keep=v.keep, confidence_keep=v.confidence_keep, llm_accept=v.llm_accept, reject_below=v.reject_below)
+    return {"verify": VerifyPolicy(config, classifier)}
+
+
 def _hera_policies(cfg: HeraConfig) -> dict[str, Any]:
     """The hera / hybridllm policies' estimators: the estimator deployment, by name, when enabled."""
     if not cfg.hera.enabled:
-        return {}
+        return _verify_policy(cfg)
     from hera_ray.policy.hera import HeraPolicyConfig
     from hera_ray.serve.estimators import ServeEstimatorSet
 
     h = cfg.hera
     hera = HeraPolicyConfig(threshold_base=h.threshold_base, kappa_step=h.kappa_step, tau_req=h.tau_req,
                             use_urc=h.use_urc, use_cd=h.use_cd, use_sd=h.use_sd, max_distance=h.max_distance)
-    return {"estimators": ServeEstimatorSet(cfg.app_name), "hera": hera, "tau_hybrid": h.tau_hybrid}
+    return {"estimators": ServeEstimatorSet(cfg.app_name), "hera": hera, "tau_hybrid": h.tau_hybrid, **_verify_policy(cfg)}
 
 
 class SubtaskScheduler:
@@ -124,15 +138,7 @@ class SubtaskScheduler:
     # -- routing -------------------------------------------------------------------------------
 
     async def route(self, request: dict[str, Any], max_cloud_cost: float | None = None) -> dict[str, Any]:
-        req = RouteRequest(
-            request_id=request["request_id"],
-            policy=request["policy"],
-            index=int(request["index"]),
-            question=request.get("question", ""),
-            history=tuple(PastStep(h["subtask"], h["output"], Placement(h["placement"])) for h in request.get("history", ())),
-            exclude_nodes=tuple(request.get("exclude_nodes", ())),
-            slm_candidate=request.get("slm_candidate"),
-        )
+        req = RouteRequest.from_dict(request)
         route = await self.router.route(req, max_cloud_cost)
         self._m_subtasks.inc(1, {"placement": route.placement.value, "policy": req.policy})
         self._m_decision.observe(route.decision_s)

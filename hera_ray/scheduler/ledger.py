@@ -26,15 +26,17 @@ class Usage:
     edge_cost: float = 0.0  # USD
     cloud_cost: float = 0.0  # USD
 
-    def add(self, placement: Placement, tokens: TokenCounts, cost: float) -> None:
+    def add(self, placement: Placement, tokens: TokenCounts, cost: float, subtask: bool = True) -> None:
+        """Count a model call's tokens and cost; ``subtask`` False for a call that wrote no step
+        (the LLM scoring an SLM step)."""
         if placement is Placement.EDGE:
-            self.edge_subtasks += 1
+            self.edge_subtasks += subtask
             self.edge_uncached_prompt_tokens += tokens.uncached_prompt
             self.edge_cached_prompt_tokens += tokens.cached_prompt
             self.edge_completion_tokens += tokens.completion
             self.edge_cost += cost
         else:
-            self.cloud_subtasks += 1
+            self.cloud_subtasks += subtask
             self.cloud_uncached_prompt_tokens += tokens.uncached_prompt
             self.cloud_cached_prompt_tokens += tokens.cached_prompt
             self.cloud_completion_tokens += tokens.completion
@@ -77,11 +79,11 @@ class CostLedger:
         self._max_open = max_open
 
     def charge(self, request_id: str, placement: Placement, node_id: str, tokens: TokenCounts,
-               prices: PriceSheet) -> float:
-        """Record one finished subtask; returns what it cost, in USD."""
+               prices: PriceSheet, subtask: bool = True) -> float:
+        """Record one finished subtask (or, ``subtask`` False, a check of one); returns what it cost, in USD."""
         cost = priced(tokens, prices)
         for usage in (self.total, self.request(request_id), self.by_node.setdefault(node_id, Usage())):
-            usage.add(placement, tokens, cost)
+            usage.add(placement, tokens, cost, subtask)
         return cost
 
     def request(self, request_id: str) -> Usage:

@@ -34,6 +34,30 @@ class RouteRequest:
     exclude_nodes: tuple[str, ...] = ()
     #: The SLM's real subtask for this position, after a ``speculate`` decision.
     slm_candidate: str | None = None
+    #: The SLM's token log-probabilities of ``slm_candidate``; after a ``verify`` decision, the
+    #: LLM's of the same tokens and of its own top choices (see SubtaskContext).
+    slm_logprobs: tuple[float, ...] | None = None
+    llm_logprobs: tuple[float, ...] | None = None
+    llm_top_logprobs: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_dict(cls, request: dict[str, Any]) -> "RouteRequest":
+        """From the agent's request dict (it crosses Ray as a dict)."""
+        def floats(values) -> tuple[float, ...] | None:
+            return None if values is None else tuple(float(v) for v in values)
+
+        return cls(
+            request_id=request["request_id"],
+            policy=request["policy"],
+            index=int(request["index"]),
+            question=request.get("question", ""),
+            history=tuple(PastStep(h["subtask"], h["output"], Placement(h["placement"])) for h in request.get("history", ())),
+            exclude_nodes=tuple(request.get("exclude_nodes", ())),
+            slm_candidate=request.get("slm_candidate"),
+            slm_logprobs=floats(request.get("slm_logprobs")),
+            llm_logprobs=floats(request.get("llm_logprobs")),
+            llm_top_logprobs=floats(request.get("llm_top_logprobs")),
+        )
 
 
 @dataclass(frozen=True)
@@ -74,6 +98,9 @@ class SubtaskReport:
     #: Only give back the node pick of a route that ran nothing new (a speculative step the policy
     #: kept: it already ran, and was charged, under the first pick).
     release_only: bool = False
+    #: The call scored a step another model wrote (hera-verify's LLM check): its tokens and cost
+    #: count, but it is not a subtask of its own.
+    check: bool = False
 
     def __post_init__(self) -> None:
         self.tokens  # noqa: B018 - refuse bad counts when the report is made, not when it is charged
@@ -92,7 +119,8 @@ class SubtaskReport:
             counts = {k: int(report.get(k, 0)) for k in ("prompt_tokens", "cached_prompt_tokens", "completion_tokens")}
             return cls(request_id=str(report["request_id"]), placement=placement, node_id=str(report["node_id"]),
                        prices=parse_prices(report.get("prices") or None), ok=bool(report.get("ok", True)),
-                       release_only=bool(report.get("release_only", False)), **counts)
+                       release_only=bool(report.get("release_only", False)), check=bool(report.get("check", False)),
+                       **counts)
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidRequest(f"malformed subtask report: {type(e).__name__}: {e}") from None
 
@@ -155,7 +183,8 @@ class Router:
     async def route(self, req: RouteRequest, max_cloud_cost: float | None = None) -> Route:
         t0 = time.perf_counter()
         decision = await self.policy(req.policy).decide(
-            SubtaskContext(req.request_id, req.question, req.index, req.history, req.slm_candidate))
+            SubtaskContext(req.request_id, req.question, req.index, req.history, req.slm_candidate,
+                           req.slm_logprobs, req.llm_logprobs, req.llm_top_logprobs))
         placement, fallback = decision.placement, ""
         if placement is Placement.CLOUD and self.over_budget(req.request_id, max_cloud_cost):
             placement, fallback = Placement.EDGE, "budget"
@@ -219,7 +248,7 @@ class Router:
             return 0.0
         if rep.release_only:
             return 0.0
-        return self.ledger.charge(rep.request_id, rep.placement, rep.node_id, rep.tokens, rep.prices)
+        return self.ledger.charge(rep.request_id, rep.placement, rep.node_id, rep.tokens, rep.prices, subtask=not rep.check)
 
     def finish(self, request_id: str) -> Usage:
         """The request is done: forget its node affinity and return its usage."""
