@@ -38,7 +38,7 @@ from hera_ray.errors import ConfigError
 from hera_ray.estimators.prompts import SD_MAX_TOKENS, SP_MAX_TOKENS, clean_prediction, distance_labels, parse_parts
 from hera_ray.estimators.trained import MANIFEST
 from hera_ray.offline import datasets as ds
-from hera_ray.offline.profile import CONFIG_FILE, ProfileConfig, read_profile
+from hera_ray.offline.profile import CONFIG_FILE, PROFILE_FILE, ProfileConfig, read_profile
 
 #: Held-out accuracy reported by the revised HERA paper (Table 5, without continual fine-tuning).
 PAPER_ACCURACY = {"urc": 77.9, "sp_slm": 76.1, "sp_llm": 75.1, "dp": 76.2, "cd": 75.8}
@@ -64,7 +64,7 @@ class TrainConfig(BaseSettings):
     only: str = Field("", description="Comma-separated estimators to train (default: all).")
 
     def wanted(self) -> list[str]:
-        all_ = ["urc", "hybridllm", "dp", "sp_slm", "sp_llm", "sd"]
+        all_ = ["urc", "hybridllm", "dp", "verifier", "sp_slm", "sp_llm", "sd"]
         chosen = [s.strip() for s in self.only.split(",") if s.strip()]
         unknown = sorted(set(chosen) - set(all_))
         if unknown:
@@ -100,19 +100,47 @@ def _save_metrics(folder: Path, key: str, entry: dict[str, Any]) -> dict[str, An
     return entry
 
 
+def profile_folders(path: Path) -> list[Path]:
+    """``path`` itself if it is a profile run folder, else its sub-folders that are (one per data set)."""
+    path = Path(path)
+    if (path / PROFILE_FILE).exists() or not path.is_dir():
+        return [path]
+    found = sorted(p for p in path.iterdir() if (p / PROFILE_FILE).exists())
+    return found or [path]
+
+
+def read_profiles(path: Path) -> tuple[list[dict[str, Any]], ProfileConfig, dict[str, ProfileConfig]]:
+    """Every finished request under ``path`` (one run folder, or a folder of them), the settings they
+    share (the first folder's), and each folder's settings by data set. Folders whose
+    ``match_threshold`` or ``max_distance`` differ are refused: their labels would mean different things."""
+    records: list[dict[str, Any]] = []
+    configs: dict[str, ProfileConfig] = {}
+    for folder in profile_folders(path):
+        cfg_path = folder / CONFIG_FILE
+        cfg = ProfileConfig.model_validate_json(cfg_path.read_text()) if cfg_path.exists() else ProfileConfig()
+        records += read_profile(folder)
+        configs[cfg.dataset] = cfg
+    first = next(iter(configs.values()))
+    for name, cfg in configs.items():
+        if (cfg.match_threshold, cfg.max_distance) != (first.match_threshold, first.max_distance):
+            raise ConfigError(f"the profiles under {path} disagree: {name} has match_threshold {cfg.match_threshold} and "
+                              f"max_distance {cfg.max_distance}, {first.dataset} {first.match_threshold} and "
+                              f"{first.max_distance}; profile them with the same settings")
+    return records, first, configs
+
+
 def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train every estimator from ``profile_dir`` into ``out``; write and return the manifest."""
+    """Train every estimator from ``profile_dir`` (a run folder, or a folder of them) into ``out``;
+    write and return the manifest."""
     from hera_ray.estimators.similarity import SbertSimilarity
     from hera_ray.models import resolve_model
 
     config = config or TrainConfig()
     config.wanted()  # an unknown --only name fails before any work
-    records = read_profile(profile_dir)
+    records, pcfg, pcfgs = read_profiles(profile_dir)
     if not records:
         raise ConfigError(f"the profile at {profile_dir} holds no finished request yet")
-    pcfg_path = Path(profile_dir) / CONFIG_FILE
-    pcfg = ProfileConfig.model_validate_json(pcfg_path.read_text()) if pcfg_path.exists() else ProfileConfig()
     out.mkdir(parents=True, exist_ok=True)
     dhash = data_hash(records)
     heldout_requests = sum(ds.is_heldout(r["request_id"]) for r in records)
@@ -166,6 +194,24 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
     train_one("hybridllm", urc, encoder("hybridllm", urc, request_labels))
     train_one("dp", dp := ds.dp_examples(records), encoder("dp", dp, distance_labels(pcfg.max_distance)))
 
+    # -- hera-verify's step classifier: logistic regression on the SLM-path checks ---------------
+    from hera_ray.offline.verifier import train_verifier, verifier_examples
+    from hera_ray.policy.verify import VERIFIER_FILE
+
+    def verifier(split: ds.Split) -> Callable[[Path], dict[str, Any]]:
+        def fit_entry(folder: Path) -> dict[str, Any]:
+            log(f"verifier: {len(split.train)} training / {len(split.heldout)} held-out checked SLM step(s)")
+            clf = train_verifier(split, seed=config.seed)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / VERIFIER_FILE).write_text(json.dumps(clf.to_dict(), indent=2))
+            return {"kind": "logistic", "path": f"verifier/{VERIFIER_FILE}", "labels": ["disagree", "agree"],
+                    "train_examples": len(split.train), "heldout_examples": len(split.heldout), "metrics": dict(clf.metrics)}
+        return fit_entry
+
+    train_one("verifier", verifier_examples(records), verifier(verifier_examples(records)))
+    if (out / "verifier" / VERIFIER_FILE).exists():  # where hera-verify looks for it in an estimator folder
+        shutil.copyfile(out / "verifier" / VERIFIER_FILE, out / VERIFIER_FILE)
+
     # -- causal: SP_SLM, SP_LLM, SD (trained in torch, served by llama.cpp) ---------------------
     from hera_ray.estimators.generative import LoraGenerator
     from hera_ray.offline.causal import train_causal_lora
@@ -205,8 +251,10 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
     manifest = {
         "format": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "profile": {"path": str(profile_dir), "dataset": pcfg.dataset, "split": pcfg.split, "requests": len(records),
-                    "heldout_requests": heldout_requests, "data_sha256": dhash, "settings": pcfg.model_dump()},
+        "profile": {"path": str(profile_dir), "dataset": ",".join(pcfgs), "split": pcfg.split, "requests": len(records),
+                    "requests_by_dataset": {d: sum(r.get("dataset", pcfg.dataset) == d for r in records) for d in pcfgs},
+                    "heldout_requests": heldout_requests, "data_sha256": dhash, "settings": pcfg.model_dump(),
+                    "settings_by_dataset": {d: c.model_dump() for d, c in pcfgs.items()}},
         "train_settings": config.model_dump(),
         "similarity_model": config.encoder_base,
         "match_threshold": pcfg.match_threshold,
