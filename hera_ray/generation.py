@@ -96,8 +96,6 @@ def validate_params(p: GenerationParams, n_ctx: int | None = None) -> None:
     if p.max_tokens < 0 or (p.max_tokens == 0 and not p.candidate):
         raise InvalidRequest(f"max_tokens must be > 0, got {p.max_tokens}"
                              + (" (0 is allowed only when scoring a candidate)" if p.max_tokens == 0 else ""))
-    if p.candidate and not p.candidate.strip():
-        raise InvalidRequest("candidate is blank: give the text to score, or leave it empty to generate")
     if n_ctx is not None and p.max_tokens > n_ctx:
         raise InvalidRequest(f"max_tokens {p.max_tokens} exceeds the context window of {n_ctx} tokens")
     if not 0.0 <= p.temperature <= 5.0:

@@ -105,3 +105,12 @@ def test_a_chain_without_an_answer_line_stands_on_its_last_line():
 
 def test_a_boxed_answer_is_read_alone():
     assert read_answer("The final answer is: \\boxed{5}.") == ("5", "5")
+
+
+def test_the_checked_text_drops_only_the_indentation_after_the_last_newline():
+    from hera_ray.agent.steps import checked_text
+
+    assert checked_text("def f(x):\n    ") == "def f(x):\n"
+    assert checked_text("x = 3 + 4\n") == "x = 3 + 4\n"
+    assert checked_text("return x  ") == "return x  "  # cut by its token cap mid-line: kept whole
+    assert checked_text("\n\n  ") == "\n\n"

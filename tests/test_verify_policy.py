@@ -11,7 +11,7 @@ import pytest
 
 from hera_ray.errors import ConfigError
 from hera_ray.policy.base import SPECULATE, Placement, SubtaskContext
-from hera_ray.policy.verify import (KEPT_BY_CLASSIFIER, KEPT_BY_CONFIDENCE, KEPT_BY_LLM, REWRITTEN, VERIFY,
+from hera_ray.policy.verify import (KEPT_BLANK, KEPT_BY_CLASSIFIER, KEPT_BY_CONFIDENCE, KEPT_BY_LLM, REWRITTEN, VERIFY,
                                     StepClassifier, VerifyConfig, VerifyPolicy, geo_mean_prob, llm_step_score,
                                     step_features)
 
@@ -58,10 +58,10 @@ def test_a_borderline_step_goes_to_the_llm_to_be_scored():
 
 def test_the_llm_keeps_a_step_it_scores_well_and_rewrites_one_it_does_not():
     policy = VerifyPolicy(VerifyConfig(llm_accept=0.5), by_mean_logprob())
-    kept = decide(policy, ctx(llm=(-0.2, -1.0), top=(-0.2, -0.9)))  # exp(mean(0, -0.1)) = 0.95
+    kept = decide(policy, ctx(llm=(-0.2, -1.0, -0.3), top=(-0.2, -0.9, -0.1)))  # exp(mean(0, -0.1)) = 0.95
     assert (kept.placement, kept.stage) == (Placement.EDGE, KEPT_BY_LLM)
     assert kept.scores["llm_score"] == pytest.approx(math.exp(-0.05)) and kept.scores["llm_accept"] == 0.5
-    rejected = decide(policy, ctx(llm=(-3.0, -2.0), top=(-0.1, -0.1)))
+    rejected = decide(policy, ctx(llm=(-3.0, -2.0, -0.1), top=(-0.1, -0.1, -0.1)))
     assert (rejected.placement, rejected.stage) == (Placement.CLOUD, REWRITTEN)
     assert rejected.scores["llm_score"] < 0.5
 
@@ -72,9 +72,11 @@ def test_a_hopeless_step_is_rewritten_without_a_check():
     assert (d.placement, d.stage) == (Placement.CLOUD, REWRITTEN) and d.scores["p_good"] < 0.2
 
 
-def test_an_empty_step_is_rewritten_not_scored():
-    d = decide(VerifyPolicy(), ctx(candidate="  \n", slm=()))
+def test_an_empty_step_is_the_llms_and_a_blank_line_is_kept():
+    d = decide(VerifyPolicy(), ctx(candidate="", slm=()))
     assert (d.placement, d.stage) == (Placement.CLOUD, REWRITTEN)
+    d = decide(VerifyPolicy(), ctx(candidate="\n", slm=(-0.9,)))
+    assert (d.placement, d.stage) == (Placement.EDGE, KEPT_BLANK)
 
 
 def test_without_a_classifier_the_confidence_is_p_good():
@@ -103,6 +105,8 @@ def test_llm_step_score_is_one_where_the_llm_would_write_the_same_tokens():
     assert llm_step_score((-2.0,), (-0.5,)) == pytest.approx(math.exp(-1.5))
     assert llm_step_score((), ()) == 0.0
     assert llm_step_score((-0.5,), None) == pytest.approx(math.exp(-0.5))  # no top choices: plain probability
+    # The last token (the re-tokenised line end) does not count, unless it is the only one.
+    assert llm_step_score((-1.0, -0.2, -6.0), (-0.5, -0.2, -0.1)) == pytest.approx(math.exp(-0.25))
     assert geo_mean_prob(None) == 0.0 and geo_mean_prob((-1.0, -3.0)) == pytest.approx(math.exp(-2.0))
 
 

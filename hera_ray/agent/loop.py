@@ -20,7 +20,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
-from hera_ray.agent.steps import Step, StepFormat, chain_answer, chain_text, continues, make_step, step_messages
+from hera_ray.agent.steps import (Step, StepFormat, chain_answer, chain_text, checked_text, continues, make_step,
+                                  step_messages)
 from hera_ray.config import AgentConfig
 from hera_ray.errors import InvalidRequest, Overloaded, Unavailable
 from hera_ray.generation import GenerationParams, GenerationResult
@@ -303,7 +304,7 @@ class Agent:
         policy again with the LLM's log-probabilities; returns that final decision. A backend that
         cannot score (an OpenAI endpoint) leaves the step to the LLM to rewrite."""
         fmt = self._format(route)
-        candidate = step.text + step.boundary  # exactly what the chain would hold
+        candidate = checked_text(step.text + step.boundary)  # what the chain would hold, less trailing indentation
         params = self._params(state, index, max_tokens, fmt, candidate=candidate)
         t0 = time.perf_counter()
         try:

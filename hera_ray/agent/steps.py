@@ -116,6 +116,16 @@ def one_turn_messages(question: str, system: str = STEP_SYSTEM_PROMPT) -> tuple[
     return (("system", system), ("user", question))
 
 
+def checked_text(step_text: str) -> str:
+    """The part of a step another model scores (hera-verify's LLM check): the step without the
+    spaces or tabs after its last newline. A step ends with the first token holding a newline, and
+    in code that token often carries the next line's indentation too ("):\n   "); scored alone,
+    re-tokenised, that indentation is a token the model would never write there (it writes the
+    indentation with the next word), and would sink a good step's score."""
+    stripped = step_text.rstrip(" \t")
+    return stripped if stripped.endswith("\n") else step_text
+
+
 def make_step(text: str, finish_reason: str, stop_reason: str) -> Step:
     """A step from what the engine returned; where it stopped decides whether it ends the chain.
 

@@ -51,7 +51,8 @@ from typing import Any, Awaitable, Callable, Literal, Protocol, Sequence
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hera_ray.agent.steps import StepFormat, chain_answer, chain_text, continues, make_step, read_answer, step_messages
+from hera_ray.agent.steps import (StepFormat, chain_answer, chain_text, checked_text, continues, make_step, read_answer,
+                                  step_messages)
 from hera_ray.agent.steps import Step as ChainStep
 from hera_ray.errors import ConfigError
 from hera_ray.generation import GenerationParams, GenerationResult
@@ -167,7 +168,7 @@ class Profiler:
         log-probabilities under the LLM, in one prefill (the step-verifying policy's LLM check)."""
         chain = chain_text(s.as_chain_step() for s in history)
         params = GenerationParams(messages=step_messages(question, chain), continue_final_message=continues(StepFormat.CONTINUE, chain),
-                                  max_tokens=0, candidate=candidate.output,
+                                  max_tokens=0, candidate=checked_text(candidate.output + candidate.boundary),
                                   request_id=f"profile:{request_id}:check:{len(history)}")
         t0 = time.perf_counter()
         result = await self._generate("llm", params)

@@ -20,6 +20,9 @@ nearly free), and the question becomes whether to keep what it wrote:
    Else the LLM writes the step itself (``llm-rewrite``) from its cached prefix.
    Below ``reject_below`` P(good), the check is skipped and the LLM rewrites at once.
 
+A blank line (a paragraph break) is kept as it is (stage ``blank``); an empty step (the SLM wrote
+nothing) is the LLM's to write.
+
 ``keep`` is the one knob (``hera-verify@0.8``): raise it and more steps are checked by the LLM
 (quality up, cost up); lower it and more steps stay on the SLM unchecked.
 
@@ -48,6 +51,8 @@ VERIFIER_FILE = "verifier.json"
 
 #: Stages of hera-verify's final decisions.
 KEPT_BY_CONFIDENCE, KEPT_BY_CLASSIFIER, KEPT_BY_LLM, REWRITTEN = "confidence", "classifier", "llm-check", "llm-rewrite"
+#: A step that is a blank line (the chain's paragraph break) is kept as it is.
+KEPT_BLANK = "blank"
 
 
 @dataclass(frozen=True)
@@ -71,13 +76,21 @@ def geo_mean_prob(logprobs: Sequence[float] | None) -> float:
 
 def llm_step_score(logprobs: Sequence[float] | None, top_logprobs: Sequence[float] | None) -> float:
     """How much the LLM stands behind a step it scored: exp(mean(log p(token) - log p(top token)));
-    1.0 where the LLM would have written exactly these tokens. 0 without scores."""
+    1.0 where the LLM would have written exactly these tokens. 0 without scores.
+
+    The step's last token is left out (unless it is the only one). The step was cut right after
+    the token holding its newline, and the text re-tokenised for scoring ends in a piece the model
+    would not write alone: it writes "):\n" and the next line's indentation as one token, so the
+    shorter "):\n" scores low even when the model agrees with every character before it."""
     if not logprobs:
         return 0.0
     tops = list(top_logprobs or ())
     if len(tops) != len(logprobs):
         tops = [0.0] * len(logprobs)  # no top choice known: plain token probabilities
-    return math.exp(sum(min(0.0, lp - top) for lp, top in zip(logprobs, tops)) / len(logprobs))
+    pairs = list(zip(logprobs, tops))
+    if len(pairs) > 1:
+        pairs = pairs[:-1]
+    return math.exp(sum(min(0.0, lp - top) for lp, top in pairs) / len(pairs))
 
 
 _NUMBER = re.compile(r"\d")
@@ -182,8 +195,10 @@ class VerifyPolicy(Policy):
             if score >= c.llm_accept:
                 return Decision(Placement.EDGE, KEPT_BY_LLM, scores)
             return Decision(Placement.CLOUD, REWRITTEN, scores)
-        if not ctx.slm_candidate.strip():  # nothing to keep or to score
+        if not ctx.slm_candidate:  # the SLM wrote nothing: the LLM writes the step
             return Decision(Placement.CLOUD, REWRITTEN, scores)
+        if not ctx.slm_candidate.strip():  # a blank line between paragraphs: nothing to check
+            return Decision(Placement.EDGE, KEPT_BLANK, scores)
         if conf >= c.confidence_keep:
             return Decision(Placement.EDGE, KEPT_BY_CONFIDENCE, scores)
         if self.classifier is not None:

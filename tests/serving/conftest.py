@@ -11,7 +11,8 @@ import pytest
 
 from hera_ray.pricing import PriceSheet
 from local_ray import local_ray_head
-from serving_settings import API_KEY, CLOUD_PRICE, free_port, write_keys_file
+from serving_settings import (API_KEY, CLOUD_PRICE, VERIFY_CONFIDENCE_KEEP, free_port, write_keys_file,
+                              write_verifier_file)
 
 
 @pytest.fixture(scope="package")
@@ -34,6 +35,8 @@ def cluster(ray_head, tmp_path_factory):
         "scheduler": {"registry_port": 0, "edge_model": "smollm2-135m"},
         "agent": {"max_steps": 3, "max_tokens_per_step": 64, "max_steps_limit": 3},
         "ingress": {"port": free_port(), "api_keys_file": str(write_keys_file(tmp_path_factory.mktemp("keys")))},
+        "verify": {"classifier": str(write_verifier_file(tmp_path_factory.mktemp("verifier"))),
+                   "confidence_keep": VERIFY_CONFIDENCE_KEEP},
     })
     state = up(config, local_edges=2, timeout_s=300, log=lambda m: None)
     yield state
