@@ -48,6 +48,8 @@ class TraceEntry:
     tokens: int
     cost: float
     latency_s: float
+    #: Time the agent waited for placement decisions for this step: the policy, its estimator calls,
+    #: and the round trips to the scheduler (one per decision; hera-verify makes up to three).
     decision_s: float
     generation_s: float  # the executor call, as the agent saw it (includes the transport)
     model_s: float = 0.0  # the model's own time: time to first token + decode, as the engine measured it
@@ -238,7 +240,7 @@ class Agent:
         check = _Check()
         rejected = ""
         while True:
-            route = await self.scheduler.route(request, max_cloud_cost)
+            route = await self._route(request, max_cloud_cost)
             decision_s += route["decision_s"]
             fmt = self._format(route)
             speculate = route["stage"] == SPECULATE and route["placement"] == "edge"
@@ -262,7 +264,7 @@ class Agent:
             if speculate:
                 # The policy asked for the SLM's real step first: ask again with what it wrote.
                 spec = {**request, "slm_candidate": step.text, "slm_logprobs": result.logprobs}
-                final = await self.scheduler.route(spec, max_cloud_cost)
+                final = await self._route(spec, max_cloud_cost)
                 decision_s += final["decision_s"]
                 scores = {**scores, **final["scores"]}
                 if final["stage"] == VERIFY and final["placement"] == "cloud":
@@ -314,8 +316,15 @@ class Agent:
             return {**route, "stage": "llm-rewrite", "fallback": "no-check", "decision_s": 0.0, "scores": {}}
         check.seconds = time.perf_counter() - t0
         check.prompt_tokens = result.prompt_tokens
-        return await self.scheduler.route({**spec, "llm_logprobs": result.logprobs or [],
-                                           "llm_top_logprobs": result.top_logprobs or []}, max_cloud_cost)
+        return await self._route({**spec, "llm_logprobs": result.logprobs or [],
+                                  "llm_top_logprobs": result.top_logprobs or []}, max_cloud_cost)
+
+    async def _route(self, request: dict[str, Any], max_cloud_cost: float | None) -> dict[str, Any]:
+        """Ask the scheduler; the route's ``decision_s`` is the whole call as the agent waited for it
+        (the policy, its estimator calls, and the round trip to the scheduler actor)."""
+        t0 = time.perf_counter()
+        route = await self.scheduler.route(request, max_cloud_cost)
+        return {**route, "policy_s": route.get("decision_s", 0.0), "decision_s": time.perf_counter() - t0}
 
     async def _execute(self, state: _RunState, route: dict[str, Any], params: GenerationParams,
                        failures: list[str]) -> tuple[GenerationResult, float, int]:
