@@ -64,6 +64,31 @@ def _stop_holdback(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
+def chat_renderer(llm):
+    """``render(messages, continue_final_message=False) -> prompt text`` with the GGUF's chat
+    template (None if it has none). ``messages`` are (role, content) pairs."""
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    def text_of(token_id: int) -> str:
+        return llm._model.token_get_text(token_id) if token_id != -1 else ""
+
+    formatter = Jinja2ChatFormatter(template=template, eos_token=text_of(llm.token_eos()), bos_token=text_of(llm.token_bos()))
+
+    def render(messages, continue_final_message: bool = False) -> str:
+        if continue_final_message:
+            # The template up to the assistant's header (add_generation_prompt), then the open
+            # message's content: what Hugging Face's continue_final_message renders, without
+            # depending on where a template puts its end-of-turn marker.
+            head = formatter(messages=[{"role": r, "content": c} for r, c in messages[:-1]]).prompt
+            return head + messages[-1][1]
+        return formatter(messages=[{"role": r, "content": c} for r, c in messages]).prompt
+
+    return render
+
+
 class LlamaSlot:
     """One llama.cpp context. Not thread-safe: the worker hands it to one thread at a time."""
 
@@ -248,28 +273,7 @@ class EdgeWorker:
 
     @staticmethod
     def _make_chat_formatter(llm):
-        template = llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            return None
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        def text_of(token_id: int) -> str:
-            return llm._model.token_get_text(token_id) if token_id != -1 else ""
-
-        formatter = Jinja2ChatFormatter(
-            template=template, eos_token=text_of(llm.token_eos()), bos_token=text_of(llm.token_bos())
-        )
-
-        def render(messages, continue_final_message: bool = False) -> str:
-            if continue_final_message:
-                # The template up to the assistant's header (add_generation_prompt), then the open
-                # message's content: what Hugging Face's continue_final_message renders, without
-                # depending on where a template puts its end-of-turn marker.
-                head = formatter(messages=[{"role": r, "content": c} for r, c in messages[:-1]]).prompt
-                return head + messages[-1][1]
-            return formatter(messages=[{"role": r, "content": c} for r, c in messages]).prompt
-
-        return render
+        return chat_renderer(llm)
 
     # -- load ---------------------------------------------------------------------------------
 

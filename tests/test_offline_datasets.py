@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hera_ray.estimators.prompts import sp_chain_request
 from hera_ray.estimators.prompts import clean_prediction, parse_parts, sp_messages
 from hera_ray.offline import datasets as ds
 
@@ -36,14 +37,28 @@ def test_urc_label_is_simple_when_the_slm_alone_loses_nothing():
 
 
 def test_sp_examples_are_what_each_side_actually_wrote_after_each_context():
-    slm = [t for _, t in ds.sp_examples([record()], "slm").train + ds.sp_examples([record()], "slm").heldout]
-    llm = [t for _, t in ds.sp_examples([record()], "llm").train + ds.sp_examples([record()], "llm").heldout]
+    slm = [ex[1] for ex in ds.sp_examples([record()], "slm").train + ds.sp_examples([record()], "slm").heldout]
+    llm = [ex[1] for ex in ds.sp_examples([record()], "llm").train + ds.sp_examples([record()], "llm").heldout]
     assert "Think about numbers" in slm and "Add 2 plus 3" in slm and "Add 2 and 3" not in slm
     assert llm.count("Add 2 and 3") == 1  # spine and node give the same (context, subtask): deduplicated
     assert "Final Answer: 5" in llm and "Think about numbers" not in llm
     # The SP prompt holds the request and the steps so far, and asks for the next step by number.
     prompt = sp_messages("What is 2 + 3?", [("Add 2 and 3", "5")])[1]["content"]
     assert prompt.startswith("Task: What is 2 + 3?") and "Step 1: Add 2 and 3" in prompt and prompt.endswith("Step 2:")
+
+
+def test_sp_examples_in_the_chain_format_continue_the_agents_own_message():
+    from hera_ray.agent.steps import STEP_SYSTEM_PROMPT
+
+    examples = ds.sp_examples([record()], "llm", "chain").train + ds.sp_examples([record()], "llm", "chain").heldout
+    by_target = {ex[1]: ex for ex in examples}
+    first = by_target["Add 2 and 3"]  # step 0: asked as one turn, nothing to continue
+    assert first[2] is False and [m["role"] for m in first[0]] == ["system", "user"]
+    assert first[0][0]["content"] == STEP_SYSTEM_PROMPT
+    later = by_target["Final Answer: 5"]  # later: the steps so far are the open assistant message
+    assert later[2] is True and later[0][-1] == {"role": "assistant", "content": "5"}
+    messages, cont = sp_chain_request("q", [("Add 2 and 3", "Add 2 and 3\n")], extra=["So it is 5"])
+    assert cont and messages[-1]["content"] == "Add 2 and 3\nSo it is 5\n"
 
 
 def test_dp_labels_are_distance_classes_and_sd_parts_come_from_converged_slm_steps():

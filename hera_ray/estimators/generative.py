@@ -37,9 +37,22 @@ class LoraGenerator:
                               n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
         # One llama.cpp context holds one KV cache: concurrent calls would corrupt each other.
         self._lock = threading.Lock()
+        self._render = None  # the chat template with continue_final_message, made on first use
 
-    def generate(self, messages: list[dict[str, Any]], max_tokens: int = 64, stop: tuple[str, ...] = ()) -> str:
-        """The greedy reply to ``messages`` (rendered with the GGUF's chat template)."""
+    def generate(self, messages: list[dict[str, Any]], max_tokens: int = 64, stop: tuple[str, ...] = (),
+                 continue_final_message: bool = False) -> str:
+        """The greedy reply to ``messages`` (rendered with the GGUF's chat template); with
+        ``continue_final_message`` the last (assistant) message is continued, as the agent's steps are."""
+        if continue_final_message:
+            if self._render is None:
+                from edge_node.worker import chat_renderer
+
+                self._render = chat_renderer(self.llm)
+            prompt = self._render(tuple((m["role"], m["content"]) for m in messages), True)
+            with self._lock:
+                out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1,
+                                                 stop=list(stop) or None, seed=0)
+            return out["choices"][0]["text"] or ""
         with self._lock:
             out = self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0,
                                                   top_k=1, stop=list(stop) or None, seed=0)

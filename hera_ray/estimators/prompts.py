@@ -47,6 +47,36 @@ def sp_messages(question: str, steps: Sequence[tuple[str, str]], extra: Sequence
             {"role": "user", "content": f"{render_context(question, steps, extra)}\nStep {n}:"}]
 
 
+#: SP prompt formats. ``compact``: :func:`sp_messages` (the paper's SP: a separate small model
+#: asked for the next step of a compact rendering). ``chain``: the agent's own step format (the
+#: steps so far as one open assistant message, continued to the end of the line), so SP on the
+#: edge SLM's own weights predicts the SLM's step by writing it, and SP_LLM's adapter learns how
+#: the LLM's next line differs.
+SP_FORMATS = ("compact", "chain")
+
+
+def sp_chain_request(question: str, steps: Sequence[tuple[str, str]], extra: Sequence[str] = ()
+                     ) -> tuple[list[dict[str, str]], bool]:
+    """SP's prompt in the ``chain`` format: (messages, continue the final message?). The steps'
+    outputs are the chain as the agent holds it; ``extra`` predicted steps are lines after them."""
+    from hera_ray.agent.steps import step_messages
+
+    chain = "".join(output or subtask for subtask, output in steps)
+    if chain and not chain.endswith("\n") and extra:
+        chain += "\n"
+    chain += "".join(f"{e.strip()}\n" for e in extra)
+    messages = [{"role": r, "content": c} for r, c in step_messages(question, chain)]
+    return messages, bool(chain)
+
+
+def sp_request(fmt: str, question: str, steps: Sequence[tuple[str, str]], extra: Sequence[str] = ()
+               ) -> tuple[list[dict[str, str]], bool]:
+    """SP's prompt in format ``fmt``: (messages, continue the final message?)."""
+    if fmt == "chain":
+        return sp_chain_request(question, steps, extra)
+    return sp_messages(question, steps, extra), False
+
+
 def sp_target(subtask: str) -> str:
     """What SP learns to write for a step: the step's line, on one line."""
     line = " ".join((subtask or "").split())

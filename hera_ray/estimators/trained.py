@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from hera_ray.errors import ConfigError
 from hera_ray.estimators.base import history_steps
 from hera_ray.estimators.prompts import (SD_MAX_TOKENS, SP_MAX_TOKENS, clean_prediction, encoder_context,
-                                         parse_parts, sd_messages, sp_messages)
+                                         parse_parts, sd_messages, sp_request)
 from hera_ray.policy.base import SubtaskContext
 
 MANIFEST = "manifest.json"
@@ -64,10 +64,12 @@ class LocalEstimators:
                 self.encoders[name] = EncoderClassifier(self.folder / entries[name]["path"])
         for name in GENERATORS:
             if name in entries and name in wanted:
-                self.generators[name] = LoraGenerator(entries[name]["base"], self.folder / entries[name]["path"],
+                adapter = entries[name].get("path")  # None: the base model itself (SP_SLM on the SLM's own weights)
+                self.generators[name] = LoraGenerator(entries[name]["base"], self.folder / adapter if adapter else None,
                                                       n_threads=n_threads)
         self.sbert = SbertSimilarity(self.manifest.get("similarity_model", "minilm-l6"))
         self.max_distance = int(self.manifest.get("max_distance", 3))
+        self.sp_format = self.manifest.get("sp_format", "compact")
 
     def _need(self, table: dict[str, Any], name: str) -> Any:
         try:
@@ -89,7 +91,8 @@ class LocalEstimators:
 
     def predict_subtask_sync(self, side: str, question: str, steps: list[tuple[str, str]], extra: Sequence[str] = ()) -> str:
         gen = self._need(self.generators, f"sp_{side}")
-        return clean_prediction(gen.generate(sp_messages(question, steps, extra), max_tokens=SP_MAX_TOKENS, stop=("\n",)))
+        messages, cont = sp_request(self.sp_format, question, steps, extra)
+        return clean_prediction(gen.generate(messages, max_tokens=SP_MAX_TOKENS, stop=("\n",), continue_final_message=cont))
 
     def decompose_sync(self, question: str, subtask: str) -> list[str]:
         if "sd" not in self.generators:  # a set trained without SD data: the SD stage finds no parts

@@ -54,7 +54,8 @@ HF_TO_GGUF = {
 
 _PEFT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
-Example = tuple[list[dict[str, str]], str]
+#: (messages, target) or (messages, target, continue_final_message).
+Example = tuple
 
 _BASE_CACHE: dict[str, tuple[Any, Any]] = {}
 
@@ -136,17 +137,26 @@ def _converted_base(base_gguf: Path) -> Path:
 
 
 def encode_example(tokenizer: Any, messages: list[dict[str, str]], target: str,
-                   max_len: int) -> tuple[list[int], list[int]]:
+                   max_len: int, continue_final_message: bool = False) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 = no loss) of one (chat prompt, target reply) pair.
 
     The prompt and the target are tokenized separately, exactly as llama.cpp sees them at
     inference (the rendered prompt, then generated tokens), and ``<|im_end|>`` ends the target so
     the adapter learns where to stop. A long prompt loses tokens from its left (the oldest
     context); the target is kept, and cut only if it alone does not fit.
+
+    With ``continue_final_message`` the last (assistant) message is left open and the target is the
+    next line of it (the agent's step format): it ends with a newline instead of ``<|im_end|>``.
     """
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if continue_final_message:
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        prompt += messages[-1]["content"]
+        end = "\n"
+    else:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        end = END_OF_TURN
     p_ids: list[int] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    t_ids: list[int] = tokenizer(target + END_OF_TURN, add_special_tokens=False)["input_ids"]
+    t_ids: list[int] = tokenizer(target + end, add_special_tokens=False)["input_ids"]
     t_ids = t_ids[: max(1, max_len - 1)]
     p_ids = p_ids[max(0, len(p_ids) - (max_len - len(t_ids))):]
     return p_ids + t_ids, [-100] * len(p_ids) + t_ids
@@ -203,7 +213,7 @@ def train_causal_lora(examples: list[Example], base_gguf: Path, out_dir: Path, *
     rng = random.Random(seed)
 
     base, tokenizer = load_base(base_gguf)
-    encoded = [encode_example(tokenizer, msgs, target, max_len) for msgs, target in examples]
+    encoded = [encode_example(tokenizer, ex[0], ex[1], max_len, bool(ex[2]) if len(ex) > 2 else False) for ex in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0,
@@ -280,13 +290,15 @@ def export_lora_gguf(peft_dir: Path, base_gguf: Path, out_path: Path) -> Path:
         raise ValueError("DoRA adapters have no llama.cpp LoRA equivalent")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"not a LoRA adapter: peft_type={cfg.get('peft_type')}")
-    meta = read_gguf_metadata(base_gguf, ("general.architecture", "llama.attention.head_count",
-                                          "llama.attention.head_count_kv"))
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{base_gguf} is a {arch!r} model; this exporter knows the tensor layout of 'llama' only")
-    n_head = int(meta["llama.attention.head_count"])
-    n_head_kv = int(meta.get("llama.attention.head_count_kv", n_head))
+    arch = read_gguf_metadata(base_gguf, ("general.architecture",)).get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"{base_gguf} is a {arch!r} model; this exporter knows the tensor layouts of 'llama' and 'qwen2'")
+    meta = read_gguf_metadata(base_gguf, (f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"))
+    n_head = int(meta[f"{arch}.attention.head_count"])
+    n_head_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_head))
+    # llama.cpp's converter permutes llama's q/k rows for its rope kernel; qwen2 uses NeoX-style
+    # rope, whose layout is HF's own, so its rows are written as they are.
+    permute = arch == "llama"
 
     alpha = float(cfg["lora_alpha"])
     weights = load_file(str(peft_dir / "adapter_model.safetensors"))
@@ -302,7 +314,7 @@ def export_lora_gguf(peft_dir: Path, base_gguf: Path, out_path: Path) -> Path:
         pairs.setdefault((layer, module), {})[which] = value.astype(np.float32)
         paths[(layer, module)] = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
 
-    writer = gguf.GGUFWriter(str(out_path), arch="llama")
+    writer = gguf.GGUFWriter(str(out_path), arch=arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -316,9 +328,9 @@ def export_lora_gguf(peft_dir: Path, base_gguf: Path, out_path: Path) -> Path:
         peft_scale = _peft_scale(cfg, paths[(layer, module)], rank)
         if not math.isclose(peft_scale, alpha / rank, rel_tol=1e-6):
             b = b * np.float32(peft_scale / (alpha / rank))
-        if module == "q_proj":
+        if permute and module == "q_proj":
             b = _rope_permute(b, n_head)
-        elif module == "k_proj":
+        elif permute and module == "k_proj":
             b = _rope_permute(b, n_head_kv)
         name = f"blk.{layer}.{HF_TO_GGUF[module]}.weight"
         writer.add_tensor(name + ".lora_a", np.ascontiguousarray(a))

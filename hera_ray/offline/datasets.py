@@ -23,7 +23,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from hera_ray.estimators.prompts import (distance_label, encoder_context, sd_messages, sd_target, sp_messages,
+from hera_ray.estimators.prompts import (distance_label, encoder_context, sd_messages, sd_target, sp_request,
                                          sp_target)
 
 HELDOUT_SHARE = 0.2
@@ -60,8 +60,9 @@ def urc_examples(records: list[dict[str, Any]]) -> Split:
     return split
 
 
-def sp_examples(records: list[dict[str, Any]], side: str) -> Split:
-    """(messages, target) pairs: the subtask ``side`` wrote after each context it was given. Deduplicated."""
+def sp_examples(records: list[dict[str, Any]], side: str, fmt: str = "compact") -> Split:
+    """(messages, target, continue_final_message) triples: the subtask ``side`` wrote after each
+    context it was given, in SP prompt format ``fmt``. Deduplicated."""
     split = Split()
     for r in records:
         q, seen = r["question"], set()
@@ -71,7 +72,10 @@ def sp_examples(records: list[dict[str, Any]], side: str) -> Split:
             if key in seen or not subtask.strip():
                 return
             seen.add(key)
-            split.add(r["request_id"], (sp_messages(q, history), sp_target(subtask)))
+            messages, cont = sp_request(fmt, q, history)
+            # compact: the step's line, normalised; chain: the line exactly as the model wrote it.
+            target = subtask.rstrip("\n").rstrip() if fmt == "chain" else sp_target(subtask)
+            split.add(r["request_id"], (messages, target, cont))
 
         if side == "llm":
             spine = _steps(r["all_llm"]["steps"])

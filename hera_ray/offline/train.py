@@ -31,11 +31,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hera_ray.errors import ConfigError
-from hera_ray.estimators.prompts import SD_MAX_TOKENS, SP_MAX_TOKENS, clean_prediction, distance_labels, parse_parts
+from hera_ray.estimators.prompts import (SD_MAX_TOKENS, SP_FORMATS, SP_MAX_TOKENS, clean_prediction, distance_labels,
+                                         parse_parts, sp_target)
 from hera_ray.estimators.trained import MANIFEST
 from hera_ray.offline import datasets as ds
 from hera_ray.offline.profile import CONFIG_FILE, PROFILE_FILE, ProfileConfig, read_profile
@@ -50,7 +51,9 @@ class TrainConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HERA_TRAIN_", extra="forbid")
 
     encoder_base: str = Field("minilm-l6", description="Encoder for URC, HybridLLM and DP (bundled name or folder).")
-    causal_base: str = Field("smollm2-135m", description="Causal LM for SP and SD (bundled name or GGUF path).")
+    causal_base: str = Field("qwen2.5-coder-0.5b", description="Causal LM for SP and SD (bundled name or GGUF path): by default the edge SLM itself.")
+    sp_format: str = Field("chain", description="SP's prompt: 'chain' (the agent's own step format: the steps so far as an open assistant message, continued to the end of the line) or 'compact' (the paper's: a compact rendering of the task and steps).")
+    base_only: str = Field("sp_slm", description="Comma-separated generative estimators served as the base model itself, with no adapter (SP_SLM: the edge SLM predicts its own next step by writing it).")
     encoder_epochs: int = Field(10, ge=1, le=100, description="Epochs over the URC / HybridLLM / DP data.")
     causal_epochs: int = Field(1, ge=1, le=20, description="Epochs over the SP / SD data.")
     encoder_lr: float = Field(2e-3, gt=0, description="Learning rate of the encoder LoRA.")
@@ -62,6 +65,16 @@ class TrainConfig(BaseSettings):
     cv_folds: int = Field(5, ge=0, le=20, description="URC / HybridLLM: also report k-fold cross-validated accuracy over all requests (0: off); their held-out set is small.")
     seed: int = Field(0, description="Sampling and initialisation seed.")
     only: str = Field("", description="Comma-separated estimators to train (default: all).")
+
+    @field_validator("sp_format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in SP_FORMATS:
+            raise ValueError(f"sp_format must be one of {', '.join(SP_FORMATS)}, got {v!r}")
+        return v
+
+    def untrained(self) -> set[str]:
+        return {s.strip() for s in self.base_only.split(",") if s.strip()}
 
     def wanted(self) -> list[str]:
         all_ = ["urc", "hybridllm", "dp", "verifier", "sp_slm", "sp_llm", "sd"]
@@ -220,13 +233,25 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
 
     def causal(name: str, split: ds.Split) -> Callable[[Path], dict[str, Any]]:
         def fit_entry(folder: Path) -> dict[str, Any]:
+            heldout = _sample(split.heldout, config.max_eval, config.seed)
+            if name in config.untrained():  # served as the base model itself: measured, not trained
+                log(f"{name}: the base model itself ({config.causal_base}), no adapter; {len(heldout)} held-out example(s)")
+                metrics: dict[str, Any] = {}
+                if heldout:
+                    base = LoraGenerator(config.causal_base)
+                    try:
+                        metrics["accuracy"] = metrics["base_accuracy"] = _generative_accuracy(
+                            base, heldout, sbert(), pcfg.match_threshold, name)
+                    finally:
+                        base.close()
+                return {"kind": "causal", "base": config.causal_base, "path": None, "train_examples": 0,
+                        "train_pool": len(split.train), "heldout_examples": len(heldout), "metrics": metrics}
             train = _sample(split.train, config.max_examples, config.seed)
             log(f"{name}: {len(train)} of {len(split.train)} training / {len(split.heldout)} held-out example(s)")
             stats = train_causal_lora(train, Path(base_gguf), folder, r=config.lora_r, alpha=2 * config.lora_r,
                                       epochs=config.causal_epochs, lr=config.causal_lr, max_len=config.max_len,
                                       seed=config.seed)
-            heldout = _sample(split.heldout, config.max_eval, config.seed)
-            metrics: dict[str, Any] = {}
+            metrics = {}
             if heldout:
                 tuned = LoraGenerator(config.causal_base, folder / "adapter.gguf")
                 base = LoraGenerator(config.causal_base)
@@ -241,7 +266,8 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
                     "metrics": metrics, "train_s": stats.get("train_s"), "final_loss": stats.get("final_loss")}
         return fit_entry
 
-    for name, split in (("sp_slm", ds.sp_examples(records, "slm")), ("sp_llm", ds.sp_examples(records, "llm")),
+    for name, split in (("sp_slm", ds.sp_examples(records, "slm", config.sp_format)),
+                        ("sp_llm", ds.sp_examples(records, "llm", config.sp_format)),
                         ("sd", ds.sd_examples(records))):
         train_one(name, split, causal(name, split))
 
@@ -259,6 +285,7 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
         "similarity_model": config.encoder_base,
         "match_threshold": pcfg.match_threshold,
         "max_distance": pcfg.max_distance,
+        "sp_format": config.sp_format,
         "paper_accuracy": PAPER_ACCURACY,
         "estimators": estimators,
     }
@@ -303,16 +330,21 @@ def _cd_accuracy(dp_folder: Path, records: list[dict[str, Any]], max_distance: i
     return hits / len(heldout)
 
 
-def _generative_accuracy(gen, heldout: list[tuple[list[dict[str, str]], str]], sbert, threshold: float, name: str) -> float:
+def _generative_accuracy(gen, heldout: list[tuple], sbert, threshold: float, name: str) -> float:
+    """Share of held-out (messages, target[, continue]) examples whose prediction is >= ``threshold``
+    similar to the target."""
     from tqdm.auto import tqdm
 
     pairs = []
-    for messages, target in tqdm(heldout, desc=f"{name}: held-out", leave=False):
+    for example in tqdm(heldout, desc=f"{name}: held-out", leave=False):
+        messages, target = example[0], example[1]
         if name == "sd":
             pred = " ".join(parse_parts(gen.generate(messages, max_tokens=SD_MAX_TOKENS)))
             target = " ".join(parse_parts(target))
         else:
-            pred = clean_prediction(gen.generate(messages, max_tokens=SP_MAX_TOKENS, stop=("\n",)))
+            cont = bool(example[2]) if len(example) > 2 else False
+            pred = clean_prediction(gen.generate(messages, max_tokens=SP_MAX_TOKENS, stop=("\n",), continue_final_message=cont))
+            target = sp_target(target)
         pairs.append((pred, target))
     sims = sbert.similarities(pairs)
     return sum(s >= threshold for s in sims) / len(sims)

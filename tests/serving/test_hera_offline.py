@@ -47,8 +47,15 @@ def test_profile_records_both_candidates_at_every_node_and_resumes(tiny_profile)
             assert n["distance"] is None or 0 <= n["distance"] <= 1
             assert n["llm_path_correct"] == r["all_llm"]["correct"]
             assert len(n["context"]) == n["depth"]
-            if n["similarity"] < 0.5:  # where the two sides differ, the LLM split its subtask (SD's teacher)
-                assert isinstance(n["llm_decomposition"], list)
+        # Every SLM step carries its tokens' log-probabilities; the LLM checked the SLM's path.
+        for s in r["all_slm"]["steps"]:
+            assert len(s["logprobs"]) == s["completion_tokens"] > 0 and all(lp <= 0 for lp in s["logprobs"])
+        assert all(s["logprobs"] is None for s in r["all_llm"]["steps"])
+        assert [c["index"] for c in r["slm_checks"]] == [i for i, s in enumerate(r["all_slm"]["steps"]) if s["output"].strip()]
+        for c in r["slm_checks"]:
+            assert c["llm_logprobs"] and len(c["llm_logprobs"]) == len(c["llm_top_logprobs"]) and c["check_prompt_tokens"] > 0
+            assert all(lp <= top + 1e-6 for lp, top in zip(c["llm_logprobs"], c["llm_top_logprobs"]))
+            assert c["llm"]["by"] == "llm" and c["agree"] == (c["similarity"] >= 0.5)
     # Resume: a second run finds every request done and adds nothing.
     again = hera(*args)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -68,9 +75,16 @@ def test_train_a_tiny_profile_gives_adapters_that_load_and_predict(tiny_profile,
     manifest = json.loads((est_dir / "manifest.json").read_text())
     assert manifest["profile"]["requests"] == 3 and len(manifest["profile"]["data_sha256"]) == 64
     assert {"urc", "hybridllm", "dp", "sp_slm", "sp_llm"} <= set(manifest["estimators"])
-    assert manifest["estimators"]["sp_llm"]["base"] == "smollm2-135m"
+    assert manifest["estimators"]["sp_llm"]["base"] == "qwen2.5-coder-0.5b" and manifest["sp_format"] == "chain"
+    assert manifest["estimators"]["sp_slm"]["path"] is None  # the SLM itself predicts its next step
     assert manifest["estimators"]["urc"]["paper_accuracy"] == 77.9
     assert (est_dir / "sp_llm" / "adapter.gguf").stat().st_size > 100_000
+    # hera-verify's step classifier, where the policy looks for it, with its held-out figures.
+    from hera_ray.policy.verify import StepClassifier
+
+    verifier = StepClassifier.load(est_dir / "verifier.json")
+    assert manifest["estimators"]["verifier"]["kind"] == "logistic" and "accuracy" in verifier.metrics
+    assert 0.0 <= verifier.p_good({"mean_logprob": -0.3}) <= 1.0
 
     import asyncio
 
