@@ -591,7 +591,8 @@ def bench_cmd(
     dataset: str = typer.Option("gsm8k", help="Comma-separated data sets: gsm8k, drop, humaneval, mbpp, strategyqa, ..."),
     split: str = typer.Option("test", help="Split: profile, dev or test."),
     n: Optional[int] = typer.Option(100, "--n", help="Requests per data set (the first N of the split)."),
-    policies: str = typer.Option("hera,hybridllm,random,all-slm,all-llm", help="Comma-separated policies."),
+    policies: str = typer.Option("hera-verify,hera,hybridllm,random,all-slm,all-llm", help="Comma-separated policies."),
+    verify_sweep: str = typer.Option("0.5,0.8,0.9", help="hera-verify keep values swept besides the configured one (hera-verify@<keep>)."),
     hera_sweep: str = typer.Option("0.5,0.7,0.8,0.9", help="HERA threshold bases swept besides the configured one (hera@<base>)."),
     hybrid_sweep: str = typer.Option("0.3,0.5,0.9", help="hybridllm τ values swept besides the configured one."),
     random_sweep: str = typer.Option("0.25,0.75", help="random SLM shares swept besides the configured one."),
@@ -618,7 +619,8 @@ def bench_cmd(
         raise _fail(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}", 2)
     wanted = [p.strip() for p in policies.split(",") if p.strip()]
     sweeps = {router: _floats(text, flag) for router, text, flag in
-              (("hera", hera_sweep, "--hera-sweep"), ("hybridllm", hybrid_sweep, "--hybrid-sweep"),
+              (("hera-verify", verify_sweep, "--verify-sweep"), ("hera", hera_sweep, "--hera-sweep"),
+               ("hybridllm", hybrid_sweep, "--hybrid-sweep"),
                ("random", random_sweep, "--random-sweep")) if router in wanted}
     names = run_names(wanted, sweeps, ablations and "hera" in wanted)
     command = "hera " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -139,6 +139,7 @@ def record_of(item, policy: str, run: dict[str, Any], wall_s: float) -> dict[str
         "latency_s": float(run.get("latency_s", 0.0)), "wall_s": wall_s,
         "decision_s": sum(float(t.get("decision_s", 0.0)) for t in trace),
         "speculative_s": sum(float(t.get("speculative_s", 0.0)) for t in trace),
+        "check_s": sum(float(t.get("check_s", 0.0)) for t in trace),
         "model_s": sum(float(t.get("model_s", 0.0)) for t in trace),
         "stages": dict(Counter(t.get("stage", "") for t in trace)),
     }
@@ -187,6 +188,9 @@ def summarise(records: dict[tuple[str, str], dict], policies: list[str],
             # Deciding, plus (speculative SSE) SLM steps that were run and then sent to the LLM.
             "overhead_share": sum(r["decision_s"] + r.get("speculative_s", 0.0) for r in rs) / lat if lat else 0.0,
             "runtime_overhead_share": (lat - sum(r["model_s"] for r in rs)) / lat if lat else 0.0,
+            "decision_share": sum(r["decision_s"] for r in rs) / lat if lat else 0.0,
+            # hera-verify: the LLM's one-prefill checks of borderline SLM steps.
+            "check_share": sum(r.get("check_s", 0.0) for r in rs) / lat if lat else 0.0,
             "stages": dict(sum((Counter(r["stages"]) for r in rs), Counter())),
         }
     # Which stages put a request on the SLM where that cost its answer: requests all-llm got right
