@@ -15,6 +15,8 @@ from pathlib import Path
 
 ENCODER_FILES = ("adapter_config.json", "adapter_model.safetensors", "labels.json", "metrics.json")
 CAUSAL_FILES = ("adapter.gguf", "metrics.json")
+BASE_ONLY_FILES = ("metrics.json",)  # a generative estimator served as the base model itself
+VERIFIER_FILES = ("verifier.json", "metrics.json")
 
 
 def bundle(src: Path, dst: Path, profile_path: str | None = None) -> None:
@@ -24,7 +26,8 @@ def bundle(src: Path, dst: Path, profile_path: str | None = None) -> None:
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
     for name, entry in manifest["estimators"].items():
-        files = ENCODER_FILES if entry["kind"] == "encoder" else CAUSAL_FILES
+        files = {"encoder": ENCODER_FILES, "logistic": VERIFIER_FILES}.get(
+            entry["kind"], CAUSAL_FILES if entry.get("path") else BASE_ONLY_FILES)
         (dst / name).mkdir()
         for f in files:
             shutil.copy2(src / name / f, dst / name / f)
@@ -33,6 +36,8 @@ def bundle(src: Path, dst: Path, profile_path: str | None = None) -> None:
             cfg = json.loads(cfg_path.read_text())
             cfg["base_model_name_or_path"] = json.loads((dst / name / "labels.json").read_text())["base"]
             cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    if (src / "verifier.json").exists():  # where hera-verify looks for its step classifier
+        shutil.copy2(src / "verifier.json", dst / "verifier.json")
     manifest["profile"]["path"] = profile_path or manifest["profile"]["path"]
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     size = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())

@@ -65,9 +65,13 @@ def train_verifier(split: Split, seed: int = 0, c: float = 1.0) -> StepClassifie
     y = np.array([int(a) for _, a, _ in split.train])
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale == 0] = 1.0
-    model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit((x - mean) / scale, y)
-    clf = StepClassifier(names, tuple(mean.tolist()), tuple(scale.tolist()), tuple(model.coef_[0].tolist()),
-                         float(model.intercept_[0]), {})
+    if len(set(y.tolist())) < 2:  # one class only (a tiny profile): P(good) is its rate, whatever the step
+        rate = min(0.98, max(0.02, float(y.mean())))
+        coef, intercept = [0.0] * len(names), math.log(rate / (1 - rate))
+    else:
+        model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit((x - mean) / scale, y)
+        coef, intercept = model.coef_[0].tolist(), float(model.intercept_[0])
+    clf = StepClassifier(names, tuple(mean.tolist()), tuple(scale.tolist()), tuple(coef), intercept, {})
     return StepClassifier(clf.features, clf.mean, clf.scale, clf.coef, clf.intercept, evaluate(clf, split))
 
 
