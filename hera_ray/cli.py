@@ -696,10 +696,13 @@ def calibrate_cmd(
 # -- demo ------------------------------------------------------------------------------------------
 
 
+from hera_ray.demo import DEMO_POLICIES  # noqa: E402 - light (rich, pydantic)
+
+
 @app.command("demo")
 def demo_cmd(
     n: int = typer.Option(10, "--n", help="GSM8K test questions to answer (the first N of the test split)."),
-    policies: str = typer.Option("all-slm,all-llm,hera", help="Comma-separated policies to compare."),
+    policies: str = typer.Option(",".join(DEMO_POLICIES), help="Comma-separated policies to compare."),
     edges: int = typer.Option(2, help="Local edge nodes to start."),
     max_steps: Optional[int] = typer.Option(None, help="Steps per question at most (default: agent.max_steps)."),
     keep: bool = typer.Option(False, "--keep", help="Leave the cluster running afterwards."),

@@ -2,7 +2,8 @@
 
 It starts a local cluster (Ray head, scheduler actor with its edge registry, the Serve app with
 the bundled Qwen2.5-Coder-1.5B as the cloud LLM, and 2 local edge nodes serving
-Qwen2.5-Coder-0.5B), answers the first 10 GSM8K test questions under ``all-slm``, ``all-llm`` and
+Qwen2.5-Coder-0.5B), answers the first 10 GSM8K test questions under ``all-slm``, ``all-llm``, ``hera-verify`` (the SLM
+writes every step; kept by confidence or the bundled step classifier, else checked by the LLM) and
 ``hera`` (the bundled trained estimators), prints a table of accuracy, SLM share, tokens, cost
 (at the cloud price sheet: input, cached input and output priced apart) and latency, beside each
 model's accuracy in one uninterrupted chain-of-thought turn on the same questions (measured by
@@ -23,7 +24,7 @@ from rich.table import Table
 
 from hera_ray.config import HeraConfig
 
-DEMO_POLICIES = ("all-slm", "all-llm", "hera")
+DEMO_POLICIES = ("all-slm", "all-llm", "hera-verify", "hera")
 #: Per-item one-turn results of bench/step_format.py (same models, prompt and settings).
 ONE_TURN_RECORDS = Path(__file__).resolve().parent.parent / "bench" / "results" / "step_format_records.jsonl"
 #: Until the estimators are retrained on the Qwen pair (issue 14), ``hera`` runs the bundled set.
@@ -162,7 +163,7 @@ def _print(console: Console, results: dict, summary: dict, items, one_turn: dict
         for item, run in zip(items, runs):
             mark = "[green]✓[/green]" if run["correct"] else "[red]✗[/red]"
             answer = " ".join(str(run["answer"]).split())[:70]
-            console.print(f"  {mark} {policy:8} #{item.id:>4}: gold {run['gold']:>6}  answer: {answer}", highlight=False)
+            console.print(f"  {mark} {policy:11} #{item.id:>4}: gold {run['gold']:>6}  answer: {answer}", highlight=False)
 
 
 def _reachable(url: str) -> bool:
