@@ -129,8 +129,9 @@ class VLLMBackend(LLMBackend):
         if not self._thread.is_alive():
             self._loop.close()
 
-    def _prompt_ids(self, p: GenerationParams) -> list[int]:
-        """Token ids of the prompt: the chat template for messages, the raw text otherwise (engine thread)."""
+    def _prompt_ids(self, p: GenerationParams, suffix: str = "") -> list[int]:
+        """Token ids of the prompt (then ``suffix``, tokenised with it): the chat template for
+        messages, the raw text otherwise (engine thread)."""
         tok = self.tokenizer
         if p.messages:
             if not self._has_chat_template:
@@ -142,8 +143,8 @@ class VLLMBackend(LLMBackend):
                 add_generation_prompt=not p.continue_final_message, continue_final_message=p.continue_final_message,
             )
             # The template writes its own special tokens (BOS and the like): add none.
-            return list(tok.encode(text, add_special_tokens=False))
-        return list(tok.encode(p.prompt))
+            return list(tok.encode(text + suffix, add_special_tokens=False))
+        return list(tok.encode(p.prompt + suffix))
 
     def _line_end_ids(self) -> frozenset[int]:
         """Ids of the tokenizer's tokens whose text holds a newline (found once)."""
@@ -183,10 +184,8 @@ class VLLMBackend(LLMBackend):
         try:
             ids = self._prompt_ids(p)
             split = len(ids)
-            if p.candidate:  # the prompt and the candidate tokenised together, as the model reads them
-                joined = ids + list(self.tokenizer.encode(p.candidate, add_special_tokens=False))
-                alone = ids
-                ids = list(self.tokenizer.encode(self.tokenizer.decode(joined), add_special_tokens=False))
+            if p.candidate:  # the prompt text and the candidate tokenised together, as the model reads them
+                alone, ids = ids, self._prompt_ids(p, p.candidate)
                 split = next((i for i, (a, b) in enumerate(zip(alone, ids)) if a != b), min(len(alone), len(ids)))
                 if split >= len(ids) or split == 0:
                     raise InvalidRequest("the candidate adds no token to the prompt (or there is no prompt to score it after)")
@@ -249,7 +248,11 @@ class VLLMBackend(LLMBackend):
                 raise InvalidRequest(f"vLLM refused the request: {cause}") from e
             # A HeraError, so that callers (the Serve deployment) pass it on as an internal error.
             raise HeraError(f"vLLM failed on the request: {type(cause).__name__}: {cause}") from e
+        if p.candidate and tops is None:
+            raise HeraError(f"vLLM finished the scoring request without its prompt log-probabilities (finish_reason={finish!r})")
         if p.candidate and finish == "score":
+            # Note: vLLM does not read its prefix cache for a request that asks for prompt
+            # log-probabilities, so on vLLM a check prefills the whole prompt (llama.cpp reuses its KV cache).
             return GenerationResult("", len(ids), 0, time.perf_counter() - t_submit, 0.0, t_submit - t_start, "score",
                                     p.request_id, logprobs=logprobs, top_logprobs=tops or [])
         if finish not in ("stop", "length"):

@@ -205,8 +205,11 @@ class LlamaSlot:
         common = int(differ[0]) if len(differ) else k
         # The last prompt token is decoded again: its logits score the candidate's first token.
         keep = min(common, n_prompt - 1)
+        llm._requires_eval = True  # until the scoring decode finishes, the logits are not this prompt's
+        if not llm._ctx.kv_cache_seq_rm(-1, keep, -1):  # partial removal unsupported: start from scratch
+            llm.reset()
+            keep = 0
         llm.n_tokens = keep
-        llm._ctx.kv_cache_seq_rm(-1, keep, -1)
         if n_prompt - 1 > keep:
             llm.eval(tokens[keep: n_prompt - 1])  # the new part of the prefix: no logits needed
         tail = tokens[n_prompt - 1:]

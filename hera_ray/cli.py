@@ -508,6 +508,8 @@ def profile_cmd(config: ProfileConfig, n: Optional[int], out: Path, concurrency:
                                                    f"SLM {'✓' if record['all_slm']['correct'] else '✗'}")
 
         summary = asyncio.run(run_profile(profiler, items, out, concurrency=concurrency, on_done=on_done, done=done))
+    if profiler.check_error:
+        err_console.print(f"note: no LLM checks of SLM steps were recorded: {profiler.check_error}", highlight=False)
     table = Table(title=f"profile of {summary.requests} request(s) in {out} ({summary.new} new, {summary.seconds:.0f} s)")
     for col in ("requests", "nodes", "All-SLM acc", "All-LLM acc", "mean sim", "S-L distance", "switch ✓"):
         table.add_column(col, justify="right")

@@ -51,7 +51,9 @@ class GenerationParams:
     #: (over its cached prefix), and returns the log-probability of each of the text's tokens
     #: (``logprobs``) and of the token it would have chosen at each position (``top_logprobs``).
     #: Nothing is generated (``max_tokens`` may be 0); the text's tokens count as prompt tokens.
-    #: vLLM calls this ``prompt_logprobs``; the step check of SpecReason and RSD reads it.
+    #: vLLM calls this ``prompt_logprobs``; the step check of SpecReason and RSD reads it. (llama.cpp
+    #: reuses its KV cache for the prompt; vLLM does not read its prefix cache for such a request, so
+    #: there the whole prompt is prefilled again.)
     candidate: str = ""
 
     def to_dict(self) -> dict[str, Any]:

@@ -221,6 +221,10 @@ def test_cloud_cost_counts_only_cloud_steps():
              SimpleNamespace(placement="cloud", cost=0.125)]
     assert cloud_cost(trace) == 0.375
     assert cloud_cost([]) == 0.0
+    # hera-verify: the LLM's check of an SLM step is cloud spend whether the step was kept or rewritten.
+    checked = [{"placement": "edge", "cost": 0.5, "check_cost": 0.0625},
+               SimpleNamespace(placement="cloud", cost=0.125, check_cost=0.0625)]
+    assert cloud_cost(checked) == 0.25
 
 
 # -- errors and admission ------------------------------------------------------------------------

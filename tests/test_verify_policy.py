@@ -58,12 +58,16 @@ def test_a_borderline_step_goes_to_the_llm_to_be_scored():
 
 def test_the_llm_keeps_a_step_it_scores_well_and_rewrites_one_it_does_not():
     policy = VerifyPolicy(VerifyConfig(llm_accept=0.5), by_mean_logprob())
-    kept = decide(policy, ctx(llm=(-0.2, -1.0, -0.3), top=(-0.2, -0.9, -0.1)))  # exp(mean(0, -0.1)) = 0.95
+    # A line: its last token (the re-tokenised line end) does not count: exp(mean(0, -0.1)) = 0.95.
+    kept = decide(policy, ctx(candidate="x = 3 + 4\n", llm=(-0.2, -1.0, -0.3), top=(-0.2, -0.9, -0.1)))
     assert (kept.placement, kept.stage) == (Placement.EDGE, KEPT_BY_LLM)
     assert kept.scores["llm_score"] == pytest.approx(math.exp(-0.05)) and kept.scores["llm_accept"] == 0.5
-    rejected = decide(policy, ctx(llm=(-3.0, -2.0, -0.1), top=(-0.1, -0.1, -0.1)))
+    rejected = decide(policy, ctx(candidate="x = 3 + 4\n", llm=(-3.0, -2.0, -0.1), top=(-0.1, -0.1, -0.1)))
     assert (rejected.placement, rejected.stage) == (Placement.CLOUD, REWRITTEN)
     assert rejected.scores["llm_score"] < 0.5
+    # A step that ended the message is scored whole: its last token is the answer's last digit.
+    last = decide(policy, ctx(candidate="Answer: 18", llm=(-0.1, -0.1, -4.0), top=(-0.1, -0.1, -0.1)))
+    assert last.stage == REWRITTEN and last.scores["llm_score"] == pytest.approx(math.exp(-3.9 / 3))
 
 
 def test_a_hopeless_step_is_rewritten_without_a_check():
@@ -107,6 +111,7 @@ def test_llm_step_score_is_one_where_the_llm_would_write_the_same_tokens():
     assert llm_step_score((-0.5,), None) == pytest.approx(math.exp(-0.5))  # no top choices: plain probability
     # The last token (the re-tokenised line end) does not count, unless it is the only one.
     assert llm_step_score((-1.0, -0.2, -6.0), (-0.5, -0.2, -0.1)) == pytest.approx(math.exp(-0.25))
+    assert llm_step_score((-1.0, -0.2, -6.0), (-0.5, -0.2, -0.1), line_end=False) == pytest.approx(math.exp(-6.4 / 3))
     assert geo_mean_prob(None) == 0.0 and geo_mean_prob((-1.0, -3.0)) == pytest.approx(math.exp(-2.0))
 
 

@@ -111,10 +111,12 @@ class AgentRun:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        # LLM checks (hera-verify) read tokens on the cloud too: counted here as prompt tokens.
         d.update(slm_share=self.slm_share, cost=self.cost, chain=self.chain,
-                 cloud_tokens=sum(t.tokens for t in self.trace if t.placement == "cloud"),
-                 prompt_tokens=sum(t.prompt_tokens for t in self.trace),
-                 cached_prompt_tokens=sum(t.cached_prompt_tokens for t in self.trace),
+                 cloud_tokens=sum(t.tokens for t in self.trace if t.placement == "cloud")
+                 + sum(t.check_prompt_tokens for t in self.trace),
+                 prompt_tokens=sum(t.prompt_tokens + t.check_prompt_tokens for t in self.trace),
+                 cached_prompt_tokens=sum(t.cached_prompt_tokens + t.check_cached_prompt_tokens for t in self.trace),
                  completion_tokens=sum(t.completion_tokens for t in self.trace))
         return d
 
@@ -244,7 +246,7 @@ class Agent:
             decision_s += route["decision_s"]
             fmt = self._format(route)
             speculate = route["stage"] == SPECULATE and route["placement"] == "edge"
-            params = self._params(state, index, max_tokens, fmt, logprobs=speculate)
+            params = self._params(state, index, max_tokens, fmt, logprobs=speculate and bool(route.get("logprobs")))
             t_gen = time.perf_counter()
             try:
                 result, cost, cached = await self._execute(state, route, params, failures)

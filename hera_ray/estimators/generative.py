@@ -48,6 +48,10 @@ class LoraGenerator:
                 from edge_node.worker import chat_renderer
 
                 self._render = chat_renderer(self.llm)
+                if self._render is None:
+                    from hera_ray.errors import ConfigError
+
+                    raise ConfigError(f"{self.base} has no chat template: SP's chain format needs one (train with --sp-format compact)")
             prompt = self._render(tuple((m["role"], m["content"]) for m in messages), True)
             with self._lock:
                 out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1,

@@ -54,7 +54,7 @@ HF_TO_GGUF = {
 
 _PEFT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
-#: (messages, target) or (messages, target, continue_final_message).
+#: (messages, target), or (messages, target, continue_final_message[, end]): see encode_example.
 Example = tuple
 
 _BASE_CACHE: dict[str, tuple[Any, Any]] = {}
@@ -137,7 +137,8 @@ def _converted_base(base_gguf: Path) -> Path:
 
 
 def encode_example(tokenizer: Any, messages: list[dict[str, str]], target: str,
-                   max_len: int, continue_final_message: bool = False) -> tuple[list[int], list[int]]:
+                   max_len: int, continue_final_message: bool = False, end: str | None = None
+                   ) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 = no loss) of one (chat prompt, target reply) pair.
 
     The prompt and the target are tokenized separately, exactly as llama.cpp sees them at
@@ -146,15 +147,16 @@ def encode_example(tokenizer: Any, messages: list[dict[str, str]], target: str,
     context); the target is kept, and cut only if it alone does not fit.
 
     With ``continue_final_message`` the last (assistant) message is left open and the target is the
-    next line of it (the agent's step format): it ends with a newline instead of ``<|im_end|>``.
+    next line of it (the agent's step format). ``end`` closes the target: default ``<|im_end|>``,
+    or a newline for a continued message; a line of the chain gives "\n" even at step 0.
     """
     if continue_final_message:
         prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
         prompt += messages[-1]["content"]
-        end = "\n"
     else:
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        end = END_OF_TURN
+    if end is None:
+        end = "\n" if continue_final_message else END_OF_TURN
     p_ids: list[int] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     t_ids: list[int] = tokenizer(target + end, add_special_tokens=False)["input_ids"]
     t_ids = t_ids[: max(1, max_len - 1)]
@@ -213,7 +215,8 @@ def train_causal_lora(examples: list[Example], base_gguf: Path, out_dir: Path, *
     rng = random.Random(seed)
 
     base, tokenizer = load_base(base_gguf)
-    encoded = [encode_example(tokenizer, ex[0], ex[1], max_len, bool(ex[2]) if len(ex) > 2 else False) for ex in examples]
+    encoded = [encode_example(tokenizer, ex[0], ex[1], max_len, bool(ex[2]) if len(ex) > 2 else False,
+                              ex[3] if len(ex) > 3 else None) for ex in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0,

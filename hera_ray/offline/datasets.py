@@ -61,8 +61,9 @@ def urc_examples(records: list[dict[str, Any]]) -> Split:
 
 
 def sp_examples(records: list[dict[str, Any]], side: str, fmt: str = "compact") -> Split:
-    """(messages, target, continue_final_message) triples: the subtask ``side`` wrote after each
-    context it was given, in SP prompt format ``fmt``. Deduplicated."""
+    """(messages, target, continue_final_message, end) tuples: the subtask ``side`` wrote after each
+    context it was given, in SP prompt format ``fmt``, and what ends the target (None: the end of
+    the turn). Deduplicated."""
     split = Split()
     for r in records:
         q, seen = r["question"], set()
@@ -75,7 +76,8 @@ def sp_examples(records: list[dict[str, Any]], side: str, fmt: str = "compact") 
             messages, cont = sp_request(fmt, q, history)
             # compact: the step's line, normalised; chain: the line exactly as the model wrote it.
             target = subtask.rstrip("\n").rstrip() if fmt == "chain" else sp_target(subtask)
-            split.add(r["request_id"], (messages, target, cont))
+            # chain: the target is a line of the chain, ended by its newline (step 0 too: it begins the reply)
+            split.add(r["request_id"], (messages, target, cont, "\n" if fmt == "chain" else None))
 
         if side == "llm":
             spine = _steps(r["all_llm"]["steps"])

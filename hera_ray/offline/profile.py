@@ -54,7 +54,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from hera_ray.agent.steps import (StepFormat, chain_answer, chain_text, checked_text, continues, make_step, read_answer,
                                   step_messages)
 from hera_ray.agent.steps import Step as ChainStep
-from hera_ray.errors import ConfigError
+from hera_ray.errors import ConfigError, InvalidRequest
 from hera_ray.generation import GenerationParams, GenerationResult
 
 Side = Literal["slm", "llm"]
@@ -139,6 +139,8 @@ class Profiler:
         """``scorer(item, answer, chain)``: is a path's answer right (``hera_ray.eval.scorers.score``)."""
         self.models, self.similarity, self.scorer, self.config = models, similarity, scorer, config
         self.counters = Counters()
+        #: Why the LLM could not check SLM steps (its backend cannot score a candidate), if it could not.
+        self.check_error = ""
 
     def remaining(self, history: Sequence[Step]) -> int:
         """Tokens the path may still write (``max_chain_tokens``)."""
@@ -303,7 +305,12 @@ class Profiler:
         for i, slm_step in enumerate(path[: self.config.verify_steps]):
             if not slm_step.output.strip():
                 continue
-            check = {"index": i, **await self.check(question, path[:i], slm_step, request_id)}
+            try:
+                scored = await self.check(question, path[:i], slm_step, request_id)
+            except InvalidRequest as e:  # a cloud backend that cannot score (OpenAI's chat API): no checks
+                self.check_error = e.message
+                return []
+            check = {"index": i, **scored}
             # From the root the LLM's own step is the spine's first one (same context).
             own = spine[0] if i == 0 and spine else await self.step("llm", question, path[:i], request_id)
             check["llm"] = asdict(own)

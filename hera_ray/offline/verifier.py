@@ -15,7 +15,7 @@ import math
 from typing import Any
 
 from hera_ray.offline.datasets import Split
-from hera_ray.policy.verify import StepClassifier, geo_mean_prob, llm_step_score, step_features
+from hera_ray.policy.verify import StepClassifier, ends_line, geo_mean_prob, llm_step_score, step_features
 
 
 def verifier_examples(records: list[dict[str, Any]]) -> Split:
@@ -29,7 +29,8 @@ def verifier_examples(records: list[dict[str, Any]]) -> Split:
                 continue
             feats = step_features(r["question"], check["index"], step["subtask"], step["logprobs"])
             extras = {"confidence": geo_mean_prob(step["logprobs"]),
-                      "llm_score": llm_step_score(check["llm_logprobs"], check["llm_top_logprobs"]),
+                      "llm_score": llm_step_score(check["llm_logprobs"], check["llm_top_logprobs"],
+                                                  ends_line(step["output"])),
                       "dataset": r.get("dataset", "")}
             split.add(r["request_id"], (feats, bool(check["agree"]), extras))
     return split

@@ -52,6 +52,8 @@ class Decision:
     scores: dict[str, float] = field(default_factory=dict)
     #: For the edge: which edge model to run it on (None: the scheduler's default edge model).
     edge_model: str | None = None
+    #: Ask the engine for the step's token log-probabilities (hera-verify reads the SLM's).
+    logprobs: bool = False
 
 
 class Policy(abc.ABC):

@@ -74,23 +74,33 @@ def geo_mean_prob(logprobs: Sequence[float] | None) -> float:
     return math.exp(sum(logprobs) / len(logprobs))
 
 
-def llm_step_score(logprobs: Sequence[float] | None, top_logprobs: Sequence[float] | None) -> float:
+def llm_step_score(logprobs: Sequence[float] | None, top_logprobs: Sequence[float] | None,
+                   line_end: bool = True) -> float:
     """How much the LLM stands behind a step it scored: exp(mean(log p(token) - log p(top token)));
     1.0 where the LLM would have written exactly these tokens. 0 without scores.
 
-    The step's last token is left out (unless it is the only one). The step was cut right after
-    the token holding its newline, and the text re-tokenised for scoring ends in a piece the model
-    would not write alone: it writes "):\n" and the next line's indentation as one token, so the
-    shorter "):\n" scores low even when the model agrees with every character before it."""
+    With ``line_end`` (the step ends with a newline) its last token is left out, unless it is the
+    only one: the step was cut right after the token holding its newline, and the text re-tokenised
+    for scoring ends in a piece the model would not write alone (it writes "):\n" and the next
+    line's indentation as one token, so the shorter "):\n" scores low even when the model agrees
+    with every character before it). A step that ended the message, or was cut by its token cap,
+    is scored whole: its last token is real text (the last digit of an answer)."""
     if not logprobs:
         return 0.0
     tops = list(top_logprobs or ())
     if len(tops) != len(logprobs):
         tops = [0.0] * len(logprobs)  # no top choice known: plain token probabilities
     pairs = list(zip(logprobs, tops))
-    if len(pairs) > 1:
+    if line_end and len(pairs) > 1:
         pairs = pairs[:-1]
     return math.exp(sum(min(0.0, lp - top) for lp, top in pairs) / len(pairs))
+
+
+def ends_line(step: str | None) -> bool:
+    """The step, as the LLM's check scores it (:func:`hera_ray.agent.steps.checked_text`), ends with a newline."""
+    from hera_ray.agent.steps import checked_text
+
+    return bool(step) and checked_text(step).endswith("\n")
 
 
 _NUMBER = re.compile(r"\d")
@@ -185,12 +195,12 @@ class VerifyPolicy(Policy):
 
     async def decide(self, ctx: SubtaskContext) -> Decision:
         c = self.config
-        if ctx.slm_candidate is None:  # the SLM writes first
-            return Decision(Placement.EDGE, SPECULATE, {})
+        if ctx.slm_candidate is None:  # the SLM writes first, and says how sure it was of each token
+            return Decision(Placement.EDGE, SPECULATE, {}, logprobs=True)
         conf = geo_mean_prob(ctx.slm_logprobs)
         scores: dict[str, float] = {"slm_confidence": conf, "keep": c.keep}
         if ctx.llm_logprobs is not None:  # the LLM scored the step: its word decides
-            score = llm_step_score(ctx.llm_logprobs, ctx.llm_top_logprobs)
+            score = llm_step_score(ctx.llm_logprobs, ctx.llm_top_logprobs, ends_line(ctx.slm_candidate))
             scores.update(llm_score=score, llm_accept=c.llm_accept)
             if score >= c.llm_accept:
                 return Decision(Placement.EDGE, KEPT_BY_LLM, scores)

@@ -9,6 +9,7 @@ exports Prometheus metrics through ``ray.util.metrics``. Ray restarts it if it d
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from typing import Any, Callable
@@ -78,8 +79,18 @@ def _verify_policy(cfg: HeraConfig) -> dict[str, Any]:
     from hera_ray.policy.verify import VERIFIER_FILE, StepClassifier, VerifyConfig, VerifyPolicy
 
     v = cfg.verify
-    path = v.classifier or estimators_path(cfg.hera.estimators) / VERIFIER_FILE
-    classifier = StepClassifier.load(path) if v.classifier or path.exists() else None
+    if v.classifier:
+        classifier = StepClassifier.load(v.classifier)
+    else:
+        try:
+            path = estimators_path(cfg.hera.estimators) / VERIFIER_FILE
+        except ConfigError:  # no estimator set there: the SLM's confidence alone
+            path = None
+        classifier = StepClassifier.load(path) if path is not None and path.exists() else None
+    if cfg.cloud.backend == "openai":
+        logging.getLogger(__name__).warning(
+            "hera-verify: the OpenAI backend cannot score a step, so every step its confidence or classifier does not "
+            "keep is rewritten by the LLM (trace: check_error); serve the cloud model with llama_cpp or vllm to check steps")
     config = VerifyConfig(keep=v.keep, confidence_keep=v.confidence_keep, llm_accept=v.llm_accept, reject_below=v.reject_below)
     return {"verify": VerifyPolicy(config, classifier)}
 

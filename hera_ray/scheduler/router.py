@@ -74,6 +74,8 @@ class Route:
     #: Why the policy's choice was overridden: "budget" (cloud cap reached) or "no-edge".
     fallback: str = ""
     decision_s: float = 0.0
+    #: The policy wants the step's token log-probabilities (Decision.logprobs).
+    logprobs: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -207,7 +209,7 @@ class Router:
         else:
             route = Route(placement, decision.stage, decision.scores, "cloud", "", self.cloud_model,
                           self.cloud_prices.model_dump(), fallback)
-        return replace(route, decision_s=time.perf_counter() - t0)
+        return replace(route, decision_s=time.perf_counter() - t0, logprobs=decision.logprobs)
 
     #: Up to this many live nodes, scan them all; above, sample two.
     SCAN_LIMIT = 16

@@ -230,10 +230,12 @@ def run_cloud_cap(key: ApiKey | None, spent: float, requested: float | None,
 
 
 def cloud_cost(trace: Iterable[Any]) -> float:
-    """What a run's trace cost on the cloud: the entries placed there (objects or dicts)."""
+    """What a run's trace cost on the cloud (objects or dicts): the entries placed there, and every
+    LLM check of an SLM step (hera-verify), wherever the step ended up."""
     total = 0.0
     for t in trace:
-        placement, cost = (t["placement"], t["cost"]) if isinstance(t, dict) else (t.placement, t.cost)
-        if placement == "cloud":
-            total += cost
+        get = t.get if isinstance(t, dict) else lambda k, d=0.0, t=t: getattr(t, k, d)
+        if get("placement") == "cloud":
+            total += get("cost")
+        total += get("check_cost", 0.0)
     return total
