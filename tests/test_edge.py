@@ -151,3 +151,36 @@ def test_a_cancelled_stream_frees_its_slot(edge):
     # 400 tokens take seconds; the cancelled request stopped at its next token instead.
     assert freed_after < 1.0, f"the slot stayed busy {freed_after:.2f}s after the client cancelled"
     assert reply.completion_tokens > 0
+
+
+def test_token_logprobs_and_a_scored_candidate_agree_and_leave_the_cache_usable(edge):
+    prompt = "The first five prime numbers are 2, 3, 5,"
+    first = run(generate(edge.address, prompt=prompt, max_tokens=12, logprobs=True))
+    assert first.has_logprobs and len(first.logprobs) == first.completion_tokens > 0
+    assert all(lp <= 0.0 for lp in first.logprobs)
+    plain = run(generate(edge.address, prompt=prompt, max_tokens=12))
+    assert not plain.has_logprobs and not plain.logprobs and plain.text == first.text
+    # Score what the model wrote, in one prefill: the same tokens, nearly the same probabilities,
+    # and at every position the model's own top choice (it wrote them greedily).
+    scored = run(generate(edge.address, prompt=prompt, max_tokens=0, candidate=first.text))
+    assert scored.has_logprobs and scored.completion_tokens == 0 and scored.finish_reason == "score" and not scored.text
+    assert len(scored.logprobs) == len(scored.top_logprobs) >= 1
+    assert scored.prompt_tokens == plain.prompt_tokens + len(scored.logprobs)
+    greedy = sum(abs(lp - top) < 1e-4 for lp, top in zip(scored.logprobs, scored.top_logprobs))
+    assert greedy >= len(scored.logprobs) - 1
+    assert sum(scored.logprobs) == pytest.approx(sum(first.logprobs[: len(scored.logprobs)]), abs=0.5)
+    # A text the model would not write scores lower, token for token.
+    odd = run(generate(edge.address, prompt=prompt, max_tokens=0, candidate=" banana umbrella"))
+    assert sum(odd.logprobs) / len(odd.logprobs) < sum(scored.logprobs) / len(scored.logprobs) - 1.0
+    # The scored text stayed in the KV cache; generating from the prompt again is unchanged.
+    again = run(generate(edge.address, prompt=prompt, max_tokens=12))
+    assert again.text == first.text
+
+
+def test_scoring_refuses_what_it_cannot_score(edge):
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        run(generate(edge.address, prompt="Hello", max_tokens=-1, candidate=" world"))
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in exc.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        run(generate(edge.address, prompt="Hello", max_tokens=0, candidate="x" * 5000))
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context window" in exc.value.details()
