@@ -121,6 +121,11 @@ def test_features_read_the_steps_confidence_and_shape():
     assert f["frac_below_0.5"] == pytest.approx(1 / 3) and f["position"] == pytest.approx(math.log(4))
     empty = step_features("q", 0, "", ())
     assert empty["blank"] == 1.0 and empty["mean_logprob"] == 0.0
+    # Numbers the step computed (in neither the question nor the chain), and a line said again.
+    math_step = step_features("Tom has 3 boxes of 8 pencils.", 2, "3 * 8 = 24, so 24 - 10 = 14\n", (-0.1,),
+                              context="He gives away 10.\n3 * 8 = 24\n")
+    assert math_step["new_numbers"] == 1.0 and math_step["repeats_a_line"] == 0.0
+    assert step_features("q", 2, "3 * 8 = 24\n", (-0.1,), context="3 * 8 = 24\n")["repeats_a_line"] == 1.0
 
 
 def test_the_classifier_file_round_trips_and_a_bad_one_is_named(tmp_path):

@@ -27,7 +27,8 @@ def verifier_examples(records: list[dict[str, Any]]) -> Split:
             step = steps[check["index"]]
             if step.get("logprobs") is None:
                 continue
-            feats = step_features(r["question"], check["index"], step["subtask"], step["logprobs"])
+            context = "".join(s["output"] for s in steps[: check["index"]])
+            feats = step_features(r["question"], check["index"], step["subtask"], step["logprobs"], context)
             extras = {"confidence": geo_mean_prob(step["logprobs"]),
                       "llm_score": llm_step_score(check["llm_logprobs"], check["llm_top_logprobs"],
                                                   ends_line(step["output"])),

@@ -107,13 +107,22 @@ _NUMBER = re.compile(r"\d")
 _CODE = re.compile(r"^\s*(def |return |for |if |while |import |class |[a-zA-Z_][\w.\[\]]* *[-+*/]?= )")
 
 
-def step_features(question: str, index: int, step: str, logprobs: Sequence[float] | None) -> dict[str, float]:
+_NUMBERS = re.compile(r"\d+(?:\.\d+)?")
+
+
+def step_features(question: str, index: int, step: str, logprobs: Sequence[float] | None,
+                  context: str = "") -> dict[str, float]:
     """What the classifier reads of one SLM step: its token log-probabilities (summaries), its
-    length and shape, and its place in the chain. Cheap: no model."""
+    length and shape, its place in the chain, and what it adds to the context (``context``: the
+    chain before it): numbers that appear in neither the question nor the chain are results the
+    step computed, where a small model's slips are. Cheap: no model."""
     lps = list(logprobs or ())
     n = len(lps)
     probs = [math.exp(x) for x in lps]
     text = step.strip()
+    known = set(_NUMBERS.findall(question)) | set(_NUMBERS.findall(context))
+    numbers = _NUMBERS.findall(text)
+    previous = {line.strip() for line in context.splitlines() if line.strip()}
     return {
         "mean_logprob": sum(lps) / n if n else 0.0,
         "min_logprob": min(lps) if n else 0.0,
@@ -132,6 +141,8 @@ def step_features(question: str, index: int, step: str, logprobs: Sequence[float
         "code_line": float(bool(_CODE.match(step))),
         "fence": float(text.startswith("```")),
         "question_code": float("python" in question.lower() or "def " in question),
+        "new_numbers": float(sum(x not in known for x in numbers)),
+        "repeats_a_line": float(bool(text) and text in previous),
     }
 
 
@@ -212,7 +223,8 @@ class VerifyPolicy(Policy):
         if conf >= c.confidence_keep:
             return Decision(Placement.EDGE, KEPT_BY_CONFIDENCE, scores)
         if self.classifier is not None:
-            p = self.classifier.p_good(step_features(ctx.question, ctx.index, ctx.slm_candidate, ctx.slm_logprobs))
+            context = "".join(h.output for h in ctx.history)
+            p = self.classifier.p_good(step_features(ctx.question, ctx.index, ctx.slm_candidate, ctx.slm_logprobs, context))
         else:
             p = conf
         scores["p_good"] = p
