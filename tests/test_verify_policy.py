@@ -94,6 +94,14 @@ def test_without_a_classifier_the_confidence_is_p_good():
     assert decide(policy, ctx(slm=None)).stage == VERIFY
 
 
+def test_by_default_the_llm_check_clears_the_same_bar_as_the_classifier():
+    policy = VerifyPolicy(VerifyConfig(keep=0.8), by_mean_logprob())
+    assert policy.llm_accept == 0.8 and policy.tuned(0.95).llm_accept == 0.95
+    c = ctx(candidate="x = 3 + 4\n", llm=(-0.3, -0.3, -0.1), top=(-0.1, -0.1, -0.1))  # score exp(-0.2) = 0.82
+    assert decide(policy, c).stage == KEPT_BY_LLM and decide(policy.tuned(0.9), c).stage == REWRITTEN
+    assert VerifyPolicy(VerifyConfig(keep=0.9, llm_accept=0.5)).llm_accept == 0.5
+
+
 def test_the_knob_is_keep_and_is_range_checked():
     policy = VerifyPolicy(VerifyConfig(keep=0.7, confidence_keep=0.99), by_mean_logprob(at=-0.5))
     strict = policy.tuned(0.95)

@@ -16,15 +16,17 @@ nearly free), and the question becomes whether to keep what it wrote:
    sent to the cloud LLM to be *scored*, not written: one prefill of the step's tokens over the
    LLM's cached prefix (as SpecReason and RSD do), billed as input tokens. The LLM's step score is
    the geometric mean, over the step's tokens, of p_LLM(token) / p_LLM(its own top token): 1 where
-   the LLM would have written exactly this step. At least ``llm_accept``: kept (``llm-check``).
+   the LLM would have written exactly this step. At least ``llm_accept`` (by default the knob
+   itself: one bar for both kinds of evidence): kept (``llm-check``).
    Else the LLM writes the step itself (``llm-rewrite``) from its cached prefix.
    Below ``reject_below`` P(good), the check is skipped and the LLM rewrites at once.
 
 A blank line (a paragraph break) is kept as it is (stage ``blank``); an empty step (the SLM wrote
 nothing) is the LLM's to write.
 
-``keep`` is the one knob (``hera-verify@0.8``): raise it and more steps are checked by the LLM
-(quality up, cost up); lower it and more steps stay on the SLM unchecked.
+``keep`` is the one knob (``hera-verify@0.8``): the bar a step must clear, whichever evidence is
+at hand. Raise it and more steps are checked by the LLM and more of those are rewritten (quality
+up, cost up); lower it and more steps stay on the SLM unchecked.
 
 Each decision's ``scores`` say what decided: ``slm_confidence``, ``p_good``, ``keep``,
 ``llm_score``, ``llm_accept``. Pure code: the agent runs the models (:mod:`hera_ray.agent.loop`).
@@ -61,8 +63,9 @@ class VerifyConfig:
     keep: float = 0.7
     #: SLM geometric-mean token probability at which a step is kept outright (above 1: never).
     confidence_keep: float = 0.97
-    #: LLM step score at which the LLM keeps the SLM's step.
-    llm_accept: float = 0.5
+    #: LLM step score at which the LLM keeps the SLM's step; None: the knob, ``keep`` (one bar for
+    #: every kind of evidence: P(good) from the classifier, the LLM's score from the LLM).
+    llm_accept: float | None = None
     #: P(good) under which the LLM rewrites without checking (0: always check first).
     reject_below: float = 0.0
 
@@ -197,6 +200,11 @@ class VerifyPolicy(Policy):
         self.config = config or VerifyConfig()
         self.classifier = classifier
 
+    @property
+    def llm_accept(self) -> float:
+        c = self.config
+        return c.keep if c.llm_accept is None else c.llm_accept
+
     def _at(self, value: float) -> "VerifyPolicy":
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"keep must be in [0, 1], got {value}")
@@ -212,8 +220,8 @@ class VerifyPolicy(Policy):
         scores: dict[str, float] = {"slm_confidence": conf, "keep": c.keep}
         if ctx.llm_logprobs is not None:  # the LLM scored the step: its word decides
             score = llm_step_score(ctx.llm_logprobs, ctx.llm_top_logprobs, ends_line(ctx.slm_candidate))
-            scores.update(llm_score=score, llm_accept=c.llm_accept)
-            if score >= c.llm_accept:
+            scores.update(llm_score=score, llm_accept=self.llm_accept)
+            if score >= self.llm_accept:
                 return Decision(Placement.EDGE, KEPT_BY_LLM, scores)
             return Decision(Placement.CLOUD, REWRITTEN, scores)
         if not ctx.slm_candidate:  # the SLM wrote nothing: the LLM writes the step

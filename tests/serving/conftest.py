@@ -36,7 +36,7 @@ def cluster(ray_head, tmp_path_factory):
         "agent": {"max_steps": 3, "max_tokens_per_step": 64, "max_steps_limit": 3},
         "ingress": {"port": free_port(), "api_keys_file": str(write_keys_file(tmp_path_factory.mktemp("keys")))},
         "verify": {"classifier": str(write_verifier_file(tmp_path_factory.mktemp("verifier"))),
-                   "confidence_keep": VERIFY_CONFIDENCE_KEEP},
+                   "confidence_keep": VERIFY_CONFIDENCE_KEEP, "llm_accept": 0.5},
     })
     state = up(config, local_edges=2, timeout_s=300, log=lambda m: None)
     yield state
