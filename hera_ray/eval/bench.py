@@ -37,7 +37,8 @@ from hera_ray.errors import ConfigError, InvalidRequest
 BASELINES = ("all-slm", "all-llm")
 ABLATIONS = ("hera-no-sd", "hera-no-urc", "hera-urc-only")
 #: HERA's stages that place a subtask on the SLM (``llm`` is its one cloud stage).
-EDGE_STAGES = ("urc", "sse", "cd", "sd")
+#: Stages that keep a step on the SLM: HERA's, and hera-verify's (hera_ray.policy.verify).
+EDGE_STAGES = ("urc", "sse", "cd", "sd", "confidence", "classifier", "llm-check", "blank")
 
 
 def policy_base(name: str) -> str:
@@ -345,7 +346,8 @@ def write_config_value(path: Path, section: str, key: str, value: Any) -> None:
 def result_json(dataset: str, split: str, command: str, summary: dict[str, Any],
                 meta: dict[str, Any]) -> dict[str, Any]:
     keys = ("accuracy", "f1", "slm_share", "cost", "pgr", "apgr", "latency_p50_s", "latency_p95_s",
-            "overhead_share", "runtime_overhead_share", "subtasks", "stages", "lost_vs_llm", "gained_vs_llm",
+            "overhead_share", "runtime_overhead_share", "decision_share", "check_share", "subtasks", "stages",
+            "lost_vs_llm", "gained_vs_llm",
             "lost_edge_stages")
     return {
         "command": command, "commit": git_commit(), "dataset": dataset, "split": split, "n": summary["n"],
