@@ -192,3 +192,37 @@ def test_an_endpoint_that_cannot_continue_gets_the_turns_fallback_and_the_trace_
     assert [m[0] for m in executor.params[1].messages] == ["system", "user", "assistant", "user"]
     assert run.chain == "3 * 8 = 24.\nAnswer: 24"  # the dropped newline is put back
     assert run.trace[1].cached_prompt_tokens == 0  # a closed turn does not extend the last prompt
+
+
+class CannotScore(ScriptedExecutor):
+    """A cloud backend that cannot score a candidate (the OpenAI backend refuses, as it does for real)."""
+
+    async def edge(self, address, params):
+        self.calls.append("edge")
+        return GenerationResult(self.edge_text, 10, 5, 0.01, 0.02, 0.0, "stop", stop_reason="\n", logprobs=[-1.0] * 5)
+
+    async def cloud(self, params):
+        if params.candidate:
+            self.calls.append("check")
+            from hera_ray.errors import InvalidRequest
+
+            raise InvalidRequest("the OpenAI-compatible endpoint behind 'llm' cannot score a candidate")
+        return await super().cloud(params)
+
+
+def test_when_the_cloud_cannot_check_a_step_the_llm_writes_it_and_the_trace_says_why():
+    from hera_ray.policy.verify import VerifyConfig, VerifyPolicy
+
+    table = NodeTable()
+    table.register(NodeSpec("e0", "127.0.0.1:1", "slm", 2048, 1, 0, FREE), "t")
+    verify = VerifyPolicy(VerifyConfig(keep=0.9, confidence_keep=1.01))  # confidence 0.37: borderline
+    router = Router(table, build_policies(verify=verify), "slm", "llm", PriceSheet.flat(2.0))
+    executor = CannotScore("2 + 3 = 6\n", "2 + 3 = 5\n")
+    agent = Agent(RouterScheduler(router), executor, AgentConfig(max_steps=1))
+    run = asyncio.run(agent.run("2+3?", "hera-verify"))
+    (t,) = run.trace
+    assert executor.calls == ["edge", "check", "cloud"]
+    assert (t.placement, t.stage, t.output, t.rejected_output) == ("cloud", "llm-rewrite", "2 + 3 = 5\n", "2 + 3 = 6\n")
+    assert "cannot score a candidate" in t.check_error and t.check_cost == 0.0
+    assert t.speculative_s > 0 and t.cost > 0 and run.cost == pytest.approx(t.cost)  # the edge is free here
+    assert router.outstanding["e0"] == 0
