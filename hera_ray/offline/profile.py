@@ -118,6 +118,14 @@ class StepModels(Protocol):
 Similarity = Callable[[Sequence[tuple[str, str]]], Awaitable[list[float]]]
 
 
+def _after(question: str, history: Sequence[Step], **fields: Any) -> GenerationParams:
+    """A request in the agent's step format (hera_ray/agent/steps.py) for what comes after
+    ``history``; profiled clusters' backends continue a message."""
+    chain = chain_text(s.as_chain_step() for s in history)
+    return GenerationParams(messages=step_messages(question, chain),
+                            continue_final_message=continues(StepFormat.CONTINUE, chain), **fields)
+
+
 def path_answer(steps: Sequence[Step]) -> str:
     """The answer of a path, as the agent gives it: read from the whole chain, else its last line."""
     return chain_answer(chain_text(s.as_chain_step() for s in steps))[0]
@@ -151,12 +159,9 @@ class Profiler:
         return bool(path) and (path[-1].is_final or len(path) >= self.config.max_steps or self.remaining(path) <= 0)
 
     async def step(self, side: Side, question: str, history: Sequence[Step], request_id: str) -> Step:
-        chain = chain_text(s.as_chain_step() for s in history)
-        # The agent's step format (hera_ray/agent/steps.py); profiled clusters' backends continue a message.
-        params = GenerationParams(messages=step_messages(question, chain), continue_final_message=continues(StepFormat.CONTINUE, chain),
-                                  max_tokens=max(1, min(self.config.max_tokens, self.remaining(history))), temperature=0.0,
-                                  stop_at_line_end=True, logprobs=side == "slm",
-                                  request_id=f"profile:{request_id}:{side}:{len(history)}")
+        params = _after(question, history, max_tokens=max(1, min(self.config.max_tokens, self.remaining(history))),
+                        temperature=0.0, stop_at_line_end=True, logprobs=side == "slm",
+                        request_id=f"profile:{request_id}:{side}:{len(history)}")
         t0 = time.perf_counter()
         result = await self._generate(side, params)
         step = make_step(result.text, result.finish_reason, result.stop_reason)
@@ -168,10 +173,8 @@ class Profiler:
     async def check(self, question: str, history: Sequence[Step], candidate: Step, request_id: str) -> dict[str, Any]:
         """The LLM's judgement of the SLM's ``candidate`` step after ``history``: its tokens'
         log-probabilities under the LLM, in one prefill (the step-verifying policy's LLM check)."""
-        chain = chain_text(s.as_chain_step() for s in history)
-        params = GenerationParams(messages=step_messages(question, chain), continue_final_message=continues(StepFormat.CONTINUE, chain),
-                                  max_tokens=0, candidate=checked_text(candidate.output + candidate.boundary),
-                                  request_id=f"profile:{request_id}:check:{len(history)}")
+        params = _after(question, history, max_tokens=0, candidate=checked_text(candidate.output + candidate.boundary),
+                        request_id=f"profile:{request_id}:check:{len(history)}")
         t0 = time.perf_counter()
         result = await self._generate("llm", params)
         return {"llm_logprobs": [round(x, 4) for x in result.logprobs or []],
