@@ -37,8 +37,9 @@ class ScriptedEstimators:
             return self.part_preds[extra[-1]]
         return self.rolled.get(len(extra), self.slm)
 
-    async def distance(self, ctx):
+    async def distance(self, ctx, slm_next=None):
         self.calls.append("dp")
+        self.dp_slm_next = slm_next
         return self.dist
 
     async def decompose(self, subtask, ctx):
@@ -82,6 +83,7 @@ def test_cd_rolls_the_slm_forward_distance_plus_one_steps():
     assert (d.placement, d.stage, d.scores["cd_distance"], d.scores["cd_sim"]) == (Placement.EDGE, "cd", 2.0, 0.9)
     # SP_SLM asked for the current step (the 1st SLM subtask), then rolled 2 more (after 1, then 2 predicted)
     assert [c for c in est.calls if c.startswith("sp_slm")] == ["sp_slm:0", "sp_slm:1", "sp_slm:2"]
+    assert est.dp_slm_next == "s"  # DP is given the SLM's predicted subtask (a context+slm set reads it)
 
 
 def test_distance_zero_does_not_repeat_the_sse_test():

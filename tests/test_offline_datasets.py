@@ -73,6 +73,16 @@ def test_dp_labels_are_distance_classes_and_sd_parts_come_from_converged_slm_ste
     assert sorted(c for _, c in cd.train + cd.heldout) == [False, True]
 
 
+def test_dp_context_plus_slm_input_ends_with_the_slm_subtask_at_the_node():
+    r = record()
+    plain = [t for t, _ in ds.dp_examples([r]).train + ds.dp_examples([r]).heldout]
+    with_slm = [t for t, _ in ds.dp_examples([r], "context+slm").train + ds.dp_examples([r], "context+slm").heldout]
+    slm_steps = sorted(n["slm"]["subtask"] for n in r["nodes"])
+    assert all("SLM next:" not in t for t in plain)
+    assert sorted(t.rsplit("SLM next: ", 1)[1] for t in with_slm) == slm_steps
+    assert [t.rsplit("\nSLM next: ", 1)[0] for t in with_slm] == plain  # the same context before it
+
+
 def test_heldout_is_by_whole_request_and_stable():
     ids = [f"gsm8k-{i}" for i in range(500)]
     held = [i for i in ids if ds.is_heldout(i)]

@@ -111,10 +111,18 @@ def parse_parts(text: str, limit: int = 6) -> list[str]:
     return parts[:limit]
 
 
-def encoder_context(question: str, steps: Sequence[tuple[str, str]]) -> str:
-    """DP's input: the request and the subtasks so far (results omitted: the encoder's window is short)."""
+#: DP's input: the request and the subtasks so far (``context``, the paper's), or that and the SLM's
+#: next subtask (``context+slm``): what DP predicts is how far *that* step is from the LLM's path.
+DP_INPUTS = ("context", "context+slm")
+
+
+def encoder_context(question: str, steps: Sequence[tuple[str, str]], slm_next: str | None = None) -> str:
+    """DP's input: the request and the subtasks so far (results omitted: the encoder's window is short),
+    and with ``slm_next`` the SLM's next subtask last (the encoder keeps a long text's head and tail)."""
     lines = [_short(question, 800)]
     lines += [f"Step {i}: {_short(s, 200)}" for i, (s, _) in enumerate(steps, 1)]
+    if slm_next is not None:
+        lines.append(f"SLM next: {_short(slm_next, 200)}")
     return "\n".join(lines)
 
 

@@ -70,6 +70,7 @@ class LocalEstimators:
         self.sbert = SbertSimilarity(self.manifest.get("similarity_model", "minilm-l6"))
         self.max_distance = int(self.manifest.get("max_distance", 3))
         self.sp_format = self.manifest.get("sp_format", "compact")
+        self.dp_input = self.manifest.get("dp_input", "context")
 
     def _need(self, table: dict[str, Any], name: str) -> Any:
         try:
@@ -82,6 +83,10 @@ class LocalEstimators:
     def simple_probs(self, name: str, questions: list[str]) -> list[float]:
         """P(simple) of each request under the URC (``name="urc"``) or the HybridLLM router."""
         return [p.get("simple", 0.0) for p in self._need(self.encoders, name).predict_proba(questions)]
+
+    def dp_text(self, question: str, steps: Sequence[tuple[str, str]], slm_next: str | None = None) -> str:
+        """DP's input in the form this set was trained on (the SLM's next subtask only if it was)."""
+        return encoder_context(question, steps, slm_next if self.dp_input == "context+slm" else None)
 
     def distances(self, contexts: list[str]) -> list[int | None]:
         out = []
@@ -110,8 +115,8 @@ class LocalEstimators:
     async def predict_subtask(self, side: str, ctx: SubtaskContext, extra: tuple[str, ...] = ()) -> str:
         return await asyncio.to_thread(self.predict_subtask_sync, side, ctx.question, history_steps(ctx), extra)
 
-    async def distance(self, ctx: SubtaskContext) -> int | None:
-        return (await asyncio.to_thread(self.distances, [encoder_context(ctx.question, history_steps(ctx))]))[0]
+    async def distance(self, ctx: SubtaskContext, slm_next: str | None = None) -> int | None:
+        return (await asyncio.to_thread(self.distances, [self.dp_text(ctx.question, history_steps(ctx), slm_next)]))[0]
 
     async def decompose(self, subtask: str, ctx: SubtaskContext) -> list[str]:
         return await asyncio.to_thread(self.decompose_sync, ctx.question, subtask)

@@ -9,7 +9,8 @@ Pure code over the profile records, so what an estimator learns from is easy to 
 * **SP_SLM / SP_LLM** (context → the next subtask that side writes): every step of every path the
   profile holds, by who wrote it: node candidates, the SLM rollouts, the LLM spine, the switch
   branches.
-* **DP** (context → S-L distance class 0..max or ``inf``): one example per tree node.
+* **DP** (context → S-L distance class 0..max or ``inf``): one example per tree node. With
+  ``dp_input="context+slm"`` the input also holds the SLM's subtask at the node.
 * **SD** (an LLM subtask → its sub-subtasks): where the SLM converged to the LLM's subtask after
   d ≥ 1 further steps, those d+1 SLM subtasks are a finer split of the LLM's one; at the other
   nodes where the two sides differed, the LLM's own split of its subtask (the profiler asks it).
@@ -98,11 +99,17 @@ def sp_examples(records: list[dict[str, Any]], side: str, fmt: str = "compact") 
     return split
 
 
-def dp_examples(records: list[dict[str, Any]]) -> Split:
+def dp_text(record: dict[str, Any], node: dict[str, Any], dp_input: str = "context") -> str:
+    """DP's input at a tree node: the context, and with ``context+slm`` the SLM's subtask there."""
+    slm_next = node["slm"]["subtask"] if dp_input == "context+slm" else None
+    return encoder_context(record["question"], _steps(node["context"]), slm_next)
+
+
+def dp_examples(records: list[dict[str, Any]], dp_input: str = "context") -> Split:
     split = Split()
     for r in records:
         for n in r["nodes"]:
-            split.add(r["request_id"], (encoder_context(r["question"], _steps(n["context"])), distance_label(n["distance"])))
+            split.add(r["request_id"], (dp_text(r, n, dp_input), distance_label(n["distance"])))
     return split
 
 
@@ -121,12 +128,11 @@ def sd_examples(records: list[dict[str, Any]]) -> Split:
     return split
 
 
-def cd_labels(records: list[dict[str, Any]], max_distance: int) -> Split:
+def cd_labels(records: list[dict[str, Any]], max_distance: int, dp_input: str = "context") -> Split:
     """(DP input, converges?) pairs: does the SLM's path line up with the LLM's subtask within max_distance steps?"""
     split = Split()
     for r in records:
         for n in r["nodes"]:
             d = n["distance"]
-            split.add(r["request_id"], (encoder_context(r["question"], _steps(n["context"])),
-                                        d is not None and d <= max_distance))
+            split.add(r["request_id"], (dp_text(r, n, dp_input), d is not None and d <= max_distance))
     return split

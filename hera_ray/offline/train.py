@@ -35,7 +35,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hera_ray.errors import ConfigError
-from hera_ray.estimators.prompts import (SD_MAX_TOKENS, SP_FORMATS, SP_MAX_TOKENS, clean_prediction, distance_labels,
+from hera_ray.estimators.prompts import (DP_INPUTS, SD_MAX_TOKENS, SP_FORMATS, SP_MAX_TOKENS, clean_prediction, distance_labels,
                                          parse_parts, sp_target)
 from hera_ray.estimators.trained import MANIFEST
 from hera_ray.offline import datasets as ds
@@ -53,6 +53,7 @@ class TrainConfig(BaseSettings):
     encoder_base: str = Field("minilm-l6", description="Encoder for URC, HybridLLM and DP (bundled name or folder).")
     causal_base: str = Field("qwen2.5-coder-0.5b", description="Causal LM for SP and SD (bundled name or GGUF path): by default the edge SLM itself.")
     sp_format: str = Field("chain", description="SP's prompt: 'chain' (the agent's own step format: the steps so far as an open assistant message, continued to the end of the line) or 'compact' (the paper's: a compact rendering of the task and steps).")
+    dp_input: str = Field("context+slm", description="DP's input: 'context' (the paper's: the request and the subtasks so far) or 'context+slm' (and the SLM's next subtask, which HERA has predicted by the time it asks DP).")
     base_only: str = Field("sp_slm", description="Comma-separated generative estimators served as the base model itself, with no adapter (SP_SLM: the edge SLM predicts its own next step by writing it).")
     encoder_epochs: int = Field(10, ge=1, le=100, description="Epochs over the URC / HybridLLM / DP data.")
     causal_epochs: int = Field(1, ge=1, le=20, description="Epochs over the SP / SD data.")
@@ -71,6 +72,13 @@ class TrainConfig(BaseSettings):
     def _known_format(cls, v: str) -> str:
         if v not in SP_FORMATS:
             raise ValueError(f"sp_format must be one of {', '.join(SP_FORMATS)}, got {v!r}")
+        return v
+
+    @field_validator("dp_input")
+    @classmethod
+    def _known_dp_input(cls, v: str) -> str:
+        if v not in DP_INPUTS:
+            raise ValueError(f"dp_input must be one of {', '.join(DP_INPUTS)}, got {v!r}")
         return v
 
     def untrained(self) -> set[str]:
@@ -196,7 +204,8 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
                      "metrics": {k: stats[k] for k in ("accuracy", "majority_baseline") if k in stats},
                      "train_s": stats.get("train_s")}
             if name == "dp":
-                entry["metrics"]["cd_accuracy"] = _cd_accuracy(folder, records, pcfg.max_distance)
+                entry["input"] = config.dp_input
+                entry["metrics"]["cd_accuracy"] = _cd_accuracy(folder, records, pcfg.max_distance, config.dp_input)
             elif config.cv_folds > 1:
                 entry["metrics"].update(_cross_validate(split.train + split.heldout, labels, config, folder.parent))
             return entry
@@ -205,7 +214,7 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
     request_labels = ["complex", "simple"]
     train_one("urc", urc := ds.urc_examples(records), encoder("urc", urc, request_labels))
     train_one("hybridllm", urc, encoder("hybridllm", urc, request_labels))
-    train_one("dp", dp := ds.dp_examples(records), encoder("dp", dp, distance_labels(pcfg.max_distance)))
+    train_one("dp", dp := ds.dp_examples(records, config.dp_input), encoder("dp", dp, distance_labels(pcfg.max_distance)))
 
     # -- hera-verify's step classifier: logistic regression on the SLM-path checks ---------------
     from hera_ray.offline.verifier import train_verifier, verifier_examples
@@ -286,6 +295,7 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
         "match_threshold": pcfg.match_threshold,
         "max_distance": pcfg.max_distance,
         "sp_format": config.sp_format,
+        "dp_input": config.dp_input,
         "paper_accuracy": PAPER_ACCURACY,
         "estimators": estimators,
     }
@@ -318,10 +328,10 @@ def _cross_validate(examples: list[tuple[str, str]], labels: list[str], config: 
     return {"cv_accuracy": hits / len(examples), "cv_majority_baseline": majority_hits / len(examples), "cv_folds": k}
 
 
-def _cd_accuracy(dp_folder: Path, records: list[dict[str, Any]], max_distance: int) -> float | None:
+def _cd_accuracy(dp_folder: Path, records: list[dict[str, Any]], max_distance: int, dp_input: str) -> float | None:
     from hera_ray.estimators.encoders import EncoderClassifier
 
-    heldout = ds.cd_labels(records, max_distance).heldout
+    heldout = ds.cd_labels(records, max_distance, dp_input).heldout
     if not heldout:
         return None
     dp = EncoderClassifier(dp_folder)

@@ -6,7 +6,7 @@ For request R and subtask i:
    SLM (decided once per request).
 2. **SSE** — threshold κ_i = ``threshold_base`` + min(i, ``kappa_cap``) · ``kappa_step``.
    s_S = SP_SLM(context), s_L = SP_LLM(context); if sim(s_S, s_L) >= κ_i, the SLM runs it.
-3. **SLE / CD** — else d = DP(context); if 1 <= d <= ``max_distance``, roll SP_SLM forward to
+3. **SLE / CD** — else d = DP(context) (a set trained with ``dp_input=context+slm`` also reads s_S); if 1 <= d <= ``max_distance``, roll SP_SLM forward to
    its (d+1)-th subtask (the first is s_S); if that one is >= κ_i similar to s_L, the SLM runs
    it: it is expected to converge with the LLM's path. (d = 0 would repeat SSE's test.)
 4. **SD** — else decompose s_L; if every sub-subtask passes SSE (its SLM prediction is >= κ_i
@@ -114,7 +114,7 @@ class HeraPolicy(Policy):
             return Decision(Placement.EDGE, "sse", scores)
 
         if c.use_cd:
-            d = await self.est.distance(ctx)
+            d = await self.est.distance(ctx, s_slm)
             scores["cd_distance"] = float("inf") if d is None else float(d)
             # d = 0 says the SLM's current subtask already lines up: SSE just tested exactly that.
             if d is not None and 1 <= d <= c.max_distance:

@@ -10,7 +10,6 @@ from typing import Any
 from ray import serve
 
 from hera_ray.estimators.base import history_steps
-from hera_ray.estimators.prompts import encoder_context
 
 SIMILARITY_DEPLOYMENT = "SbertSimilarity"
 
@@ -66,8 +65,10 @@ class EstimatorServer:
         return out
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def distance(self, contexts: list[str]) -> list[int | None]:
-        return await asyncio.to_thread(self.est.distances, contexts)
+    async def distance(self, requests: list[tuple[str, list, str | None]]) -> list[int | None]:
+        """Batched over (question, steps so far, SLM's next subtask) triples."""
+        texts = [self.est.dp_text(q, [tuple(s) for s in steps], slm_next) for q, steps, slm_next in requests]
+        return await asyncio.to_thread(self.est.distances, texts)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def similarity(self, pairs: list[tuple[str, str]]) -> list[float]:
@@ -115,8 +116,8 @@ class ServeEstimatorSet:
     async def predict_subtask(self, side: str, ctx, extra: tuple[str, ...] = ()) -> str:
         return await self.handle.predict_subtask.remote(side, ctx.question, history_steps(ctx), list(extra))
 
-    async def distance(self, ctx) -> int | None:
-        return await self.handle.distance.remote(encoder_context(ctx.question, history_steps(ctx)))
+    async def distance(self, ctx, slm_next: str | None = None) -> int | None:
+        return await self.handle.distance.remote((ctx.question, history_steps(ctx), slm_next))
 
     async def decompose(self, subtask: str, ctx) -> list[str]:
         return await self.handle.decompose.remote(ctx.question, subtask)

@@ -98,8 +98,11 @@ def test_train_a_tiny_profile_gives_adapters_that_load_and_predict(tiny_profile,
         assert 0.0 <= p <= 1.0
         predicted = asyncio.run(est.predict_subtask("llm", ctx))
         assert isinstance(predicted, str) and predicted.strip()
-        d = asyncio.run(est.distance(ctx))
+        d = asyncio.run(est.distance(ctx, "Add 12 and 7"))
         assert d is None or 0 <= d <= 1
+        # DP was trained on the context and the SLM's next subtask, and is asked the same way.
+        assert manifest["dp_input"] == "context+slm" and manifest["estimators"]["dp"]["input"] == "context+slm"
+        assert est.dp_text(QUESTION, [], "Add 12 and 7").endswith("SLM next: Add 12 and 7")
         assert -1.0 <= asyncio.run(est.similarity(predicted, "Add 12 and 7")) <= 1.0001
     finally:
         est.close()
