@@ -59,7 +59,8 @@ class LlamaCppBackend(LLMBackend):
         model = resolve_model(config.model)
         self.model_id = config.model_id or model.model_id
         self.worker = EdgeWorker(model.path, self.model_id, n_ctx=config.n_ctx, slots=config.slots,
-                                 max_queue=config.max_queue, threads=config.threads)
+                                 max_queue=config.max_queue, threads=config.threads,
+                                 generation_cache=config.generation_cache)
 
     async def generate(self, p: GenerationParams) -> GenerationResult:
         return await self.worker.generate(p)

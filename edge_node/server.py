@@ -58,6 +58,7 @@ class EdgeWorkerServicer(edge_pb2_grpc.EdgeWorkerServicer):
             logprobs=r.logprobs or [],
             top_logprobs=r.top_logprobs or [],
             has_logprobs=r.logprobs is not None,
+            cache_hit=r.cache_hit,
         )
 
     @grpc_errors
@@ -108,6 +109,7 @@ class EdgeNode:
             slots=config.slots,
             max_queue=config.max_queue,
             threads=config.threads,
+            generation_cache=config.generation_cache,
         )
         self.server = grpc.aio.server(options=server_options(config.max_message_bytes))
         self.health = health_aio.HealthServicer()

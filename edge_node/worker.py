@@ -22,6 +22,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 from hera_ray.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded, Unavailable
 from hera_ray.generation import LINE_END, GenerationParams, GenerationResult, validate_params
+from hera_ray.gencache import GenerationCache
 from hera_ray.scheduler.nodes import NodeLoad
 
 # OpenMP threads spin between tokens by default, which makes decode speed erratic on small
@@ -255,6 +256,7 @@ class EdgeWorker:
         slots: int = 1,
         max_queue: int = 8,
         threads: int = 1,
+        generation_cache: Path | None = None,
     ):
         self.model_id = model_id
         self.slots = [LlamaSlot(model_path, n_ctx, threads) for _ in range(slots)]
@@ -273,6 +275,8 @@ class EdgeWorker:
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
+        #: Temperature-0 results by (model file, n_ctx, request): an evaluation setting (hera_ray.gencache).
+        self.cache = GenerationCache(generation_cache, model_path) if generation_cache else None
 
     @staticmethod
     def _make_chat_formatter(llm):
@@ -341,6 +345,16 @@ class EdgeWorker:
             raise Unavailable("this edge node is draining and takes no new work; send to another node")
         tokens = await self._prepare(p)
         split = await self._split_candidate(p, tokens) if p.candidate else 0
+        key = self.cache.key(p, {"n_ctx": self.n_ctx}) if self.cache is not None else None
+        if (hit := self.cache.get(key, p.request_id) if key else None) is not None:
+            if on_delta is not None and hit.text:  # a stream gets the stored text as one delta
+                on_delta(hit.text)
+            return hit
+        result = await self._run(p, tokens, split, on_delta)
+        return self.cache.put(key, result) if key else result
+
+    async def _run(self, p: GenerationParams, tokens: list[int], split: int,
+                   on_delta: Callable[[str], None] | None) -> GenerationResult:
         if self._in_flight + self._queued >= len(self.slots) + self.max_queue:
             raise Overloaded(
                 f"edge node queue is full ({self._in_flight} in flight, {self._queued} queued); retry later or elsewhere"

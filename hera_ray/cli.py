@@ -396,6 +396,7 @@ def up_cmd(
     no_urc: bool = typer.Option(False, "--no-urc", help="Ablation: the hera policy skips its URC stage."),
     no_cd: bool = typer.Option(False, "--no-cd", help="Ablation: the hera policy skips its SLE/CD stage."),
     no_sd: bool = typer.Option(False, "--no-sd", help="Ablation: the hera policy skips its SD stage."),
+    generation_cache: Optional[Path] = typer.Option(None, "--generation-cache", help="Evaluation: SQLite file of temperature-0 results the cloud and the local edges share, so benchmark policies reaching the same step decode it once (cloud.generation_cache) [default: off]."),
 ) -> None:
     """Start (or join, with RAY_ADDRESS) a Ray cluster, the scheduler, the Serve app and local edges."""
     from hera_ray.cluster import up
@@ -409,6 +410,8 @@ def up_cmd(
     hera.update({f"use_{stage}": False for stage, off in (("urc", no_urc), ("cd", no_cd), ("sd", no_sd)) if off})
     if hera:
         config = config.model_copy(update={"hera": config.hera.model_copy(update=hera)})
+    if generation_cache is not None:
+        config = config.model_copy(update={"cloud": config.cloud.model_copy(update={"generation_cache": generation_cache.expanduser().resolve()})})
     try:
         state = up(config, local_edges=local_edges, timeout_s=timeout, log=lambda m: err_console.print(m, highlight=False))
     except HeraError as e:

@@ -182,10 +182,12 @@ def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, 
         _save_state(state)
 
         logs = cache_dir() / "cluster" / "logs"
+        # The cloud's generation cache (an evaluation setting) covers the local edges too.
+        cache_args = ["--generation-cache", str(config.cloud.generation_cache)] if config.cloud.generation_cache else []
         for i in range(local_edges):
             # Local edges use the cluster's TLS files: they serve them and dial the registry with them.
             edge = start_edge(logs, f"edge-{i}", state.registry, token_file, model=edge_model or config.scheduler.edge_model,
-                              extra_args=tls_cli_args(config.scheduler.tls), detach=True)
+                              extra_args=tls_cli_args(config.scheduler.tls) + cache_args, detach=True)
             state.edge_pids.append(edge.pid)
             state.edge_addresses.append(edge.address)
             _save_state(state)

@@ -63,6 +63,7 @@ class EdgeNodeConfig(BaseSettings):
     tls_key_file: Path | None = Field(None, description="PEM private key of --tls-cert-file.")
     tls_ca_file: Path | None = Field(None, description="PEM CA: dial the registry over TLS and verify it with this CA; with --tls-client-auth, the CA client certificates must be signed by.")
     tls_client_auth: bool = Field(False, description="Require callers to present a certificate signed by --tls-ca-file (mutual TLS).")
+    generation_cache: Path | None = Field(None, description="SQLite file of temperature-0 results by (model file, request), shared by this machine's engines: an evaluation setting, so that benchmark policies reaching the same step share it (hera_ray/gencache.py). Hits take no engine time, so latency measured with it is not the engine's. Off by default.")
 
     @model_validator(mode="after")
     def _check_prices(self) -> "EdgeNodeConfig":
@@ -189,6 +190,7 @@ class CloudLLMConfig(BaseModel):
     openai_api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
     openai_continue_final_message: bool = Field(False, description="openai: the endpoint continues an open assistant message when asked with continue_final_message (a vLLM or SGLang server does; OpenAI's own API does not). Off, the agent asks for each step in the documented fallback format (steps as an assistant turn, then a user turn asking for the next step), and the trace says step_format \"turns\".")
     request_timeout_s: float = Field(600.0, gt=0, description="Longest a single generation may take.")
+    generation_cache: Path | None = Field(None, description="llama_cpp: SQLite file of temperature-0 results by (model file, request), shared by this machine's engines; `hera up` gives it to the edges it starts too. An evaluation setting, so that benchmark policies reaching the same step share it (hera_ray/gencache.py); hits take no engine time, so latency measured with it is not the engine's. Off by default.")
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description="vllm: extra AsyncEngineArgs (e.g. dtype, max_model_len).")
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each replica needs, e.g. {\"cloud\": 1} to keep replicas on the nodes started with `ray start --resources '{\"cloud\": 4}'`.")

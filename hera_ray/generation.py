@@ -81,6 +81,8 @@ class GenerationResult:
     #: For a scored candidate: at each of its positions, the log-probability of the model's own
     #: most likely token (equal to ``logprobs[i]`` where the model would have written the same token).
     top_logprobs: list[float] | None = None
+    #: The engine answered from its generation cache (:mod:`hera_ray.gencache`), not by running the model.
+    cache_hit: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

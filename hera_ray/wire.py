@@ -200,7 +200,8 @@ def result_from_pb(r: "edge_pb2.GenerateResponse") -> GenerationResult:
                             ttft_s=r.ttft_s, decode_s=r.decode_s, queue_s=r.queue_s,
                             finish_reason=r.finish_reason, request_id=r.request_id, stop_reason=r.stop_reason,
                             logprobs=list(r.logprobs) if r.has_logprobs else None,
-                            top_logprobs=list(r.top_logprobs) if r.has_logprobs and r.top_logprobs else None)
+                            top_logprobs=list(r.top_logprobs) if r.has_logprobs and r.top_logprobs else None,
+                            cache_hit=r.cache_hit)
 
 
 # A failed call to an edge node, as the caller should treat it: retry elsewhere, or give up.

@@ -81,6 +81,10 @@ class TraceEntry:
     check_error: str = ""
     #: The SLM's step the policy discarded (the LLM wrote this one instead), if any.
     rejected_output: str = ""
+    #: Engine calls this step made (the step, a discarded SLM step, a check), and how many of them an
+    #: engine answered from its generation cache (an evaluation setting: hera_ray/gencache.py).
+    engine_calls: int = 0
+    cache_hits: int = 0
 
 
 @dataclass
@@ -158,6 +162,9 @@ class _RunState:
     chain_tokens: int = 0
     #: Per side ("cloud", or an edge node id): the previous call, for the cached-prompt count.
     last_call: dict[str, _LastCall] = field(default_factory=dict)
+    #: Engine calls made for this request, and how many an engine answered from its generation cache.
+    engine_calls: int = 0
+    cache_hits: int = 0
 
 
 class Agent:
@@ -241,6 +248,7 @@ class Agent:
         failures: list[str] = []
         check = _Check()
         rejected = ""
+        calls0, hits0 = state.engine_calls, state.cache_hits
         while True:
             route = await self._route(request, max_cloud_cost)
             decision_s += route["decision_s"]
@@ -298,6 +306,7 @@ class Agent:
                 uncached_prompt_tokens=result.prompt_tokens - cached, boundary=step.boundary, step_format=fmt.value,
                 check_prompt_tokens=check.prompt_tokens, check_cached_prompt_tokens=check.cached, check_cost=check.cost,
                 check_s=check.seconds, check_error=check.error, rejected_output=rejected,
+                engine_calls=state.engine_calls - calls0, cache_hits=state.cache_hits - hits0,
             )
             return entry, step
 
@@ -357,6 +366,8 @@ class Agent:
         except (Unavailable, Overloaded):
             await self.scheduler.report({**_report_base(run, route), "ok": False})
             raise
+        state.engine_calls += 1
+        state.cache_hits += int(result.cache_hit)
         cached = _cached_prompt_tokens(state, route, params, result)
         cost = await self.scheduler.report({**_report_base(run, route), "prompt_tokens": result.prompt_tokens,
                                             "cached_prompt_tokens": cached,

@@ -142,6 +142,9 @@ def record_of(item, policy: str, run: dict[str, Any], wall_s: float) -> dict[str
         "speculative_s": sum(float(t.get("speculative_s", 0.0)) for t in trace),
         "check_s": sum(float(t.get("check_s", 0.0)) for t in trace),
         "model_s": sum(float(t.get("model_s", 0.0)) for t in trace),
+        # Engine calls, and those answered from a generation cache (hera_ray/gencache.py).
+        "engine_calls": sum(int(t.get("engine_calls", 0)) for t in trace),
+        "cache_hits": sum(int(t.get("cache_hits", 0)) for t in trace),
         "stages": dict(Counter(t.get("stage", "") for t in trace)),
     }
 
@@ -192,6 +195,9 @@ def summarise(records: dict[tuple[str, str], dict], policies: list[str],
             "decision_share": sum(r["decision_s"] for r in rs) / lat if lat else 0.0,
             # hera-verify: the LLM's one-prefill checks of borderline SLM steps.
             "check_share": sum(r.get("check_s", 0.0) for r in rs) / lat if lat else 0.0,
+            # Share of engine calls a generation cache answered (0 with the cache off).
+            "cache_hit_rate": (sum(r.get("cache_hits", 0) for r in rs) / calls
+                               if (calls := sum(r.get("engine_calls", 0) for r in rs)) else 0.0),
             "stages": dict(sum((Counter(r["stages"]) for r in rs), Counter())),
         }
     # Which stages put a request on the SLM where that cost its answer: requests all-llm got right
@@ -248,7 +254,7 @@ def cluster_meta(client) -> dict[str, Any]:
         estimators = None
     return {"cloud_model": health["cloud_model"], "edge_model": health["edge_model"], "estimators": estimators,
             "cloud_prices": health.get("cloud_prices"), "cloud_step_format": health.get("cloud_step_format"),
-            "agent": health.get("agent")}
+            "agent": health.get("agent"), "generation_cache": health.get("generation_cache")}
 
 
 def run_bench(client, items: list, policies: list[str], store: RecordStore, max_steps: int,
@@ -346,8 +352,8 @@ def write_config_value(path: Path, section: str, key: str, value: Any) -> None:
 def result_json(dataset: str, split: str, command: str, summary: dict[str, Any],
                 meta: dict[str, Any]) -> dict[str, Any]:
     keys = ("accuracy", "f1", "slm_share", "cost", "pgr", "apgr", "latency_p50_s", "latency_p95_s",
-            "overhead_share", "runtime_overhead_share", "decision_share", "check_share", "subtasks", "stages",
-            "lost_vs_llm", "gained_vs_llm",
+            "overhead_share", "runtime_overhead_share", "decision_share", "check_share", "cache_hit_rate", "subtasks",
+            "stages", "lost_vs_llm", "gained_vs_llm",
             "lost_edge_stages")
     return {
         "command": command, "commit": git_commit(), "dataset": dataset, "split": split, "n": summary["n"],
@@ -396,7 +402,8 @@ def table(summary: dict[str, Any], title: str):
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("policy", "acc", "F1", "SLM share", "cost", "PGR", "APGR", "p50 s", "p95 s", "decide"):
+    cached = any(m.get("cache_hit_rate") for m in summary["policies"].values())
+    for col in ("policy", "acc", "F1", "SLM share", "cost", "PGR", "APGR", "p50 s", "p95 s", "decide") + (("cache hits",) if cached else ()):
         t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
 
     def f(v, fmt):
@@ -405,7 +412,10 @@ def table(summary: dict[str, Any], title: str):
     for p, m in summary["policies"].items():
         t.add_row(p, f(m["accuracy"], ".1%"), f(m["f1"], ".2f"), f(m["slm_share"], ".0%"), f(m["cost"], ".2f"),
                   f(m["pgr"], ".2f"), f(m["apgr"], ".2f"), f(m["latency_p50_s"], ".1f"),
-                  f(m["latency_p95_s"], ".1f"), f(m["overhead_share"], ".1%"))
+                  f(m["latency_p95_s"], ".1f"), f(m["overhead_share"], ".1%"),
+                  *((f(m.get("cache_hit_rate"), ".0%"),) if cached else ()))
+    if cached:
+        t.caption = "A generation cache answered some engine calls: latency and decision shares are not the engines'."
     return t
 
 

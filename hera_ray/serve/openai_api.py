@@ -280,7 +280,9 @@ class HeraIngress:
                              "cloud_prices": self.config.cloud.prices.model_dump(),
                              "cloud_step_format": self.agent.cloud_step_format.value,
                              "agent": {"max_steps": a.max_steps, "max_tokens_per_step": a.max_tokens_per_step,
-                                       "max_chain_tokens": a.max_chain_tokens, "temperature": a.temperature}})
+                                       "max_chain_tokens": a.max_chain_tokens, "temperature": a.temperature},
+                             # An evaluation setting: engines answer repeated temperature-0 calls from this file.
+                             "generation_cache": str(self.config.cloud.generation_cache or "") or None})
 
     @api.get("/v1/estimators")
     async def estimators_manifest(self, request: Request) -> dict[str, Any]:
