@@ -59,6 +59,10 @@ def run(console: Console, questions: int, max_steps: int | None, policies: list[
     results = []
     try:
         with Client(state.ingress_url, timeout=1800) as client, Progress(console=console) as progress:
+            if client.health().get("generation_cache"):
+                raise SystemExit(f"the running hera-ray answers repeated calls from a generation cache "
+                                 f"({client.health()['generation_cache']}), so its steps take no engine time: "
+                                 "restart it without --generation-cache to measure overhead")
             for policy in policies:
                 runs = []
                 task = progress.add_task(f"{policy}: GSM8K {split}", total=len(items))

@@ -168,8 +168,10 @@ def pgr(acc: float, acc_slm: float, acc_llm: float) -> float | None:
 
 
 def summarise(records: dict[tuple[str, str], dict], policies: list[str],
-              sweeps: dict[str, Iterable[float]]) -> dict[str, Any]:
-    """Per-policy metrics over the items every policy in ``policies`` has finished."""
+              sweeps: dict[str, Iterable[float]], best: str | None = None) -> dict[str, Any]:
+    """Per-policy metrics over the items every policy in ``policies`` has finished, with paired
+    bootstrap 95% intervals (``ci``) and those of ``best`` minus each other policy
+    (``differences``; ``best`` defaults to the most accurate policy besides the two anchors)."""
     by_policy: dict[str, dict[str, dict]] = {p: {} for p in policies}
     for (p, item), r in records.items():
         if p in by_policy:
@@ -225,7 +227,16 @@ def summarise(records: dict[tuple[str, str], dict], policies: list[str],
                 out[p]["apgr"] = apgr
     for m in out.values():
         m.setdefault("apgr", None)
-    return {"n": len(common), "policies": out}
+    # Paired bootstrap: every policy resampled on the same draws of the common requests.
+    from hera_ray.eval.stats import paired_bootstrap
+
+    items = sorted(common)
+    ci = paired_bootstrap({p: [float(by_policy[p][i]["correct"]) for i in items] for p in policies},
+                          {p: [float(by_policy[p][i]["cost"]) for i in items] for p in policies}, best=best)
+    for p in policies:
+        out[p]["ci"] = ci["policies"][p]
+    return {"n": len(common), "policies": out, "best": ci["best"], "differences": ci["differences"],
+            "bootstrap": {"n_boot": ci["n_boot"], "level": ci["level"], "pgr_undefined": ci["pgr_undefined"]}}
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -354,11 +365,13 @@ def result_json(dataset: str, split: str, command: str, summary: dict[str, Any],
     keys = ("accuracy", "f1", "slm_share", "cost", "pgr", "apgr", "latency_p50_s", "latency_p95_s",
             "overhead_share", "runtime_overhead_share", "decision_share", "check_share", "cache_hit_rate", "subtasks",
             "stages", "lost_vs_llm", "gained_vs_llm",
-            "lost_edge_stages")
+            "lost_edge_stages", "ci")
     return {
         "command": command, "commit": git_commit(), "dataset": dataset, "split": split, "n": summary["n"],
         "settings": meta,
-        "policies": {p: {k: m[k] for k in keys} for p, m in summary["policies"].items()},
+        "policies": {p: {k: m.get(k) for k in keys} for p, m in summary["policies"].items()},
+        # Paired bootstrap: each policy's 95% intervals are under policies.<p>.ci; these are best minus each other policy.
+        "bootstrap": summary.get("bootstrap"), "best": summary.get("best"), "differences": summary.get("differences", {}),
     }
 
 
@@ -409,13 +422,25 @@ def table(summary: dict[str, Any], title: str):
     def f(v, fmt):
         return "—" if v is None else format(v, fmt)
 
+    def with_ci(m, key, fmt, scale=1.0):
+        """The figure, and its 95% interval in brackets (in the figure's unit)."""
+        ci = (m.get("ci") or {}).get(key)
+        if m[key] is None or ci is None:
+            return f(m[key], fmt)
+        unit = "%" if fmt.endswith("%") else ""
+        digits = fmt.strip(".%f")
+        lo, hi = (format(v * scale, f".{digits}f") for v in ci)
+        return f"{format(m[key], fmt)} [{lo}–{hi}{unit}]"
+
     for p, m in summary["policies"].items():
-        t.add_row(p, f(m["accuracy"], ".1%"), f(m["f1"], ".2f"), f(m["slm_share"], ".0%"), f(m["cost"], ".2f"),
-                  f(m["pgr"], ".2f"), f(m["apgr"], ".2f"), f(m["latency_p50_s"], ".1f"),
+        t.add_row(p, with_ci(m, "accuracy", ".0%", 100), f(m["f1"], ".2f"), f(m["slm_share"], ".0%"),
+                  with_ci(m, "cost", ".2f"), with_ci(m, "pgr", ".2f"), f(m["apgr"], ".2f"), f(m["latency_p50_s"], ".1f"),
                   f(m["latency_p95_s"], ".1f"), f(m["overhead_share"], ".1%"),
                   *((f(m.get("cache_hit_rate"), ".0%"),) if cached else ()))
+    notes = ["in brackets: the paired bootstrap 95% interval"]
     if cached:
-        t.caption = "A generation cache answered some engine calls: latency and decision shares are not the engines'."
+        notes.append("a generation cache answered some engine calls: latency and decision shares are not the engines'")
+    t.caption = "; ".join(notes) + "."
     return t
 
 

@@ -1,0 +1,82 @@
+"""Paired bootstrap intervals for a benchmark's policies.
+
+Every policy runs on the same requests, so the resampling is *paired*: one bootstrap sample draws
+requests with replacement, and every policy's accuracy, PGR and cost are computed on that same
+draw. PGR needs the two anchors of the same draw (``all-slm`` and ``all-llm`` accuracy), and cost
+is relative to ``all-llm``'s cost on the same draw. The difference between two policies is taken
+per draw as well, so the interval of a difference is narrower than the two intervals suggest when
+the policies succeed on the same requests.
+
+Percentile intervals (the 2.5th and 97.5th percentiles of ``n_boot`` draws for 95%). A draw where
+the anchors score the same has no PGR; such draws are left out of PGR's interval (and counted in
+``pgr_undefined``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+ANCHORS = ("all-slm", "all-llm")
+METRICS = ("accuracy", "pgr", "cost")
+
+
+def _interval(values: np.ndarray, level: float) -> list[float] | None:
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None
+    lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def paired_bootstrap(correct: Mapping[str, Sequence[float]], cost: Mapping[str, Sequence[float]],
+                     best: str | None = None, baselines: Sequence[str] | None = None, n_boot: int = 2000,
+                     level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Intervals of accuracy, PGR and cost (share of ``all-llm``'s) for each policy, and of the
+    difference ``best`` minus each of ``baselines``.
+
+    ``correct[p][i]`` is 1 if policy ``p`` answered request ``i`` right (0 else), ``cost[p][i]`` its
+    cloud cost; every policy lists the same requests in the same order. Without the anchors, PGR and
+    cost have no interval (None). ``best`` defaults to the policy, anchors aside, of the highest
+    accuracy; ``baselines`` to every other non-anchor policy.
+
+    Returns ``{"n_boot", "level", "policies": {p: {"accuracy": [lo, hi], "pgr": ..., "cost": ...}},
+    "best": best, "differences": {baseline: {"accuracy": [lo, hi], "pgr": ..., "cost": ...}}}``.
+    """
+    policies = list(correct)
+    n = {len(v) for v in correct.values()} | {len(cost[p]) for p in policies}
+    if len(n) != 1:
+        raise ValueError(f"every policy needs the same requests: got lengths {sorted(n)}")
+    (n_items,) = n
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_items, size=(n_boot, n_items)) if n_items else np.zeros((n_boot, 0), int)
+    acc = {p: np.asarray(correct[p], float)[draws].mean(axis=1) if n_items else np.full(n_boot, np.nan) for p in policies}
+    spend = {p: np.asarray(cost[p], float)[draws].sum(axis=1) for p in policies}
+    have_anchors = all(a in acc for a in ANCHORS)
+    metrics: dict[str, dict[str, np.ndarray]] = {}
+    undefined = 0
+    for p in policies:
+        m = {"accuracy": acc[p]}
+        if have_anchors:
+            gap = acc["all-llm"] - acc["all-slm"]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                m["pgr"] = np.where(np.abs(gap) > 1e-12, (acc[p] - acc["all-slm"]) / gap, np.nan)
+                m["cost"] = np.where(spend["all-llm"] > 0, spend[p] / spend["all-llm"], np.nan)
+            undefined = int(np.sum(np.abs(gap) <= 1e-12))
+        metrics[p] = m
+    out: dict[str, Any] = {"n_boot": n_boot, "level": level, "n": n_items, "pgr_undefined": undefined,
+                           "policies": {p: {k: (_interval(m[k], level) if k in m else None) for k in METRICS}
+                                        for p, m in metrics.items()}}
+    candidates = [p for p in policies if p not in ANCHORS]
+    if best is None and candidates:
+        best = max(candidates, key=lambda p: float(np.mean(correct[p])))
+    out["best"] = best
+    out["differences"] = {}
+    if best is not None:
+        for b in baselines if baselines is not None else [p for p in candidates if p != best]:
+            if b == best or b not in metrics:
+                continue
+            out["differences"][b] = {k: (_interval(metrics[best][k] - metrics[b][k], level)
+                                         if k in metrics[best] and k in metrics[b] else None) for k in METRICS}
+    return out

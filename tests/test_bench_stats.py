@@ -1,0 +1,85 @@
+"""Paired bootstrap intervals on hand-made benchmark records whose answer is known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hera_ray.eval.stats import paired_bootstrap
+
+
+def anchors(n: int, slm_right: int, llm_right: int):
+    return ({"all-slm": [1] * slm_right + [0] * (n - slm_right), "all-llm": [1] * llm_right + [0] * (n - llm_right)},
+            {"all-slm": [0.0] * n, "all-llm": [1.0] * n})
+
+
+def test_a_policy_that_is_the_llm_on_every_request_has_pgr_and_cost_exactly_one():
+    correct, cost = anchors(50, 10, 30)
+    correct["copy"], cost["copy"] = list(correct["all-llm"]), list(cost["all-llm"])
+    ci = paired_bootstrap(correct, cost)
+    assert ci["policies"]["copy"]["pgr"] == [1.0, 1.0] and ci["policies"]["copy"]["cost"] == [1.0, 1.0]
+    assert ci["policies"]["all-slm"]["pgr"] == [0.0, 0.0] and ci["policies"]["all-slm"]["cost"] == [0.0, 0.0]
+
+
+def test_accuracy_interval_matches_the_normal_approximation():
+    n = 400
+    correct = {"p": [1, 0] * (n // 2)}
+    ci = paired_bootstrap(correct, {"p": [0.0] * n}, n_boot=4000)
+    half = 1.96 * math.sqrt(0.25 / n)  # 0.049
+    lo, hi = ci["policies"]["p"]["accuracy"]
+    assert lo == pytest.approx(0.5 - half, abs=0.01) and hi == pytest.approx(0.5 + half, abs=0.01)
+    assert ci["policies"]["p"]["pgr"] is None  # no anchors: no PGR, no relative cost
+
+
+def test_paired_difference_of_identical_policies_is_zero_and_of_a_better_one_excludes_zero():
+    correct, cost = anchors(100, 20, 60)
+    correct["a"] = [1] * 50 + [0] * 50
+    correct["same"] = list(correct["a"])
+    correct["worse"] = [1] * 30 + [0] * 70  # right only where "a" is right: a paired win on 20 requests
+    for p in ("a", "same", "worse"):
+        cost[p] = [0.5] * 100
+    ci = paired_bootstrap(correct, cost, best="a")
+    assert ci["best"] == "a"
+    assert ci["differences"]["same"] == {"accuracy": [0.0, 0.0], "pgr": [0.0, 0.0], "cost": [0.0, 0.0]}
+    lo, hi = ci["differences"]["worse"]["accuracy"]
+    assert 0.1 < lo < 0.2 < hi < 0.3  # 0.20, and paired: its interval is about ±0.08, not the unpaired ±0.13
+    assert ci["policies"]["a"]["cost"] == [0.5, 0.5]
+
+
+def test_the_best_defaults_to_the_most_accurate_non_anchor_policy_and_bad_input_is_refused():
+    correct, cost = anchors(10, 2, 8)
+    correct.update({"x": [1] * 6 + [0] * 4, "y": [1] * 3 + [0] * 7})
+    cost.update({"x": [0.1] * 10, "y": [0.1] * 10})
+    ci = paired_bootstrap(correct, cost, n_boot=200)
+    assert ci["best"] == "x" and set(ci["differences"]) == {"y"}
+    with pytest.raises(ValueError, match="same requests"):
+        paired_bootstrap({"a": [1, 0], "b": [1]}, {"a": [0, 0], "b": [0]})
+
+
+def test_draws_where_the_anchors_tie_leave_pgr_out_and_are_counted():
+    correct = {"all-slm": [1, 0], "all-llm": [0, 1], "p": [1, 1]}  # many draws tie the anchors
+    ci = paired_bootstrap(correct, {k: [1.0, 1.0] for k in correct}, n_boot=500)
+    assert 0 < ci["pgr_undefined"] < 500
+
+
+def test_the_bench_summary_and_json_carry_each_policy_s_intervals_and_the_differences():
+    from hera_ray.eval.bench import result_json, summarise
+
+    def rec(correct, cost):
+        return {"correct": correct, "f1": 0.0, "subtasks": 4, "edge_subtasks": 2, "cost": cost, "latency_s": 10.0,
+                "decision_s": 0.1, "model_s": 9.0, "stages": {}}
+
+    records = {}
+    for i in range(40):
+        records[("all-slm", str(i))] = rec(i < 8, 0.0)
+        records[("all-llm", str(i))] = rec(i < 24, 1.0)
+        records[("hera-verify", str(i))] = rec(i < 22, 0.3)
+        records[("random", str(i))] = rec(i < 14, 0.5)
+    summary = summarise(records, ["all-slm", "all-llm", "hera-verify", "random"], {})
+    out = result_json("gsm8k", "dev", "hera bench", summary, {})
+    assert out["best"] == "hera-verify" and set(out["differences"]) == {"random"}
+    ci = out["policies"]["hera-verify"]["ci"]
+    assert ci["accuracy"][0] < 22 / 40 < ci["accuracy"][1] and ci["cost"] == [0.3, 0.3]
+    assert ci["pgr"][0] < (22 - 8) / (24 - 8) < ci["pgr"][1]
+    assert out["differences"]["random"]["accuracy"][0] > 0  # right on a superset of random's requests
