@@ -262,12 +262,13 @@ class HeraPolicySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = Field(True, description="Deploy the estimators and offer the hera, hera-no-*, and hybridllm policies.")
+    enabled: bool = Field(True, description="Deploy the estimators and offer the hera, hera-no-*, hybridllm and routellm policies.")
     estimators: Path | None = Field(None, description="Folder of trained estimators (`hera train --out`); default: the set bundled with hera-ray.")
     threshold_base: float = Field(0.6, ge=-1, le=1, description="Base of the position-aware similarity threshold: κ_i = base + min(i, 5) · kappa_step.")
     kappa_step: float = Field(0.02, ge=0, le=1, description="How much κ rises per subtask position (up to position 5).")
     tau_req: float = Field(0.78, ge=0, le=1, description="URC: a request with P(simple) at least this runs wholly on the SLM (0.78: the paper's operating point).")
     tau_hybrid: float = Field(0.78, ge=0, le=1, description="hybridllm: a request with P(simple) at least this runs wholly on the SLM, else wholly on the LLM.")
+    routellm_threshold: float = Field(0.5, ge=0, le=1.01, description="routellm: a request with P(the LLM wins) at least this runs wholly on the LLM, else wholly on the SLM (RouteLLM's threshold; above 1: never the LLM).")
     use_urc: bool = Field(True, description="Stage URC on (off: --no-urc ablation).")
     use_cd: bool = Field(True, description="Stage SLE/CD on (off: --no-cd ablation).")
     use_sd: bool = Field(True, description="Stage SD on (off: --no-sd ablation).")

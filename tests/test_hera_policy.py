@@ -155,6 +155,34 @@ def test_hybridllm_decides_once_per_request_for_every_subtask():
     assert router.asked == ["easy", "hard"]  # one classifier call per request, not per subtask
 
 
+class ScriptedStrongWin:
+    """Stand-in for the trained RouteLLM-style classifier: a scripted P(the LLM wins) per question."""
+
+    def __init__(self, p: dict[str, float]):
+        self.p, self.asked = p, []
+
+    async def strong_win_prob(self, question):
+        self.asked.append(question)
+        return self.p[question]
+
+
+@pytest.mark.parametrize("threshold, placements", [(0.5, ("edge", "cloud")), (0.0, ("cloud", "cloud")),
+                                                   (1.01, ("edge", "edge"))])
+def test_routellm_sends_a_request_to_the_llm_when_the_llm_would_win_once_per_request(threshold, placements):
+    from hera_ray.policy.routellm import RouteLLMPolicy
+
+    router = ScriptedStrongWin({"easy": 0.1, "hard": 0.7})
+    policy = RouteLLMPolicy(router).tuned(threshold)
+    assert policy.name == f"routellm@{threshold:g}"
+    easy = [asyncio.run(policy.decide(SubtaskContext("r1", "easy", i))) for i in range(3)]
+    hard = [asyncio.run(policy.decide(SubtaskContext("r2", "hard", i))) for i in range(3)]
+    assert ({d.placement.value for d in easy}, {d.placement.value for d in hard}) == ({placements[0]}, {placements[1]})
+    assert hard[0].stage == "routellm" and hard[0].scores == {"p_strong_wins": 0.7, "threshold": threshold}
+    assert router.asked == ["easy", "hard"]  # one classifier call per request, not per subtask
+    with pytest.raises(ValueError, match="threshold"):
+        RouteLLMPolicy(router).tuned(1.5)
+
+
 def test_build_policies_offers_hera_its_ablations_and_hybridllm_only_with_estimators():
     from hera_ray.policy import build_policies
 
@@ -162,7 +190,7 @@ def test_build_policies_offers_hera_its_ablations_and_hybridllm_only_with_estima
     est = ScriptedEstimators(p_simple=0.9)
     policies = build_policies(estimators=est, hera=HeraPolicyConfig(threshold_base=0.7), tau_hybrid=0.3)
     assert set(policies) == {"all-slm", "all-llm", "random", "hera", "hera-no-urc", "hera-no-cd", "hera-no-sd",
-                             "hera-urc-only", "hera-spec", "hybridllm"}
+                             "hera-urc-only", "hera-spec", "hybridllm", "routellm"}
     assert policies["hera"].config.threshold_base == 0.7
     assert not policies["hera-no-urc"].config.use_urc and policies["hera-no-urc"].config.threshold_base == 0.7
     assert policies["hera-no-sd"].name == "hera-no-sd" and policies["hera"].name == "hera"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from hera_ray.estimators.prompts import sp_chain_request
 from hera_ray.estimators.prompts import clean_prediction, parse_parts, sp_messages
 from hera_ray.offline import datasets as ds
@@ -81,6 +83,16 @@ def test_dp_context_plus_slm_input_ends_with_the_slm_subtask_at_the_node():
     assert all("SLM next:" not in t for t in plain)
     assert sorted(t.rsplit("SLM next: ", 1)[1] for t in with_slm) == slm_steps
     assert [t.rsplit("\nSLM next: ", 1)[0] for t in with_slm] == plain  # the same context before it
+
+
+@pytest.mark.parametrize("slm, llm, outcome", [(False, True, "strong"), (True, False, "weak"), (True, True, "tie"),
+                                               (False, False, "tie")])
+def test_routellm_labels_say_who_wins_the_request(slm, llm, outcome):
+    r = record()
+    r["all_slm"]["correct"], r["all_llm"]["correct"] = slm, llm
+    assert ds.request_outcome(r) == outcome
+    (question, label), = ds.routellm_examples([r]).train + ds.routellm_examples([r]).heldout
+    assert (question, label) == (r["question"], outcome)
 
 
 def test_heldout_is_by_whole_request_and_stable():

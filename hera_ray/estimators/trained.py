@@ -24,7 +24,10 @@ from hera_ray.policy.base import SubtaskContext
 
 MANIFEST = "manifest.json"
 BUNDLED_ESTIMATORS = Path(__file__).parent / "trained" / "gsm8k"
-ENCODERS = ("urc", "hybridllm", "dp")
+ENCODERS = ("urc", "hybridllm", "routellm", "dp")
+#: The class whose probability a request classifier reports: P(simple) of URC and HybridLLM, and
+#: RouteLLM's P(the strong model wins).
+REQUEST_LABEL = {"urc": "simple", "hybridllm": "simple", "routellm": "strong"}
 GENERATORS = ("sp_slm", "sp_llm", "sd")
 
 
@@ -81,8 +84,10 @@ class LocalEstimators:
     # -- synchronous calls (batched where the model allows) ----------------------------------
 
     def simple_probs(self, name: str, questions: list[str]) -> list[float]:
-        """P(simple) of each request under the URC (``name="urc"``) or the HybridLLM router."""
-        return [p.get("simple", 0.0) for p in self._need(self.encoders, name).predict_proba(questions)]
+        """Per request, the probability of ``name``'s class of interest (:data:`REQUEST_LABEL`): P(simple)
+        under URC or the HybridLLM router, P(the strong model wins) under the RouteLLM router."""
+        label = REQUEST_LABEL.get(name, "simple")
+        return [p.get(label, 0.0) for p in self._need(self.encoders, name).predict_proba(questions)]
 
     def dp_text(self, question: str, steps: Sequence[tuple[str, str]], slm_next: str | None = None) -> str:
         """DP's input in the form this set was trained on (the SLM's next subtask only if it was)."""
@@ -111,6 +116,9 @@ class LocalEstimators:
 
     async def hybrid_simple_prob(self, question: str) -> float:
         return (await asyncio.to_thread(self.simple_probs, "hybridllm", [question]))[0]
+
+    async def strong_win_prob(self, question: str) -> float:
+        return (await asyncio.to_thread(self.simple_probs, "routellm", [question]))[0]
 
     async def predict_subtask(self, side: str, ctx: SubtaskContext, extra: tuple[str, ...] = ()) -> str:
         return await asyncio.to_thread(self.predict_subtask_sync, side, ctx.question, history_steps(ctx), extra)

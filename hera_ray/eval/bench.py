@@ -385,7 +385,8 @@ def plot(path: Path, dataset: str, summary: dict[str, Any], sweeps: dict[str, It
 
     pol = summary["policies"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {"hera": "tab:red", "hybridllm": "tab:blue", "random": "tab:grey"}
+    colours = {"hera": "tab:red", "hera-verify": "tab:green", "hybridllm": "tab:blue", "routellm": "tab:cyan",
+               "random": "tab:grey"}
     for router, values in sweeps.items():
         points = [p for p in [router, *(f"{router}@{v:g}" for v in values)] if p in pol]
         if not points:

@@ -6,6 +6,8 @@ Pure code over the profile records, so what an estimator learns from is easy to 
   All-SLM path ended correct, or the All-LLM path did not either. (HybridLLM's label, q(S) ≥ q(L),
   for a 0/1 score.)
 * **HybridLLM** (request → SLM?): the same label; a router of its own with its own threshold.
+* **RouteLLM** (request → strong / tie / weak): who wins on the answer, the three classes of
+  RouteLLM's BERT router; it sends a request to the LLM when P(strong) is high enough.
 * **SP_SLM / SP_LLM** (context → the next subtask that side writes): every step of every path the
   profile holds, by who wrote it: node candidates, the SLM rollouts, the LLM spine, the switch
   branches.
@@ -52,6 +54,24 @@ def _steps(steps: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
 
 def request_simple(record: dict[str, Any]) -> bool:
     return bool(record["all_slm"]["correct"] or not record["all_llm"]["correct"])
+
+
+#: RouteLLM's three classes (its BERT router's label order: the strong model wins, a tie, the weak wins).
+OUTCOMES = ["strong", "tie", "weak"]
+
+
+def request_outcome(record: dict[str, Any]) -> str:
+    """Who wins the request on its answer: the LLM alone (``strong``), the SLM alone (``weak``), or neither (``tie``)."""
+    llm, slm = bool(record["all_llm"]["correct"]), bool(record["all_slm"]["correct"])
+    return "strong" if llm and not slm else "weak" if slm and not llm else "tie"
+
+
+def routellm_examples(records: list[dict[str, Any]]) -> Split:
+    """(question, outcome) pairs: the RouteLLM-style router's training data."""
+    split = Split()
+    for r in records:
+        split.add(r["request_id"], (r["question"], request_outcome(r)))
+    return split
 
 
 def urc_examples(records: list[dict[str, Any]]) -> Split:

@@ -1,6 +1,6 @@
 """``hera train``: build each estimator's data set from a profile, fine-tune it with LoRA, measure it.
 
-* URC, HybridLLM, DP: LoRA + a classification head on the MiniLM encoder (``offline/encoders.py``).
+* URC, HybridLLM, RouteLLM, DP: LoRA + a classification head on the MiniLM encoder (``offline/encoders.py``).
 * SP_SLM, SP_LLM, SD: LoRA on the SLM itself (SmolLM2-135M, loaded from its GGUF by transformers;
   ``offline/causal.py``), exported as llama.cpp adapters, because at serving time they run in
   llama.cpp beside the edge SLM. The SLM is the base because it is the smallest causal LM here
@@ -85,7 +85,7 @@ class TrainConfig(BaseSettings):
         return {s.strip() for s in self.base_only.split(",") if s.strip()}
 
     def wanted(self) -> list[str]:
-        all_ = ["urc", "hybridllm", "dp", "verifier", "sp_slm", "sp_llm", "sd"]
+        all_ = ["urc", "hybridllm", "routellm", "dp", "verifier", "sp_slm", "sp_llm", "sd"]
         chosen = [s.strip() for s in self.only.split(",") if s.strip()]
         unknown = sorted(set(chosen) - set(all_))
         if unknown:
@@ -197,7 +197,7 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
             stats = train_encoder_classifier(
                 [t for t, _ in split.train], [y for _, y in split.train], folder, label_names=labels,
                 base=config.encoder_base, r=config.lora_r, epochs=config.encoder_epochs, lr=config.encoder_lr,
-                seed=config.seed + (1 if name == "hybridllm" else 0),
+                seed=config.seed + {"hybridllm": 1, "routellm": 2}.get(name, 0),
                 eval_texts=[t for t, _ in split.heldout] or None, eval_labels=[y for _, y in split.heldout] or None)
             entry = {"kind": "encoder", "base": config.encoder_base, "path": name, "labels": labels,
                      "train_examples": len(split.train), "heldout_examples": len(split.heldout),
@@ -214,6 +214,7 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
     request_labels = ["complex", "simple"]
     train_one("urc", urc := ds.urc_examples(records), encoder("urc", urc, request_labels))
     train_one("hybridllm", urc, encoder("hybridllm", urc, request_labels))
+    train_one("routellm", rl := ds.routellm_examples(records), encoder("routellm", rl, ds.OUTCOMES))
     train_one("dp", dp := ds.dp_examples(records, config.dp_input), encoder("dp", dp, distance_labels(pcfg.max_distance)))
 
     # -- hera-verify's step classifier: logistic regression on the SLM-path checks ---------------

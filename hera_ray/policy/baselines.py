@@ -54,7 +54,8 @@ class RandomPolicy(Policy):
 
 
 def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None, hera=None,
-                   tau_hybrid: float = 0.78, verify: Policy | None = None) -> dict[str, Policy]:
+                   tau_hybrid: float = 0.78, verify: Policy | None = None,
+                   routellm_threshold: float = 0.5) -> dict[str, Policy]:
     """The policies a scheduler offers, by name (the model name clients pass).
 
     With ``estimators`` (an :class:`~hera_ray.estimators.base.EstimatorSet` that also has
@@ -62,13 +63,14 @@ def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None
     :class:`~hera_ray.policy.hera.HeraPolicyConfig`), its ablations ``hera-no-urc``,
     ``hera-no-cd``, ``hera-no-sd``, ``hera-urc-only`` (URC, then the LLM: the paper's Table 4
     "URC alone" row), ``hera-spec`` (speculative SSE, see :mod:`hera_ray.policy.hera`), and
-    ``hybridllm``. ``verify``: the step-verifying policy (``hera-verify``), offered as given; it
+    ``hybridllm`` and ``routellm`` (RouteLLM's BERT-style router, at ``routellm_threshold``). ``verify``: the step-verifying policy (``hera-verify``), offered as given; it
     needs no estimator deployment.
     """
     from dataclasses import replace
 
     from hera_ray.policy.hera import HeraPolicy, HeraPolicyConfig
     from hera_ray.policy.hybrid import HybridLLMPolicy
+    from hera_ray.policy.routellm import RouteLLMPolicy
 
     policies: dict[str, Policy] = {p.name: p for p in (AllSLM(), AllLLM(), RandomPolicy(random_slm_share, seed))}
     if verify is not None:
@@ -90,4 +92,5 @@ def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None
         spec.description = "HERA with speculative SSE: the SLM's real step, run first, replaces SP_SLM's prediction."
         policies[spec.name] = spec
         policies["hybridllm"] = HybridLLMPolicy(estimators, tau_hybrid)
+        policies["routellm"] = RouteLLMPolicy(estimators, routellm_threshold)
     return policies

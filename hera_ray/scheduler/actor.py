@@ -105,7 +105,8 @@ def _hera_policies(cfg: HeraConfig) -> dict[str, Any]:
     h = cfg.hera
     hera = HeraPolicyConfig(threshold_base=h.threshold_base, kappa_step=h.kappa_step, tau_req=h.tau_req,
                             use_urc=h.use_urc, use_cd=h.use_cd, use_sd=h.use_sd, max_distance=h.max_distance)
-    return {"estimators": ServeEstimatorSet(cfg.app_name), "hera": hera, "tau_hybrid": h.tau_hybrid, **_verify_policy(cfg)}
+    return {"estimators": ServeEstimatorSet(cfg.app_name), "hera": hera, "tau_hybrid": h.tau_hybrid,
+            "routellm_threshold": h.routellm_threshold, **_verify_policy(cfg)}
 
 
 class SubtaskScheduler:

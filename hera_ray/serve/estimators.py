@@ -56,7 +56,8 @@ class EstimatorServer:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def simple_prob(self, requests: list[tuple[str, str]]) -> list[float]:
-        """Batched over (estimator name, question) pairs: P(simple) from ``urc`` or ``hybridllm``."""
+        """Batched over (estimator name, question) pairs: P(simple) from ``urc`` or ``hybridllm``, P(strong
+        wins) from ``routellm``."""
         out: list[float] = [0.0] * len(requests)
         for name in {n for n, _ in requests}:
             idx = [i for i, (n, _) in enumerate(requests) if n == name]
@@ -112,6 +113,9 @@ class ServeEstimatorSet:
 
     async def hybrid_simple_prob(self, question: str) -> float:
         return await self.handle.simple_prob.remote(("hybridllm", question))
+
+    async def strong_win_prob(self, question: str) -> float:
+        return await self.handle.simple_prob.remote(("routellm", question))
 
     async def predict_subtask(self, side: str, ctx, extra: tuple[str, ...] = ()) -> str:
         return await self.handle.predict_subtask.remote(side, ctx.question, history_steps(ctx), list(extra))

@@ -74,7 +74,8 @@ def test_train_a_tiny_profile_gives_adapters_that_load_and_predict(tiny_profile,
     assert "paper" in done.stdout and "urc" in done.stdout
     manifest = json.loads((est_dir / "manifest.json").read_text())
     assert manifest["profile"]["requests"] == 3 and len(manifest["profile"]["data_sha256"]) == 64
-    assert {"urc", "hybridllm", "dp", "sp_slm", "sp_llm"} <= set(manifest["estimators"])
+    assert {"urc", "hybridllm", "routellm", "dp", "sp_slm", "sp_llm"} <= set(manifest["estimators"])
+    assert manifest["estimators"]["routellm"]["labels"] == ["strong", "tie", "weak"]
     assert manifest["estimators"]["sp_llm"]["base"] == "qwen2.5-coder-0.5b" and manifest["sp_format"] == "chain"
     assert manifest["estimators"]["sp_slm"]["path"] is None  # the SLM itself predicts its next step
     assert manifest["estimators"]["urc"]["paper_accuracy"] == 77.9
@@ -95,7 +96,7 @@ def test_train_a_tiny_profile_gives_adapters_that_load_and_predict(tiny_profile,
     try:
         ctx = SubtaskContext("r", QUESTION, 0)
         p = asyncio.run(est.request_simple_prob(QUESTION))
-        assert 0.0 <= p <= 1.0
+        assert 0.0 <= p <= 1.0 and 0.0 <= asyncio.run(est.strong_win_prob(QUESTION)) <= 1.0
         predicted = asyncio.run(est.predict_subtask("llm", ctx))
         assert isinstance(predicted, str) and predicted.strip()
         d = asyncio.run(est.distance(ctx, "Add 12 and 7"))
