@@ -345,13 +345,18 @@ class EdgeWorker:
             raise Unavailable("this edge node is draining and takes no new work; send to another node")
         tokens = await self._prepare(p)
         split = await self._split_candidate(p, tokens) if p.candidate else 0
-        key = self.cache.key(p, {"n_ctx": self.n_ctx}) if self.cache is not None else None
-        if (hit := self.cache.get(key, p.request_id) if key else None) is not None:
+        if self.cache is None:
+            return await self._run(p, tokens, split, on_delta)
+        import llama_cpp
+
+        key = self.cache.key(p, {"n_ctx": self.n_ctx, "llama_cpp": llama_cpp.__version__, "split": split}, tokens)
+        # SQLite off the event loop: a slow disk must not stall other requests or the heartbeats.
+        if (hit := await asyncio.to_thread(self.cache.get, key, p.request_id) if key else None) is not None:
             if on_delta is not None and hit.text:  # a stream gets the stored text as one delta
                 on_delta(hit.text)
             return hit
         result = await self._run(p, tokens, split, on_delta)
-        return self.cache.put(key, result) if key else result
+        return await asyncio.to_thread(self.cache.put, key, result) if key else result
 
     async def _run(self, p: GenerationParams, tokens: list[int], split: int,
                    on_delta: Callable[[str], None] | None) -> GenerationResult:
@@ -426,6 +431,8 @@ class EdgeWorker:
                 task.cancel()
 
     def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
         self._gen_pool.shutdown(wait=True, cancel_futures=True)
         self._tok_pool.shutdown(wait=True, cancel_futures=True)
         for slot in self.slots:

@@ -201,6 +201,12 @@ class CloudLLMConfig(BaseModel):
         self.prices = _prices_with_flat_alias(self.price_per_1k_tokens, self.prices, "prices" in self.model_fields_set, "prices")
         return self
 
+    @model_validator(mode="after")
+    def _cache_needs_llama_cpp(self) -> "CloudLLMConfig":
+        if self.generation_cache is not None and self.backend != "llama_cpp":
+            raise ValueError(f"cloud.generation_cache works with the llama_cpp backend only, not {self.backend}")
+        return self
+
 
 class SchedulerConfig(BaseModel):
     """The SubtaskScheduler actor and the EdgeRegistry it runs."""

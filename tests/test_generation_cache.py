@@ -113,3 +113,26 @@ def test_a_repeated_agent_run_is_answered_from_the_cache_and_the_bench_reports_t
                for p, r in (("all-llm", first), ("all-slm", again))}
     rates = {p: m["cache_hit_rate"] for p, m in summarise(records, ["all-llm", "all-slm"], {})["policies"].items()}
     assert rates == {"all-llm": 0.0, "all-slm": 1.0}
+
+
+def test_a_broken_cache_file_is_a_miss_not_a_failure_and_other_backends_refuse_it(tmp_path):
+    from pydantic import ValidationError
+
+    from hera_ray.config import CloudLLMConfig
+
+    cache = GenerationCache(tmp_path / "gen.sqlite", resolve_model("smollm2-135m").path)
+    key = cache.key(PARAMS, {"n_ctx": 512})
+    cache.put(key, result())
+    cache._db.execute("DROP TABLE generations")  # the file no longer holds what the cache reads
+    assert cache.get(key) is None and cache.put(key, result()).text == "Blue."
+    with pytest.raises(ValidationError, match="llama_cpp backend only"):
+        CloudLLMConfig(backend="openai", model="gpt-4o-mini", generation_cache=tmp_path / "gen.sqlite")
+
+
+def test_a_hit_reports_no_engine_time(tmp_path):
+    cache = GenerationCache(tmp_path / "gen.sqlite", resolve_model("smollm2-135m").path)
+    key = cache.key(PARAMS, {"n_ctx": 512}, tokens=[1, 2, 3])
+    assert key != cache.key(PARAMS, {"n_ctx": 512}, tokens=[1, 2, 4])  # the prompt as tokenised is the key
+    cache.put(key, result())
+    hit = cache.get(key)
+    assert (hit.ttft_s, hit.decode_s, hit.queue_s) == (0.0, 0.0, 0.0) and hit.completion_tokens == 3

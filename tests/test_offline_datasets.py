@@ -120,3 +120,10 @@ def test_sd_learns_the_llms_own_split_where_the_slm_never_lined_up():
     sd = ds.sd_examples([r])
     (messages, target), = sd.train + sd.heldout
     assert parse_parts(target) == ["Take 2", "Add 3 to it"]
+
+
+def test_dp_reads_the_slm_step_as_sp_predicts_it_whatever_form_it_comes_in():
+    from hera_ray.estimators.prompts import encoder_context
+
+    forms = ["Add 2 and 3\n", "Step 2: Add 2 and 3", "  Add 2   and 3  ", "Add 2 and 3\nthen more"]
+    assert len({encoder_context("q", [("a", "a")], f) for f in forms}) == 1

@@ -121,8 +121,8 @@ def encoder_context(question: str, steps: Sequence[tuple[str, str]], slm_next: s
     and with ``slm_next`` the SLM's next subtask last (the encoder keeps a long text's head and tail)."""
     lines = [_short(question, 800)]
     lines += [f"Step {i}: {_short(s, 200)}" for i, (s, _) in enumerate(steps, 1)]
-    if slm_next is not None:
-        lines.append(f"SLM next: {_short(slm_next, 200)}")
+    if slm_next is not None:  # as SP's prediction reads: the first line, without a "Step n:" prefix
+        lines.append(f"SLM next: {_short(sp_target(clean_prediction(slm_next)), 200)}")
     return "\n".join(lines)
 
 

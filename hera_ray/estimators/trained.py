@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from hera_ray.errors import ConfigError
 from hera_ray.estimators.base import history_steps
-from hera_ray.estimators.prompts import (SD_MAX_TOKENS, SP_MAX_TOKENS, clean_prediction, encoder_context,
+from hera_ray.estimators.prompts import (DP_INPUTS, SD_MAX_TOKENS, SP_MAX_TOKENS, clean_prediction, encoder_context,
                                          parse_parts, sd_messages, sp_request)
 from hera_ray.policy.base import SubtaskContext
 
@@ -74,6 +74,9 @@ class LocalEstimators:
         self.max_distance = int(self.manifest.get("max_distance", 3))
         self.sp_format = self.manifest.get("sp_format", "compact")
         self.dp_input = self.manifest.get("dp_input", "context")
+        if self.dp_input not in DP_INPUTS:
+            raise ConfigError(f"the estimator set at {self.folder} has dp_input {self.dp_input!r}: this hera-ray reads "
+                              f"{', '.join(DP_INPUTS)}")
 
     def _need(self, table: dict[str, Any], name: str) -> Any:
         try:

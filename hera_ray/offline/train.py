@@ -167,7 +167,11 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
     heldout_requests = sum(ds.is_heldout(r["request_id"]) for r in records)
     log(f"{len(records)} profiled request(s) ({heldout_requests} held out), data sha256 {dhash[:12]}")
     estimators: dict[str, dict[str, Any]] = {}
-    settings_key = config.model_dump_json(exclude={"only"})
+    # Each estimator's key holds the settings it uses: a DP-only or SP-only setting retrains that one alone.
+    only_for = {"dp_input": {"dp"}, "sp_format": {"sp_slm", "sp_llm"}, "base_only": {"sp_slm", "sp_llm", "sd"}}
+
+    def settings_key(name: str) -> str:
+        return config.model_dump_json(exclude={"only"} | {k for k, users in only_for.items() if name not in users})
 
     @functools.cache
     def sbert():  # loaded on first use: a resumed run may never need it
@@ -178,7 +182,7 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
         if name not in config.wanted():
             return
         folder = out / name
-        key = hashlib.sha256(f"{name}:{dhash}:{settings_key}:{pcfg.match_threshold}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{name}:{dhash}:{settings_key(name)}:{pcfg.match_threshold}".encode()).hexdigest()[:16]
         entry = _done(folder, key)
         if entry is None:
             if not split.train:
