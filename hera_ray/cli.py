@@ -601,6 +601,7 @@ def bench_cmd(
     hera_sweep: str = typer.Option("0.5,0.7,0.8,0.9", help="HERA threshold bases swept besides the configured one (hera@<base>)."),
     hybrid_sweep: str = typer.Option("0.3,0.5,0.9", help="hybridllm τ values swept besides the configured one."),
     routellm_sweep: str = typer.Option("0.2,0.35,0.65", help="routellm thresholds (P(the LLM wins)) swept besides the configured one."),
+    cascade_sweep: str = typer.Option("0.7,0.8,0.95", help="cascade thresholds (the SLM chain's geometric-mean token probability) swept besides the configured one."),
     random_sweep: str = typer.Option("0.25,0.75", help="random SLM shares swept besides the configured one."),
     ablations: bool = typer.Option(True, "--ablations/--no-ablations", help="Also run hera-no-sd, hera-no-urc and hera-urc-only."),
     max_steps: Optional[int] = typer.Option(None, help="Steps per request at most (default: the cluster's agent.max_steps; the chain's token cap, agent.max_chain_tokens, usually binds first)."),
@@ -627,6 +628,7 @@ def bench_cmd(
     sweeps = {router: _floats(text, flag) for router, text, flag in
               (("hera-verify", verify_sweep, "--verify-sweep"), ("hera", hera_sweep, "--hera-sweep"),
                ("hybridllm", hybrid_sweep, "--hybrid-sweep"), ("routellm", routellm_sweep, "--routellm-sweep"),
+               ("cascade", cascade_sweep, "--cascade-sweep"),
                ("random", random_sweep, "--random-sweep")) if router in wanted}
     names = run_names(wanted, sweeps, ablations and "hera" in wanted)
     command = "hera " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -222,6 +222,7 @@ class SchedulerConfig(BaseModel):
     edge_model: str = Field("qwen2.5-coder-0.5b", description="Model id of the edge SLM that policies place subtasks on.")
     max_cloud_cost_per_request: float | None = Field(None, ge=0, description="Cap on one request's cloud spend, in USD; past it, cloud subtasks fall back to the edge (or the request stops if none is up).")
     random_slm_share: float = Field(0.5, ge=0, le=1, description="Share of subtasks the random policy sends to the edge.")
+    cascade_threshold: float = Field(0.9, ge=0, le=1.01, description="cascade: the SLM's answer stands when its chain's geometric-mean token probability is at least this; else the LLM answers again (0: never; above 1: always).")
     seed: int = Field(0, description="Seed of the random policy.")
     tls: TLSFiles = Field(default_factory=TLSFiles, description="TLS of the EdgeRegistry (served with cert_file/key_file; client_auth: mTLS) and of the channels to edge nodes (TLS when ca_file is set, presenting cert_file for mTLS).")
 

@@ -226,3 +226,55 @@ def test_when_the_cloud_cannot_check_a_step_the_llm_writes_it_and_the_trace_says
     assert "cannot score a candidate" in t.check_error and t.check_cost == 0.0
     assert t.speculative_s > 0 and t.cost > 0 and run.cost == pytest.approx(t.cost)  # the edge is free here
     assert router.outstanding["e0"] == 0
+
+
+class TwoSidedLines:
+    """Stand-in engines: the edge writes ``slm`` lines with token log-probabilities ``slm_logprob``
+    each (when asked for them), the cloud writes ``llm`` lines; each side's last line ends the message."""
+
+    def __init__(self, slm, llm, slm_logprob):
+        self.sides = {"edge": list(slm), "cloud": list(llm)}
+        self.slm_logprob, self.calls, self.params = slm_logprob, [], []
+
+    async def _next(self, side, params):
+        self.calls.append(side)
+        self.params.append(params)
+        lines = self.sides[side]
+        i = sum(c == side for c in self.calls) - 1
+        last = i == len(lines) - 1
+        lps = [self.slm_logprob] * 4 if params.logprobs and side == "edge" else None
+        return GenerationResult(lines[i], 20, 4, 0.01, 0.02, 0.0, "stop", stop_reason="" if last else "\n", logprobs=lps)
+
+    async def edge(self, address, params):
+        return await self._next("edge", params)
+
+    async def cloud(self, params):
+        return await self._next("cloud", params)
+
+
+@pytest.mark.parametrize("logprob, escalates", [(-0.01, False), (-1.0, True)])
+def test_a_cascade_keeps_a_confident_slm_answer_and_else_pays_for_the_llm_to_answer_again(logprob, escalates):
+    import math
+
+    executor = TwoSidedLines(["3 * 8 = 24.\n", "Answer: 24"], ["Each box has 8.\n", "8 * 3 = 24.\n", "Answer: 24"],
+                             logprob)
+    agent, router = _two_node_agent(executor, max_steps=10)
+    run = asyncio.run(agent.run("3 boxes of 8?", "cascade@0.9"))
+    assert all(p.logprobs for side, p in zip(executor.calls, executor.params) if side == "edge")
+    assert run.review["scores"]["slm_confidence"] == pytest.approx(math.exp(logprob))
+    assert run.answer == "24" and not any(router.outstanding.values())  # every node pick released
+    slm_steps = [t for t in run.trace if t.placement == "edge"]
+    assert [t.stage for t in slm_steps] == ["cascade-slm"] * 2
+    if not escalates:
+        assert run.review["stage"] == "cascade-accept" and executor.calls == ["edge", "edge"]
+        assert run.chain == "3 * 8 = 24.\nAnswer: 24" and run.cost == 0.0
+    else:
+        assert run.review["stage"] == "cascade-escalate" and executor.calls == ["edge", "edge", "cloud", "cloud", "cloud"]
+        assert [t.discarded for t in run.trace] == [True, True, False, False, False]
+        assert [t.stage for t in run.trace[2:]] == ["cascade-llm"] * 3 and [t.index for t in run.trace[2:]] == [0, 1, 2]
+        # The LLM starts from the question alone: the SLM's chain is gone from its prompt and from the answer's chain.
+        first_llm = executor.params[2]
+        assert not first_llm.continue_final_message and "3 * 8" not in str(first_llm.messages)
+        assert run.chain == "Each box has 8.\n8 * 3 = 24.\nAnswer: 24"
+        assert run.cost == pytest.approx(sum(t.cost for t in run.trace[2:])) and run.cost > 0
+        assert run.review["decision_s"] > 0 and run.trace[1].decision_s >= run.review["decision_s"]

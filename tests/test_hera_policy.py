@@ -186,11 +186,11 @@ def test_routellm_sends_a_request_to_the_llm_when_the_llm_would_win_once_per_req
 def test_build_policies_offers_hera_its_ablations_and_hybridllm_only_with_estimators():
     from hera_ray.policy import build_policies
 
-    assert set(build_policies()) == {"all-slm", "all-llm", "random"}
+    assert set(build_policies()) == {"all-slm", "all-llm", "random", "cascade"}
     est = ScriptedEstimators(p_simple=0.9)
     policies = build_policies(estimators=est, hera=HeraPolicyConfig(threshold_base=0.7), tau_hybrid=0.3)
     assert set(policies) == {"all-slm", "all-llm", "random", "hera", "hera-no-urc", "hera-no-cd", "hera-no-sd",
-                             "hera-urc-only", "hera-spec", "hybridllm", "routellm"}
+                             "hera-urc-only", "hera-spec", "hybridllm", "routellm", "cascade"}
     assert policies["hera"].config.threshold_base == 0.7
     assert not policies["hera-no-urc"].config.use_urc and policies["hera-no-urc"].config.threshold_base == 0.7
     assert policies["hera-no-sd"].name == "hera-no-sd" and policies["hera"].name == "hera"

@@ -40,7 +40,7 @@ def test_all_slm_and_all_llm_place_everything_on_one_side():
 
 def test_unknown_policy_names_the_choices():
     router, _ = make_router()
-    with pytest.raises(UnknownPolicy, match="all-llm, all-slm, random"):
+    with pytest.raises(UnknownPolicy, match="all-llm, all-slm, cascade, random"):
         route(router, "gpt-9")
 
 

@@ -85,6 +85,9 @@ class TraceEntry:
     #: engine answered from its generation cache (an evaluation setting: hera_ray/gencache.py).
     engine_calls: int = 0
     cache_hits: int = 0
+    #: A cascade escalated after this step's chain: the LLM answered the request again from the
+    #: start, and this step's text is not in the final chain (its cost still counts).
+    discarded: bool = False
 
 
 @dataclass
@@ -99,6 +102,9 @@ class AgentRun:
     trace: list[TraceEntry] = field(default_factory=list)
     latency_s: float = 0.0
     usage: dict[str, Any] = field(default_factory=dict)
+    #: A cascade's review of the finished chain: its ``stage`` (``cascade-accept`` or
+    #: ``cascade-escalate``), ``scores`` and ``decision_s``; empty for other policies.
+    review: dict[str, Any] = field(default_factory=dict)
 
     @property
     def slm_share(self) -> float:
@@ -110,8 +116,9 @@ class AgentRun:
 
     @property
     def chain(self) -> str:
-        """The whole chain of thought: every step with its boundary, as one message."""
-        return "".join(t.output + t.boundary for t in self.trace)
+        """The whole chain of thought: every step with its boundary, as one message (a chain a cascade
+        discarded left out)."""
+        return "".join(t.output + t.boundary for t in self.trace if not t.discarded)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -165,6 +172,9 @@ class _RunState:
     #: Engine calls made for this request, and how many an engine answered from its generation cache.
     engine_calls: int = 0
     cache_hits: int = 0
+    #: The policy asked to review the finished chain; the chain's generated tokens' log-probabilities.
+    review: bool = False
+    chain_logprobs: list[float] = field(default_factory=list)
 
 
 class Agent:
@@ -197,20 +207,13 @@ class Agent:
         state = _RunState(run)
         t_run = time.perf_counter()
         try:
-            for index in range(steps):
-                budget = self.config.max_chain_tokens - state.chain_tokens
-                if budget <= 0:
-                    break
-                entry, step = await self._step(state, index, min(budget, self.config.max_tokens_per_step), max_cloud_cost)
-                run.trace.append(entry)
-                state.steps.append(step)
-                state.chain_tokens += entry.completion_tokens
-                if on_step is not None:
-                    maybe = on_step(entry)
-                    if maybe is not None:
-                        await maybe
-                if step.end or (entry.completion_tokens == 0 and not step.text):
-                    break  # the model ended its message (or wrote nothing more: asking again would loop)
+            await self._chain(state, steps, max_cloud_cost, on_step)
+            if state.review and await self._review(state, max_cloud_cost):
+                # Escalated: the LLM answers again from the start; the SLM's chain stays in the trace.
+                for t in run.trace:
+                    t.discarded = True
+                state.steps, state.chain_tokens, state.review, state.chain_logprobs = [], 0, False, []
+                await self._chain(state, steps, max_cloud_cost, on_step)
             answer, final_text, found = chain_answer(chain_text(state.steps))
             run.finished = found or bool(state.steps and state.steps[-1].end)
             run.answer, run.final_text = answer, final_text
@@ -218,6 +221,41 @@ class Agent:
             run.usage = await self.scheduler.finish(request_id)
             run.latency_s = time.perf_counter() - t_run
         return run
+
+    async def _chain(self, state: _RunState, steps: int, max_cloud_cost: float | None,
+                     on_step: Callable[[TraceEntry], Awaitable[None] | None] | None) -> None:
+        """Write the chain step by step until the model ends it or a cap does."""
+        run = state.run
+        for index in range(steps):
+            budget = self.config.max_chain_tokens - state.chain_tokens
+            if budget <= 0:
+                break
+            entry, step = await self._step(state, index, min(budget, self.config.max_tokens_per_step), max_cloud_cost)
+            run.trace.append(entry)
+            state.steps.append(step)
+            state.chain_tokens += entry.completion_tokens
+            if on_step is not None:
+                maybe = on_step(entry)
+                if maybe is not None:
+                    await maybe
+            if step.end or (entry.completion_tokens == 0 and not step.text):
+                break  # the model ended its message (or wrote nothing more: asking again would loop)
+
+    async def _review(self, state: _RunState, max_cloud_cost: float | None) -> bool:
+        """Ask the policy about the finished chain (a cascade's check); True: answer again on the LLM."""
+        run = state.run
+        history = [{"subtask": t.subtask, "output": t.output, "placement": t.placement} for t in run.trace]
+        route = await self._route({"request_id": run.request_id, "policy": run.policy, "index": len(state.steps),
+                                   "question": run.question, "history": history, "exclude_nodes": [],
+                                   "chain_logprobs": state.chain_logprobs}, max_cloud_cost)
+        run.review = {"stage": route["stage"], "scores": route["scores"], "decision_s": route["decision_s"],
+                      "fallback": route["fallback"]}
+        if run.trace:  # the review's time is deciding time, counted with the last step's
+            run.trace[-1].decision_s += route["decision_s"]
+        if route["placement"] == "edge":  # the answer stands: release the node the route picked
+            await self.scheduler.report({**_report_base(run, route), "ok": True, "release_only": True})
+            return False
+        return True
 
     def _params(self, state: _RunState, index: int, max_tokens: int, fmt: StepFormat,
                 logprobs: bool = False, candidate: str = "") -> GenerationParams:
@@ -254,7 +292,7 @@ class Agent:
             decision_s += route["decision_s"]
             fmt = self._format(route)
             speculate = route["stage"] == SPECULATE and route["placement"] == "edge"
-            params = self._params(state, index, max_tokens, fmt, logprobs=speculate and bool(route.get("logprobs")))
+            params = self._params(state, index, max_tokens, fmt, logprobs=bool(route.get("logprobs")))
             t_gen = time.perf_counter()
             try:
                 result, cost, cached = await self._execute(state, route, params, failures)
@@ -295,6 +333,9 @@ class Agent:
                     generation_s = time.perf_counter() - t_gen
                     step = make_step(result.text, result.finish_reason, result.stop_reason)
                     route = final
+            if route.get("review"):
+                state.review = True
+            state.chain_logprobs += result.logprobs or []
             entry = TraceEntry(
                 index=index, subtask=step.text.strip(), output=step.text, placement=route["placement"],
                 node=route["node_id"], model=route["model"], stage=route["stage"], scores=scores,

@@ -36,9 +36,9 @@ from hera_ray.errors import ConfigError, InvalidRequest
 
 BASELINES = ("all-slm", "all-llm")
 ABLATIONS = ("hera-no-sd", "hera-no-urc", "hera-urc-only")
-#: HERA's stages that place a subtask on the SLM (``llm`` is its one cloud stage).
-#: Stages that keep a step on the SLM: HERA's, and hera-verify's (hera_ray.policy.verify).
-EDGE_STAGES = ("urc", "sse", "cd", "sd", "confidence", "classifier", "llm-check", "blank")
+#: Stages that keep a step on the SLM: HERA's (``llm`` is its one cloud stage), hera-verify's
+#: (hera_ray.policy.verify) and the cascade's.
+EDGE_STAGES = ("urc", "sse", "cd", "sd", "confidence", "classifier", "llm-check", "blank", "cascade-slm")
 
 
 def policy_base(name: str) -> str:
@@ -386,7 +386,7 @@ def plot(path: Path, dataset: str, summary: dict[str, Any], sweeps: dict[str, It
     pol = summary["policies"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {"hera": "tab:red", "hera-verify": "tab:green", "hybridllm": "tab:blue", "routellm": "tab:cyan",
-               "random": "tab:grey"}
+               "cascade": "tab:purple", "random": "tab:grey"}
     for router, values in sweeps.items():
         points = [p for p in [router, *(f"{router}@{v:g}" for v in values)] if p in pol]
         if not points:

@@ -38,6 +38,9 @@ class SubtaskContext:
     #: prefill over its cached prefix), and of its own most likely token at each position.
     llm_logprobs: tuple[float, ...] | None = None
     llm_top_logprobs: tuple[float, ...] | None = None
+    #: A review of the finished chain (after a decision with ``review``): the log-probability of
+    #: every token the chain's steps generated, in order; None for a step's decision.
+    chain_logprobs: tuple[float, ...] | None = None
 
 
 #: A decision's stage that means "run the SLM's step first, then ask again with its subtask".
@@ -54,6 +57,10 @@ class Decision:
     edge_model: str | None = None
     #: Ask the engine for the step's token log-probabilities (hera-verify reads the SLM's).
     logprobs: bool = False
+    #: Ask the policy again when the chain is finished, with its tokens' log-probabilities
+    #: (``SubtaskContext.chain_logprobs``): a cascade's check. CLOUD then means "answer again on the
+    #: LLM from the start" (the chain so far is discarded), EDGE "keep the answer".
+    review: bool = False
 
 
 class Policy(abc.ABC):

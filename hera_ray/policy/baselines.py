@@ -55,8 +55,9 @@ class RandomPolicy(Policy):
 
 def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None, hera=None,
                    tau_hybrid: float = 0.78, verify: Policy | None = None,
-                   routellm_threshold: float = 0.5) -> dict[str, Policy]:
-    """The policies a scheduler offers, by name (the model name clients pass).
+                   routellm_threshold: float = 0.5, cascade_threshold: float = 0.9) -> dict[str, Policy]:
+    """The policies a scheduler offers, by name (the model name clients pass): ``all-slm``, ``all-llm``,
+    ``random`` and ``cascade`` (:mod:`hera_ray.policy.cascade`, at ``cascade_threshold``) always.
 
     With ``estimators`` (an :class:`~hera_ray.estimators.base.EstimatorSet` that also has
     ``hybrid_simple_prob``) it adds ``hera`` (configured by ``hera``, a
@@ -72,7 +73,10 @@ def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None
     from hera_ray.policy.hybrid import HybridLLMPolicy
     from hera_ray.policy.routellm import RouteLLMPolicy
 
-    policies: dict[str, Policy] = {p.name: p for p in (AllSLM(), AllLLM(), RandomPolicy(random_slm_share, seed))}
+    from hera_ray.policy.cascade import CascadePolicy
+
+    policies: dict[str, Policy] = {p.name: p for p in (AllSLM(), AllLLM(), RandomPolicy(random_slm_share, seed),
+                                                       CascadePolicy(cascade_threshold))}
     if verify is not None:
         policies[verify.name] = verify
     if estimators is not None:

@@ -119,7 +119,7 @@ class SubtaskScheduler:
         self.table = NodeTable(s.heartbeat_interval_s, s.missed_heartbeats)
         self.router = Router(
             self.table,
-            build_policies(s.random_slm_share, s.seed, **_hera_policies(cfg)),
+            build_policies(s.random_slm_share, s.seed, cascade_threshold=s.cascade_threshold, **_hera_policies(cfg)),
             edge_model=s.edge_model,
             cloud_model=cfg.cloud.model_id or cfg.cloud.model,
             cloud_prices=cfg.cloud.prices,

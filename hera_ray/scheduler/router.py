@@ -39,6 +39,8 @@ class RouteRequest:
     slm_logprobs: tuple[float, ...] | None = None
     llm_logprobs: tuple[float, ...] | None = None
     llm_top_logprobs: tuple[float, ...] | None = None
+    #: A review of the finished chain: every generated token's log-probability (see SubtaskContext).
+    chain_logprobs: tuple[float, ...] | None = None
 
     @classmethod
     def from_dict(cls, request: dict[str, Any]) -> "RouteRequest":
@@ -57,6 +59,7 @@ class RouteRequest:
             slm_logprobs=floats(request.get("slm_logprobs")),
             llm_logprobs=floats(request.get("llm_logprobs")),
             llm_top_logprobs=floats(request.get("llm_top_logprobs")),
+            chain_logprobs=floats(request.get("chain_logprobs")),
         )
 
 
@@ -76,6 +79,8 @@ class Route:
     decision_s: float = 0.0
     #: The policy wants the step's token log-probabilities (Decision.logprobs).
     logprobs: bool = False
+    #: The policy wants to review the finished chain (Decision.review).
+    review: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -186,7 +191,7 @@ class Router:
         t0 = time.perf_counter()
         decision = await self.policy(req.policy).decide(
             SubtaskContext(req.request_id, req.question, req.index, req.history, req.slm_candidate,
-                           req.slm_logprobs, req.llm_logprobs, req.llm_top_logprobs))
+                           req.slm_logprobs, req.llm_logprobs, req.llm_top_logprobs, req.chain_logprobs))
         placement, fallback = decision.placement, ""
         if placement is Placement.CLOUD and self.over_budget(req.request_id, max_cloud_cost):
             placement, fallback = Placement.EDGE, "budget"
@@ -209,7 +214,7 @@ class Router:
         else:
             route = Route(placement, decision.stage, decision.scores, "cloud", "", self.cloud_model,
                           self.cloud_prices.model_dump(), fallback)
-        return replace(route, decision_s=time.perf_counter() - t0, logprobs=decision.logprobs)
+        return replace(route, decision_s=time.perf_counter() - t0, logprobs=decision.logprobs, review=decision.review)
 
     #: Up to this many live nodes, scan them all; above, sample two.
     SCAN_LIMIT = 16

@@ -92,6 +92,20 @@ def test_random_policy_places_by_its_recorded_draw(client):
         assert t["placement"] == expected
 
 
+@pytest.mark.parametrize("threshold, escalates", [(0.0, False), (1.01, True)])
+def test_a_cascade_reviews_the_slm_s_chain_by_its_real_token_probabilities(client, threshold, escalates):
+    run = client.run(QUESTION, policy=f"cascade@{threshold:g}", max_steps=2)
+    slm = [t for t in run["trace"] if t["placement"] == "edge"]
+    assert slm and all(t["stage"] == "cascade-slm" for t in slm)
+    conf = run["review"]["scores"]["slm_confidence"]
+    assert 0.0 < conf <= 1.0 and run["review"]["scores"]["tokens"] == sum(t["completion_tokens"] for t in slm)
+    assert run["review"]["stage"] == ("cascade-escalate" if escalates else "cascade-accept")
+    llm = [t for t in run["trace"] if t["placement"] == "cloud"]
+    assert all(t["discarded"] for t in slm) == escalates and all(not t["discarded"] for t in llm)
+    assert bool(llm) == escalates and all(t["stage"] == "cascade-llm" for t in llm)
+    assert run["cost"] == pytest.approx(run["usage"]["cloud_cost"])
+
+
 def test_cloud_budget_cap_sends_subtasks_to_the_edge(client):
     run = client.run(QUESTION, policy="all-llm", max_steps=2, max_cloud_cost=0.0)
     assert run["trace"]
