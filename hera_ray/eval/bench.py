@@ -376,34 +376,47 @@ def result_json(dataset: str, split: str, command: str, summary: dict[str, Any],
 
 
 def plot(path: Path, dataset: str, summary: dict[str, Any], sweeps: dict[str, Iterable[float]]) -> None:
-    """Accuracy against SLM share: each router's sweep as a line (APGR in the legend), the
-    baselines and ablations as markers."""
+    """Accuracy against cloud cost (as a share of all-llm's; SLM share when all-llm did not run):
+    each router's sweep as a line (APGR in the legend), the baselines and ablations as markers, and
+    each point's bootstrap 95% accuracy interval as an error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pol = summary["policies"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_cost = all(m.get("cost") is not None for m in pol.values())
+    xkey = "cost" if by_cost else "slm_share"
+
+    def err(p: str) -> list[list[float]]:
+        ci = (pol[p].get("ci") or {}).get("accuracy")
+        acc = pol[p]["accuracy"]
+        return [[acc - ci[0]], [ci[1] - acc]] if ci else [[0.0], [0.0]]
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     colours = {"hera": "tab:red", "hera-verify": "tab:green", "hybridllm": "tab:blue", "routellm": "tab:cyan",
                "cascade": "tab:purple", "random": "tab:grey"}
     for router, values in sweeps.items():
         points = [p for p in [router, *(f"{router}@{v:g}" for v in values)] if p in pol]
         if not points:
             continue
-        xy = sorted((pol[p]["slm_share"], pol[p]["accuracy"]) for p in points)
+        points.sort(key=lambda p: pol[p][xkey])
         apgr = pol[points[0]]["apgr"]
         label = f"{router} (APGR {apgr:.2f})" if apgr is not None else f"{router} (APGR n/a)"
-        ax.plot([x for x, _ in xy], [y for _, y in xy], "o-", color=colours.get(router), label=label)
+        colour = colours.get(router)
+        ax.plot([pol[p][xkey] for p in points], [pol[p]["accuracy"] for p in points], "o-", color=colour, label=label)
+        for p in points:
+            ax.errorbar(pol[p][xkey], pol[p]["accuracy"], yerr=err(p), color=colour, alpha=0.35, capsize=2)
     markers = {"all-slm": ("s", "black"), "all-llm": ("D", "black"), "hera-no-sd": ("v", "tab:orange"),
                "hera-no-urc": ("^", "tab:purple"), "hera-urc-only": ("P", "tab:green"), "hera-spec": ("*", "tab:red")}
     for p, (m, c) in markers.items():
         if p in pol:
-            ax.plot(pol[p]["slm_share"], pol[p]["accuracy"], m, color=c, markersize=9, label=p)
-    ax.set_xlabel("SLM share of subtasks")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(-0.03, 1.03)
-    ax.set_title(f"{dataset}: accuracy vs SLM share ({summary['n']} requests)")
+            ax.errorbar(pol[p][xkey], pol[p]["accuracy"], yerr=err(p), fmt=m, color=c, markersize=9, capsize=2, label=p)
+    ax.set_xlabel("cloud cost, as a share of all-llm's" if by_cost else "SLM share of subtasks")
+    ax.set_ylabel("accuracy (bars: paired bootstrap 95%)")
+    if not by_cost:
+        ax.set_xlim(-0.03, 1.03)
+    ax.set_title(f"{dataset}: accuracy vs {'cost' if by_cost else 'SLM share'} ({summary['n']} requests)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -516,6 +529,8 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
             console.print(f"  {p}: lost {m['lost_vs_llm']} request(s) all-llm got right (gained {m['gained_vs_llm']}); {why}",
                           highlight=False)
     result = result_json(dataset, split, command, summary, meta)
+    # The run's wall time: every recorded run of these requests, over however many sessions it took.
+    result["wall_s"] = sum(float(r.get("wall_s", 0.0)) for k, r in store.records.items() if k[1] in ids and k[0] in names)
     stem = output_stem(out, dataset, split)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(stem.with_suffix(".png"), f"{dataset}/{split}", summary, sweeps)

@@ -32,8 +32,9 @@ def test_a_tuned_policy_runs_and_a_bad_knob_value_is_refused(client, cluster):
 
 
 def test_bench_three_requests_gives_the_table_json_and_png_and_resumes(cluster, tmp_path):
-    args = ("bench", "--dataset", "gsm8k", "--split", "test", "--n", "3", "--policies", "hera,hybridllm,random,all-slm,all-llm",
-            "--hera-sweep", "0.9", "--hybrid-sweep", "", "--random-sweep", "", "--no-ablations", "--max-steps", "2",
+    args = ("bench", "--dataset", "gsm8k", "--split", "test", "--n", "3",
+            "--policies", "hera,hybridllm,random,cascade,all-slm,all-llm", "--hera-sweep", "0.9", "--hybrid-sweep", "",
+            "--random-sweep", "", "--cascade-sweep", "", "--no-ablations", "--max-steps", "2",
             "--out", str(tmp_path), "--url", cluster.ingress_url)
     done = hera(*args)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
@@ -45,20 +46,25 @@ def test_bench_three_requests_gives_the_table_json_and_png_and_resumes(cluster, 
     # the settings a resumed run must match name the cluster's models and its estimators
     assert result["settings"]["cloud_model"] == "smollm2-as-cloud" and result["settings"]["edge_model"] == "smollm2-135m"
     assert result["settings"]["estimators"]
-    assert set(result["policies"]) == {"all-slm", "all-llm", "hera", "hera@0.9", "hybridllm", "random"}
+    assert set(result["policies"]) == {"all-slm", "all-llm", "hera", "hera@0.9", "hybridllm", "random", "cascade"}
     for name, m in result["policies"].items():
-        assert {"accuracy", "slm_share", "cost", "pgr", "apgr", "latency_p50_s", "overhead_share"} <= set(m)
+        assert {"accuracy", "slm_share", "cost", "pgr", "apgr", "latency_p50_s", "overhead_share", "ci"} <= set(m)
         assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["slm_share"] <= 1.0
+        lo, hi = m["ci"]["accuracy"]  # the paired bootstrap 95% interval holds the figure
+        assert lo <= m["accuracy"] <= hi and m["ci"]["cost"][0] <= m["cost"] <= m["ci"]["cost"][1]
+    assert result["best"] in result["policies"] and result["bootstrap"]["n_boot"] > 0
+    assert set(result["differences"]) == set(result["policies"]) - {"all-slm", "all-llm", result["best"]}
+    assert result["wall_s"] > 0 and "cascade" in result["policies"] and "[" in done.stdout  # intervals in the table
     assert result["policies"]["all-slm"]["slm_share"] == 1.0 and result["policies"]["all-llm"]["slm_share"] == 0.0
     assert result["policies"]["all-llm"]["cost"] == pytest.approx(1.0) and result["policies"]["all-slm"]["cost"] == 0.0
     assert result["policies"]["hera"]["overhead_share"] > 0.0  # hera consults its estimators; all-slm does not
     png = tmp_path / "gsm8k.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     lines = (tmp_path / "runs" / "gsm8k-test.jsonl").read_text().splitlines()
-    assert len(lines) == 3 * 6 and {json.loads(line)["policy"] for line in lines} == set(result["policies"])
+    assert len(lines) == 3 * 7 and {json.loads(line)["policy"] for line in lines} == set(result["policies"])
     again = hera(*args)  # everything is recorded: nothing runs again
     assert again.returncode == 0 and "0 run(s) to do" in again.stdout
-    assert len((tmp_path / "runs" / "gsm8k-test.jsonl").read_text().splitlines()) == 3 * 6
+    assert len((tmp_path / "runs" / "gsm8k-test.jsonl").read_text().splitlines()) == 3 * 7
     other = hera(*args[:-6], "--max-steps", "3", "--out", str(tmp_path), "--url", cluster.ingress_url)
     assert other.returncode != 0 and "other settings" in other.stderr
 
