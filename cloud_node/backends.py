@@ -14,6 +14,7 @@ A backend turns :class:`~hera_ray.generation.GenerationParams` into a
 from __future__ import annotations
 
 import abc
+import json
 import os
 import time
 from typing import AsyncIterator
@@ -97,8 +98,13 @@ class OpenAIBackend(LLMBackend):
             raise InvalidRequest(
                 f"the OpenAI-compatible endpoint behind {self.model_id!r} cannot score a candidate: its chat API returns "
                 "no prompt log-probabilities; serve the cloud model with the llama.cpp or vLLM backend to check steps")
-        messages = [{"role": r, "content": c} for r, c in p.messages] or [{"role": "user", "content": p.prompt}]
+        if p.chat:  # step mode: the caller's conversation, tool calls with their arguments as JSON strings again
+            messages = [_openai_message(m) for m in p.chat_messages()]
+        else:
+            messages = [{"role": r, "content": c} for r, c in p.messages] or [{"role": "user", "content": p.prompt}]
         extra: dict = {}
+        if p.tools:
+            extra["tools"] = json.loads(p.tools)
         # An OpenAI-compatible API stops on strings, not token ids: the line end is the stop "\n"
         # (the newline is not returned; the agent puts it back: hera_ray.agent.steps.make_step).
         stops = [*p.stop, *([LINE_END] if p.stop_at_line_end and LINE_END not in p.stop else [])]
@@ -118,8 +124,15 @@ class OpenAIBackend(LLMBackend):
         elapsed = time.perf_counter() - t0
         choice = reply.choices[0]
         usage = reply.usage
+        text = choice.message.content or ""
+        for call in choice.message.tool_calls or ():  # as the Hermes markers the engines' replies hold (hera_ray.tools)
+            try:
+                arguments = json.loads(call.function.arguments or "{}")
+            except json.JSONDecodeError:
+                arguments = call.function.arguments
+            text += "<tool_call>\n" + json.dumps({"name": call.function.name, "arguments": arguments}) + "\n</tool_call>"
         return GenerationResult(
-            text=choice.message.content or "",
+            text=text,
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             ttft_s=elapsed,  # unary: the first token is seen with the last
@@ -131,6 +144,19 @@ class OpenAIBackend(LLMBackend):
             cached_prompt_tokens=_cached_tokens(usage),
             logprobs=[t.logprob for t in (choice.logprobs.content or [])] if p.logprobs and choice.logprobs else None,
         )
+
+
+def _openai_message(m: dict) -> dict:
+    """A chat-template message object as OpenAI's API takes it (tool-call arguments as a JSON string)."""
+    out = dict(m)
+    if out.get("tool_calls"):
+        out["tool_calls"] = [{**c, "function": {**c["function"], "arguments": c["function"]["arguments"]
+                                                if isinstance(c["function"]["arguments"], str)
+                                                else json.dumps(c["function"]["arguments"])}}
+                             for c in out["tool_calls"]]
+        if not out.get("content"):
+            out["content"] = None
+    return out
 
 
 def _stop_reason(choice, p: GenerationParams) -> str:

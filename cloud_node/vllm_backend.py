@@ -18,6 +18,7 @@ the engine's tokenizer is only ever used from one thread.
 from __future__ import annotations
 
 import asyncio
+import json
 import concurrent.futures
 import itertools
 import threading
@@ -133,13 +134,14 @@ class VLLMBackend(LLMBackend):
         """Token ids of the prompt (then ``suffix``, tokenised with it): the chat template for
         messages, the raw text otherwise (engine thread)."""
         tok = self.tokenizer
-        if p.messages:
+        if p.messages or p.chat:
             if not self._has_chat_template:
                 raise InvalidRequest(f"model {self.model_id!r} has no chat template; send a raw prompt instead")
             # continue_final_message: the open assistant message is continued, not closed and
-            # followed by a new turn (an agent's steps are one growing message).
+            # followed by a new turn (an agent's steps are one growing message). Step mode's chat
+            # and tools go to the template as Hugging Face's apply_chat_template takes them.
             text = tok.apply_chat_template(
-                [{"role": r, "content": c} for r, c in p.messages], tokenize=False,
+                p.chat_messages(), tools=json.loads(p.tools) if p.tools else None, tokenize=False,
                 add_generation_prompt=not p.continue_final_message, continue_final_message=p.continue_final_message,
             )
             # The template writes its own special tokens (BOS and the like): add none.
@@ -166,6 +168,8 @@ class VLLMBackend(LLMBackend):
             # drops it otherwise): the step's line ends with it, as on llama.cpp.
             kw["stop_token_ids"] = sorted(self._line_end_ids())
             kw["include_stop_str_in_output"] = True
+        if p.tools:  # keep a template's tool-call markers (special tokens) in the text: hera_ray.tools reads them
+            kw["skip_special_tokens"] = False
         if p.logprobs:
             kw["logprobs"] = 0  # the sampled token's own log-probability
         if p.candidate:  # score, don't write: one token is generated and dropped

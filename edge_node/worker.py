@@ -12,6 +12,7 @@ Imports neither Ray nor torch; llama_cpp is imported when a slot is created.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -66,8 +67,10 @@ def _stop_holdback(text: str, stops: Sequence[str]) -> int:
 
 
 def chat_renderer(llm):
-    """``render(messages, continue_final_message=False) -> prompt text`` with the GGUF's chat
-    template (None if it has none). ``messages`` are (role, content) pairs."""
+    """``render(messages, continue_final_message=False, tools=None) -> prompt text`` with the GGUF's
+    chat template (None if it has none). ``messages`` are (role, content) pairs or OpenAI-style
+    message objects (with ``tool_calls``, ``tool_call_id``); ``tools`` go to the template as Hugging
+    Face's ``apply_chat_template(tools=...)`` passes them."""
     template = llm.metadata.get("tokenizer.chat_template")
     if not template:
         return None
@@ -78,14 +81,18 @@ def chat_renderer(llm):
 
     formatter = Jinja2ChatFormatter(template=template, eos_token=text_of(llm.token_eos()), bos_token=text_of(llm.token_bos()))
 
-    def render(messages, continue_final_message: bool = False) -> str:
+    def objects(messages) -> list[dict]:
+        return [m if isinstance(m, dict) else {"role": m[0], "content": m[1]} for m in messages]
+
+    def render(messages, continue_final_message: bool = False, tools=None) -> str:
+        messages = objects(messages)
         if continue_final_message:
             # The template up to the assistant's header (add_generation_prompt), then the open
             # message's content: what Hugging Face's continue_final_message renders, without
             # depending on where a template puts its end-of-turn marker.
-            head = formatter(messages=[{"role": r, "content": c} for r, c in messages[:-1]]).prompt
-            return head + messages[-1][1]
-        return formatter(messages=[{"role": r, "content": c} for r, c in messages]).prompt
+            head = formatter(messages=messages[:-1], tools=tools or None).prompt
+            return head + (messages[-1].get("content") or "")
+        return formatter(messages=messages, tools=tools or None).prompt
 
     return render
 
@@ -135,6 +142,9 @@ class LlamaSlot:
         vocab = llm._model.vocab
         stops = p.stop
         line_ends = self.line_end_ids if p.stop_at_line_end else frozenset()
+        # With tools, a template's tool-call markers (Qwen2.5's <tool_call>, a special token) stay in
+        # the text, where the caller parses the calls from.
+        special = bool(p.tools)
         completion: list[int] = []
         logprobs: list[float] | None = [] if p.logprobs else None
         n_vocab = llm.n_vocab()
@@ -166,7 +176,7 @@ class LlamaSlot:
             if token in line_ends:  # the step's line ends with this token, which it keeps
                 finish, stop_reason = "stop", LINE_END
                 break  # the text is decoded once, below
-            text = _valid_utf8_prefix(llm.detokenize(completion, prev_tokens=prompt_tokens))
+            text = _valid_utf8_prefix(llm.detokenize(completion, prev_tokens=prompt_tokens, special=special))
             if stops:
                 hits = [(i, s) for s in stops if (i := text.find(s, max(0, sent - len(s)))) >= 0]
                 if hits:
@@ -182,7 +192,7 @@ class LlamaSlot:
             if len(completion) >= p.max_tokens or cancelled.is_set():
                 break
         if not hit_stop_string:  # flush a held-back partial character or stop-string prefix
-            text = llm.detokenize(completion, prev_tokens=prompt_tokens).decode("utf-8", errors="replace")
+            text = llm.detokenize(completion, prev_tokens=prompt_tokens, special=special).decode("utf-8", errors="replace")
         if on_delta is not None and len(text) > sent:
             on_delta(text[sent:])
         if t_first is None:
@@ -303,9 +313,15 @@ class EdgeWorker:
     def _prompt_text(self, p: GenerationParams) -> str:
         if p.model and p.model != self.model_id:
             raise ModelNotFound(f"model {p.model!r} is not served by this node; it serves {self.model_id!r}")
-        if p.messages:
+        if p.messages or p.chat:
             if self._chat_format is None:
                 raise InvalidRequest(f"model {self.model_id!r} has no chat template; send a raw prompt instead")
+            if p.chat:
+                try:
+                    return self._chat_format(p.chat_messages(), p.continue_final_message,
+                                             json.loads(p.tools) if p.tools else None)
+                except Exception as e:  # noqa: BLE001 - the template refused this conversation: the caller's input
+                    raise InvalidRequest(f"the chat template of {self.model_id!r} cannot render this chat: {e}") from None
             return self._chat_format(p.messages, p.continue_final_message)
         return p.prompt
 

@@ -16,9 +16,11 @@ class HeraError(Exception):
     #: HTTP status code for the ingress.
     http_status: int = 500
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.message = message
+        #: The request field at fault, when there is one (OpenAI's error ``param``).
+        self.param = param
 
 
 class InvalidRequest(HeraError):

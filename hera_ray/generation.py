@@ -5,6 +5,7 @@ not depend on the model. Plain dataclasses: no Ray, no torch, no grpc.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -55,9 +56,22 @@ class GenerationParams:
     #: reuses its KV cache for the prompt; vLLM does not read its prefix cache for such a request, so
     #: there the whole prompt is prefilled again.)
     candidate: str = ""
+    #: Instead of ``messages``: the conversation as a JSON array of OpenAI-style message objects
+    #: (``role``, ``content``; an assistant's ``tool_calls`` with ``arguments`` as objects; a tool
+    #: message's ``tool_call_id``), for the model's chat template. A string, so that the request
+    #: stays hashable and crosses gRPC and Ray as it is.
+    chat: str = ""
+    #: A JSON array of tool schemas (OpenAI's ``tools``) for the chat template.
+    tools: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """``chat`` parsed, or ``messages`` as message objects."""
+        if self.chat:
+            return json.loads(self.chat)
+        return [{"role": r, "content": c} for r, c in self.messages]
 
 
 @dataclass
@@ -110,15 +124,42 @@ def validate_params(p: GenerationParams, n_ctx: int | None = None) -> None:
         raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}")
     if len(p.stop) > MAX_STOP_STRINGS or any(not s for s in p.stop):
         raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
-    if p.prompt and p.messages:
-        raise InvalidRequest("give either prompt or messages, not both")
+    if sum(map(bool, (p.prompt, p.messages, p.chat))) > 1:
+        raise InvalidRequest("give one of prompt, messages or chat, not several")
+    if p.chat:
+        _check_chat(p)
+    elif p.tools:
+        raise InvalidRequest("tools need the conversation as chat (a JSON array of messages)")
     for role, _content in p.messages:
         if role not in CHAT_ROLES:
             raise InvalidRequest(f"message role {role!r} is not one of {', '.join(CHAT_ROLES)}")
-    if p.continue_final_message and (not p.messages or p.messages[-1][0] != "assistant"):
+    if p.continue_final_message and not p.chat and (not p.messages or p.messages[-1][0] != "assistant"):
         raise InvalidRequest("continue_final_message needs messages that end with an assistant message to continue")
-    if p.messages:
+    if p.chat:
+        pass  # checked by _check_chat
+    elif p.messages:
         if not any(c.strip() for _r, c in p.messages):
             raise InvalidRequest("empty prompt: every message's content is empty")
     elif not p.prompt.strip():
         raise InvalidRequest("empty prompt: give a non-empty prompt or messages")
+
+
+def _check_chat(p: GenerationParams) -> None:
+    """``chat`` must be a non-empty JSON array of message objects with known roles, and ``tools`` a
+    JSON array of objects; a message ends open (``continue_final_message``) only as an assistant's."""
+    try:
+        messages = json.loads(p.chat)
+        tools = json.loads(p.tools) if p.tools else []
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise InvalidRequest(f"chat and tools must be JSON: {e}") from None
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise InvalidRequest("chat must be a non-empty JSON array of message objects")
+    for i, m in enumerate(messages):
+        if m.get("role") not in CHAT_ROLES + ("tool",):
+            raise InvalidRequest(f"chat[{i}].role {m.get('role')!r} is not one of {', '.join(CHAT_ROLES + ('tool',))}")
+        if not isinstance(m.get("content", ""), (str, type(None))):
+            raise InvalidRequest(f"chat[{i}].content must be a string (text parts are joined before they get here)")
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise InvalidRequest("tools must be a JSON array of tool objects")
+    if p.continue_final_message and messages[-1].get("role") != "assistant":
+        raise InvalidRequest("continue_final_message needs a chat that ends with an assistant message to continue")

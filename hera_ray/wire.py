@@ -164,7 +164,7 @@ def params_to_pb(p: GenerationParams) -> "edge_pb2.GenerateRequest":
     request = edge_pb2.GenerateRequest(
         request_id=p.request_id, model=p.model, prompt=p.prompt, max_tokens=p.max_tokens,
         temperature=p.temperature, stop=list(p.stop), continue_final_message=p.continue_final_message,
-        stop_at_line_end=p.stop_at_line_end, logprobs=p.logprobs, candidate=p.candidate)
+        stop_at_line_end=p.stop_at_line_end, logprobs=p.logprobs, candidate=p.candidate, chat=p.chat, tools=p.tools)
     for role, content in p.messages:
         request.messages.add(role=role, content=content)
     if p.top_p is not None:
@@ -192,6 +192,8 @@ def params_from_pb(r: "edge_pb2.GenerateRequest") -> GenerationParams:
         stop_at_line_end=r.stop_at_line_end,
         logprobs=r.logprobs,
         candidate=r.candidate,
+        chat=r.chat,
+        tools=r.tools,
     )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Awaitable, Callable, Protocol
 
 from hera_ray.agent.steps import (Step, StepFormat, chain_answer, chain_text, checked_text, continues, make_step,
@@ -165,6 +165,12 @@ class _Check:
 @dataclass
 class _RunState:
     run: AgentRun
+    #: Tokens the chain may hold (agent.max_chain_tokens, or a request's lower max_tokens).
+    chain_cap: int = 0
+    #: Step mode: the caller's own call (its conversation, tools and settings), run as it stands,
+    #: and the conversation before it as the policy sees it (PastStep dicts).
+    call: GenerationParams | None = None
+    history: list[dict[str, Any]] | None = None
     steps: list[Step] = field(default_factory=list)
     chain_tokens: int = 0
     #: Per side ("cloud", or an edge node id): the previous call, for the cached-prompt count.
@@ -200,11 +206,12 @@ class Agent:
         max_steps: int | None = None,
         max_cloud_cost: float | None = None,
         on_step: Callable[[TraceEntry], Awaitable[None] | None] | None = None,
+        max_chain_tokens: int | None = None,
     ) -> AgentRun:
         request_id = request_id or uuid.uuid4().hex
         steps = max_steps or self.config.max_steps
         run = AgentRun(request_id=request_id, policy=policy, question=question, answer="", finished=False)
-        state = _RunState(run)
+        state = _RunState(run, chain_cap=max_chain_tokens or self.config.max_chain_tokens)
         t_run = time.perf_counter()
         try:
             await self._chain(state, steps, max_cloud_cost, on_step)
@@ -222,12 +229,24 @@ class Agent:
             run.latency_s = time.perf_counter() - t_run
         return run
 
+    async def call(self, call: GenerationParams, policy: str, session_id: str, position: int, question: str,
+                   history: list[dict[str, Any]], max_cloud_cost: float | None = None) -> TraceEntry:
+        """Step mode: one call of the caller's own agent is one subtask. The policy places it (with the
+        session's id as the request, ``position`` as the subtask's index, the conversation before it
+        as the history) and the chosen model answers ``call`` as it stands: its conversation, tools
+        and settings. Every stage works as in a chain (hera-verify speculates, checks and rewrites).
+        Returns the trace entry; its ``output`` is the reply. The session stays open in the ledger."""
+        run = AgentRun(request_id=session_id, policy=policy, question=question, answer="", finished=False)
+        state = _RunState(run, chain_cap=call.max_tokens, call=call, history=history)
+        entry, _step = await self._step(state, position, call.max_tokens, max_cloud_cost)
+        return entry
+
     async def _chain(self, state: _RunState, steps: int, max_cloud_cost: float | None,
                      on_step: Callable[[TraceEntry], Awaitable[None] | None] | None) -> None:
         """Write the chain step by step until the model ends it or a cap does."""
         run = state.run
         for index in range(steps):
-            budget = self.config.max_chain_tokens - state.chain_tokens
+            budget = state.chain_cap - state.chain_tokens
             if budget <= 0:
                 break
             entry, step = await self._step(state, index, min(budget, self.config.max_tokens_per_step), max_cloud_cost)
@@ -260,6 +279,10 @@ class Agent:
     def _params(self, state: _RunState, index: int, max_tokens: int, fmt: StepFormat,
                 logprobs: bool = False, candidate: str = "") -> GenerationParams:
         run = state.run
+        if state.call is not None:  # step mode: the caller's call as it stands (a check scores after its prompt)
+            return replace(state.call, max_tokens=0 if candidate else max_tokens, stop_at_line_end=False,
+                           request_id=f"{run.request_id}:{index}" + (":check" if candidate else ""),
+                           logprobs=logprobs, candidate=candidate)
         chain = chain_text(state.steps)
         return GenerationParams(
             messages=step_messages(run.question, chain, fmt),
@@ -278,7 +301,8 @@ class Agent:
     async def _step(self, state: _RunState, index: int, max_tokens: int,
                     max_cloud_cost: float | None) -> tuple[TraceEntry, Step]:
         run = state.run
-        history = [{"subtask": t.subtask, "output": t.output, "placement": t.placement} for t in run.trace]
+        history = state.history if state.history is not None else [
+            {"subtask": t.subtask, "output": t.output, "placement": t.placement} for t in run.trace]
         request = {"request_id": run.request_id, "policy": run.policy, "index": index, "question": run.question,
                    "history": history, "exclude_nodes": []}
         t0 = time.perf_counter()

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import ray
@@ -30,7 +31,8 @@ from hera_ray.scheduler.actor import get_or_create_scheduler
 from hera_ray.serve.admission import AdmissionGate
 from hera_ray.serve.executor import ActorScheduler, ClusterExecutor
 from hera_ray.serve.keys import ApiKey, KeyBook, RateLimiter, cloud_cost, run_cloud_cap
-from hera_ray.serve.protocol import AgentRunRequest, ChatCompletionRequest, error_body
+from hera_ray.serve import step_mode
+from hera_ray.serve.protocol import AgentRunRequest, ChatCompletionRequest, NamedToolChoice, error_body
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
 
 @api.exception_handler(HeraError)
 async def _hera_error(request: Request, exc: HeraError) -> JSONResponse:
-    response = _json_error(exc.http_status, exc.message)
+    response = _json_error(exc.http_status, exc.message, getattr(exc, "param", None))
     if isinstance(exc, RateLimited):  # whole seconds, rounded up: the header takes no fraction
         response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     return response
@@ -148,7 +150,10 @@ def _content(run: AgentRun) -> str:
     return run.final_text if "\n" in run.final_text.strip() else run.answer
 
 
-def _completion(model: str, run: AgentRun) -> dict[str, Any]:
+def _completion(model: str, run: AgentRun, user: str | None = None) -> dict[str, Any]:
+    hera = _json_safe(run.to_dict())
+    if user is not None:
+        hera["user"] = user
     return {
         "id": f"chatcmpl-{run.request_id}",
         "object": "chat.completion",
@@ -157,7 +162,7 @@ def _completion(model: str, run: AgentRun) -> dict[str, Any]:
         "choices": [{"index": 0, "message": {"role": "assistant", "content": _content(run)},
                      "finish_reason": "stop" if run.finished else "length"}],
         "usage": _usage(run),
-        "hera": _json_safe(run.to_dict()),
+        "hera": hera,
     }
 
 
@@ -184,8 +189,11 @@ class HeraIngress:
                                                                    tls=self.config.scheduler.tls),
                            self.config.agent, cloud_step_format=cloud_step_format(self.config.cloud))
         self.cloud = cloud_handle
+        # Step mode: where this replica placed each session's calls, by position (the policy's history).
+        self._placements: OrderedDict[str, dict[int, str]] = OrderedDict()
 
     async def _check_policy(self, name: str) -> None:
+        name = step_mode.step_policy(name) or name
         if name in self.policies:
             return
         base, at, _ = name.partition("@")
@@ -208,7 +216,8 @@ class HeraIngress:
 
     async def _start_run(self, key: Optional[ApiKey], question: str, policy: str, request_id: str | None,
                          max_steps: int | None, max_cloud_cost: float | None,
-                         on_step: Callable[[TraceEntry], Awaitable[None] | None] | None = None) -> "asyncio.Task[AgentRun]":
+                         on_step: Callable[[TraceEntry], Awaitable[None] | None] | None = None,
+                         max_chain_tokens: int | None = None) -> "asyncio.Task[AgentRun]":
         """Admit a run and start it: 429 past ``max_concurrent_runs`` runs in flight, 402 if ``key``
         has spent its cloud budget, else a task whose cloud cap is what is left of the budget. When
         the task ends, however it ends, its slot is freed and its cloud cost charged to ``key``."""
@@ -231,7 +240,8 @@ class HeraIngress:
 
         async def run() -> AgentRun:
             try:
-                return await self.agent.run(question, policy, request_id, max_steps, max_cloud_cost, on_step=record)
+                return await self.agent.run(question, policy, request_id, max_steps, max_cloud_cost, on_step=record,
+                                            max_chain_tokens=max_chain_tokens)
             finally:
                 cost = cloud_cost(done)
                 if key is not None and cost > 0:
@@ -295,9 +305,12 @@ class HeraIngress:
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._authorize(_bearer(request))
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "hera-ray", "description": p["description"]}
-            for name, p in sorted(self.policies.items())]}
+        agent = [{"id": name, "object": "model", "created": 0, "owned_by": "hera-ray", "description": p["description"]}
+                 for name, p in sorted(self.policies.items())]
+        step = [{"id": f"{step_mode.STEP_PREFIX}{name}", "object": "model", "created": 0, "owned_by": "hera-ray",
+                 "description": f"Step mode: each call of your agent is one subtask, placed by {name}."}
+                for name in sorted(self.policies)]
+        return {"object": "list", "data": agent + step}
 
     @api.get("/v1/keys/me")
     async def keys_me(self, request: Request) -> dict[str, Any]:
@@ -321,15 +334,89 @@ class HeraIngress:
     async def chat_completions(self, req: ChatCompletionRequest, request: Request):
         key = self._authorize(_bearer(request))
         await self._check_policy(req.model)
+        policy = step_mode.step_policy(req.model)
+        if policy is not None:
+            return await self._step_call(req, request, key, policy)
+        question = self._agent_question(req)
+        cap = req.max_output_tokens()
         if req.stream:
             steps: asyncio.Queue[TraceEntry] = asyncio.Queue()
             # Started here, so a refusal (429, 402) is the response's status, not an error inside the stream.
-            task = await self._start_run(key, req.question(), req.model, None, req.max_steps, req.max_cloud_cost,
-                                         on_step=steps.put_nowait)
+            task = await self._start_run(key, question, req.model, None, req.max_steps, req.max_cloud_cost,
+                                         on_step=steps.put_nowait, max_chain_tokens=cap)
             return StreamingResponse(self._stream(req, task, steps), media_type="text/event-stream")
-        task = await self._start_run(key, req.question(), req.model, None, req.max_steps, req.max_cloud_cost)
+        task = await self._start_run(key, question, req.model, None, req.max_steps, req.max_cloud_cost,
+                                     max_chain_tokens=cap)
         run = await task
-        return _completion(req.model, run)
+        return _completion(req.model, run, req.user)
+
+    async def _step_call(self, req: ChatCompletionRequest, request: Request, key: Optional[ApiKey], policy: str):
+        """Step mode (:mod:`hera_ray.serve.step_mode`): the call is one subtask of the caller's agent."""
+        if isinstance(req.tool_choice, NamedToolChoice) or req.tool_choice == "required":
+            raise InvalidRequest("tool_choice: step mode lets the model choose (\"auto\") or not call tools (\"none\"); "
+                                 "it cannot force a call", param="tool_choice")
+        if req.max_steps is not None:
+            raise InvalidRequest("max_steps: step mode runs one call; max_steps is for hera's own agent", param="max_steps")
+        session = step_mode.session_id(req, request.headers.get(step_mode.SESSION_HEADER))
+        index = step_mode.position(req)
+        question, history = step_mode.context(req, self._placements.get(session))
+        call = step_mode.call_params(req, self.config.agent.step_max_tokens, self.config.agent.temperature)
+        self.admission.enter()
+        started = time.monotonic()
+        entry = None
+        try:
+            max_cloud_cost = req.max_cloud_cost
+            if key is not None and key.cloud_budget is not None:
+                spent = await self.actor.key_spend.remote(key.name)
+                max_cloud_cost = run_cloud_cap(key, spent, max_cloud_cost, self.config.scheduler.max_cloud_cost_per_request)
+            entry = await self.agent.call(call, policy, session, index, question, history, max_cloud_cost)
+        finally:
+            self.admission.leave(run_s=time.monotonic() - started)
+            cost = 0.0 if entry is None else cloud_cost([entry])
+            if key is not None and cost > 0:
+                try:
+                    await self.actor.charge_key.remote(key.name, cost)
+                except Exception as e:  # noqa: BLE001 - the call's own outcome matters more than the charge's
+                    log.warning("could not charge %.6f to API key %r: %s", cost, key.name, e)
+        placements = self._placements.setdefault(session, {})
+        placements[index] = entry.placement
+        self._placements.move_to_end(session)
+        while len(self._placements) > 10_000:
+            self._placements.popitem(last=False)
+        reply = step_mode.parse_reply(req, entry.output)
+        hera = _json_safe(step_mode.hera_field(entry, session, index, reply, req.model))
+        if req.stream:
+            include = req.stream_options is not None and req.stream_options.include_usage
+            chunks = step_mode.stream_chunks(req.model, entry, reply, hera, include)
+
+            async def events() -> AsyncIterator[str]:
+                for c in chunks:
+                    yield f"data: {json.dumps(c)}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return step_mode.completion(req.model, entry, reply, hera)
+
+    def _agent_question(self, req: ChatCompletionRequest) -> str:
+        """The task hera's own agent answers, after refusing (400, naming the field) what it cannot honour:
+        it writes its own chain of thought at the cluster's temperature, and calls no tools."""
+        a = self.config.agent
+        refuse = {"tools": req.tools, "tool_choice": req.tool_choice if req.tool_choice != "none" else None,
+                  "stop": req.stop or None, "seed": req.seed, "top_p": req.top_p}
+        for name, value in refuse.items():
+            if value is not None:
+                raise InvalidRequest(f"{name}: model {req.model!r} runs hera's own agent, which writes its chain of "
+                                     f"thought itself and cannot honour {name}", param=name)
+        if req.temperature is not None and req.temperature != a.temperature:
+            raise InvalidRequest(f"temperature: hera's own agent runs at the cluster's temperature, {a.temperature:g} "
+                                 f"(agent.temperature); got {req.temperature:g}", param="temperature")
+        cap = req.max_output_tokens()
+        if cap is not None and cap > a.max_chain_tokens:
+            raise InvalidRequest(f"max_tokens: {cap} exceeds this server's chain cap of {a.max_chain_tokens} tokens "
+                                 "(agent.max_chain_tokens)", param="max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+        if not any(m.role == "user" and m.text().strip() for m in req.messages):
+            raise InvalidRequest("messages: hera's own agent needs a non-empty user message to answer", param="messages")
+        return req.question()
 
     async def _stream(self, req: ChatCompletionRequest, task: "asyncio.Task[AgentRun]",
                       steps: "asyncio.Queue[TraceEntry]") -> AsyncIterator[str]:
@@ -352,8 +439,13 @@ class HeraIngress:
                     getter.cancel()
             run = task.result()
             yield chunk({"content": _content(run)})
-            yield chunk({}, "stop" if run.finished else "length", usage=_usage(run),
+            yield chunk({}, "stop" if run.finished else "length",
                         hera={k: v for k, v in run.to_dict().items() if k != "trace"})
+            if req.stream_options is not None and req.stream_options.include_usage:
+                # As OpenAI streams it: one more chunk, with no choices, holding the usage.
+                body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                        "choices": [], "usage": _usage(run)}
+                yield f"data: {json.dumps(body)}\n\n"
         except HeraError as e:
             yield f"data: {json.dumps(error_body(e.message, _ERROR_TYPES.get(e.http_status, 'server_error')))}\n\n"
         finally:

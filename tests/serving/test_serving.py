@@ -36,14 +36,36 @@ def test_openai_client_gets_a_completion(oai):
 
 def test_openai_client_gets_a_stream(oai):
     chunks = list(oai.chat.completions.create(model="all-llm", messages=[{"role": "user", "content": QUESTION}],
-                                              stream=True))
+                                              stream=True, stream_options={"include_usage": True}))
     steps = [c.model_extra["hera_step"] for c in chunks if c.model_extra and "hera_step" in c.model_extra]
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert steps, "no progress chunk per subtask"
     assert all(s["placement"] == "cloud" for s in steps)
     assert content.strip()
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-    assert chunks[-1].usage.total_tokens > 0
+    # As OpenAI streams usage: the finish reason, then one more chunk with no choices and the usage.
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length") and chunks[-2].usage is None
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
+    plain = list(oai.chat.completions.create(model="all-slm", messages=[{"role": "user", "content": QUESTION}],
+                                             stream=True, max_tokens=16))
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_text_parts_are_read_and_what_the_agent_cannot_honour_is_refused_by_name(oai, cluster):
+    reply = oai.chat.completions.create(model="all-slm", max_completion_tokens=24, user="alice", messages=[
+        {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+        {"role": "user", "content": [{"type": "text", "text": QUESTION}]}])
+    hera = reply.model_extra["hera"]
+    assert hera["question"] == "Answer briefly.\n\n" + QUESTION and hera["user"] == "alice"
+    assert sum(t["completion_tokens"] for t in hera["trace"]) <= 24  # max_completion_tokens caps the chain
+    for fields, param in (({"tools": [{"type": "function", "function": {"name": "add"}}]}, "tools"),
+                          ({"stop": ["\n"]}, "stop"), ({"temperature": 0.7}, "temperature"), ({"n": 2}, "n"),
+                          ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+                           "image_url")):
+        body = {"model": "all-slm", "messages": [{"role": "user", "content": QUESTION}], **fields}
+        r = httpx.post(f"{cluster.ingress_url}/v1/chat/completions", json=body, timeout=30,
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 400 and param in r.json()["error"]["message"], (fields, r.text)
+    assert httpx.get(f"{cluster.ingress_url}/healthz", timeout=10).json()["status"] == "ok"
 
 
 def test_models_and_health(oai, cluster):
@@ -219,7 +241,8 @@ def test_an_endpoint_that_cannot_continue_a_message_gets_the_turns_format(cluste
     from hera_ray.scheduler.nodes import NodeTable
     from hera_ray.scheduler.router import Router
 
-    backend = OpenAIBackend(CloudLLMConfig(backend="openai", model="all-slm", openai_base_url=f"{cluster.ingress_url}/v1",
+    # Step mode (model step:all-slm): each call answered as it stands, its stop string honoured.
+    backend = OpenAIBackend(CloudLLMConfig(backend="openai", model="step:all-slm", openai_base_url=f"{cluster.ingress_url}/v1",
                                            openai_api_key_env="HERA_API_KEY"))
     sent = []
 
@@ -231,7 +254,7 @@ def test_an_endpoint_that_cannot_continue_a_message_gets_the_turns_format(cluste
         async def edge(self, address, params):  # pragma: no cover - all-llm places nothing on the edge
             raise AssertionError("no edge step expected")
 
-    router = Router(NodeTable(), build_policies(), "slm", "all-slm", DEFAULT_CLOUD_PRICES)
+    router = Router(NodeTable(), build_policies(), "slm", "step:all-slm", DEFAULT_CLOUD_PRICES)
     agent = Agent(RouterScheduler(router), OverTheAPI(), AgentConfig(max_steps=2, max_tokens_per_step=32),
                   cloud_step_format=StepFormat.TURNS)
     run = asyncio.run(agent.run(QUESTION, "all-llm"))
@@ -245,3 +268,48 @@ def test_an_endpoint_that_cannot_continue_a_message_gets_the_turns_format(cluste
     with pytest.raises(InvalidRequest, match="not set to continue an open assistant message"):
         asyncio.run(backend.generate(GenerationParams(messages=(("user", "q"), ("assistant", "so far")),
                                                       continue_final_message=True, max_tokens=8)))
+
+
+def test_step_mode_places_each_call_of_the_caller_s_agent_and_says_where_it_ran(oai, cluster):
+    """Model step:<policy>: the call is one subtask of the caller's agent; the chosen model answers
+    the conversation as it stands, and the response's hera field says where, why, and for which session."""
+    models = {m.id for m in oai.models.list()}
+    assert {"step:all-slm", "step:all-llm", "step:hera-verify"} <= models
+    convo = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+    first = oai.chat.completions.create(model="step:all-llm", messages=convo, max_tokens=12, user="agent-7")
+    hera = first.model_extra["hera"]
+    assert (hera["mode"], hera["placement"], hera["model"], hera["position"]) == ("step", "cloud", "smollm2-as-cloud", 0)
+    assert hera["session"] == "user-agent-7" and hera["cost"] > 0 and first.choices[0].message.content
+    assert first.usage.completion_tokens <= 12 and first.choices[0].finish_reason in ("stop", "length")
+    # The next call of the same agent: one assistant turn later, same session (here from the opening messages).
+    convo2 = convo + [{"role": "assistant", "content": first.choices[0].message.content},
+                      {"role": "user", "content": "Another one."}]
+    a = oai.chat.completions.create(model="step:all-slm", messages=convo2, max_tokens=8).model_extra["hera"]
+    b = oai.chat.completions.create(model="step:all-slm", messages=convo2 + [
+        {"role": "assistant", "content": "Red."}, {"role": "user", "content": "And one more."}], max_tokens=8).model_extra["hera"]
+    assert (a["placement"], a["position"], b["position"]) == ("edge", 1, 2) and a["session"] == b["session"]
+    assert a["session"].startswith("conv-") and a["cost"] == 0.0
+    headers = {"X-Hera-Session": "run-42"}
+    c = oai.chat.completions.create(model="step:all-slm", messages=convo, max_tokens=4, extra_headers=headers)
+    assert c.model_extra["hera"]["session"] == "session-run-42"
+    # Streamed as OpenAI streams: role, content, the finish reason (with hera), then the usage.
+    chunks = list(oai.chat.completions.create(model="step:all-slm", messages=convo, max_tokens=8, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length") and chunks[-2].model_extra["hera"]["placement"] == "edge"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
+
+
+def test_step_mode_refuses_what_it_cannot_honour_by_name(cluster):
+    add = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+    cases = [({"tools": [add], "tool_choice": "required"}, "tool_choice"), ({"max_steps": 3}, "max_steps"),
+             ({"tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": 5}}}]}, "tools"),
+             ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "nope", "content": "1"}]},
+              "tool_call_id")]
+    for fields, param in cases:
+        body = {"model": "step:all-slm", "messages": [{"role": "user", "content": "hi"}], **fields}
+        r = _post(cluster, "/v1/chat/completions", json=body)
+        assert r.status_code == 400 and param in r.json()["error"]["message"], (fields, r.text)
+    r = _post(cluster, "/v1/chat/completions", json={"model": "step:gpt-9", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 404 and "gpt-9" in r.json()["error"]["message"]
