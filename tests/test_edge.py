@@ -66,7 +66,7 @@ BAD_INPUTS = [
     ("whitespace prompt", dict(prompt="   \n", max_tokens=8), grpc.StatusCode.INVALID_ARGUMENT, "empty prompt"),
     ("empty messages", dict(messages=[("user", "")], max_tokens=8), grpc.StatusCode.INVALID_ARGUMENT, "empty prompt"),
     ("bad role", dict(messages=[("wizard", "hi")], max_tokens=8), grpc.StatusCode.INVALID_ARGUMENT, "role 'wizard'"),
-    ("prompt and messages", dict(prompt="a", messages=[("user", "b")], max_tokens=8), grpc.StatusCode.INVALID_ARGUMENT, "not both"),
+    ("prompt and messages", dict(prompt="a", messages=[("user", "b")], max_tokens=8), grpc.StatusCode.INVALID_ARGUMENT, "not several"),
     ("zero max_tokens", dict(prompt="hi", max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be > 0"),
     ("negative max_tokens", dict(prompt="hi", max_tokens=-5), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be > 0"),
     ("absurd max_tokens", dict(prompt="hi", max_tokens=10**9), grpc.StatusCode.INVALID_ARGUMENT, "exceeds the context window of 512"),
