@@ -20,7 +20,7 @@ import time
 from typing import AsyncIterator
 
 from hera_ray.config import CloudLLMConfig
-from hera_ray.errors import ConfigError, InvalidRequest, ModelNotFound, Unavailable
+from hera_ray.errors import ConfigError, InvalidRequest, ModelNotFound, Overloaded, Unavailable
 from hera_ray.generation import LINE_END, STOP_UNKNOWN, GenerationParams, GenerationResult, validate_params
 
 
@@ -116,11 +116,23 @@ class OpenAIBackend(LLMBackend):
             # vLLM's and SGLang's chat API: continue the last (assistant) message, no new turn.
             extra["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
         t0 = time.perf_counter()
-        reply = await self.client.chat.completions.create(
-            model=self.model_id, messages=messages, max_tokens=p.max_tokens, temperature=p.temperature,
-            **({"top_p": p.top_p} if p.top_p is not None else {}), **({"seed": p.seed} if p.seed is not None else {}),
-            **({"stop": stops} if stops else {}), **({"logprobs": True} if p.logprobs else {}), **extra,
-        )
+        import openai
+
+        try:
+            reply = await self.client.chat.completions.create(
+                model=self.model_id, messages=messages, max_tokens=p.max_tokens, temperature=p.temperature,
+                **({"top_p": p.top_p} if p.top_p is not None else {}), **({"seed": p.seed} if p.seed is not None else {}),
+                **({"stop": stops} if stops else {}), **({"logprobs": True} if p.logprobs else {}), **extra,
+            )
+        except openai.APIStatusError as e:  # the endpoint's verdict, as hera's own errors
+            where = f"the OpenAI-compatible endpoint behind {self.model_id!r} answered {e.status_code}: {e.message}"
+            if e.status_code == 429:
+                raise Overloaded(where) from None
+            if 400 <= e.status_code < 500 and e.status_code not in (401, 403, 408):
+                raise InvalidRequest(where) from None
+            raise Unavailable(where) from None
+        except (openai.APIConnectionError, openai.APITimeoutError) as e:
+            raise Unavailable(f"the OpenAI-compatible endpoint behind {self.model_id!r} is unreachable: {e}") from None
         elapsed = time.perf_counter() - t0
         choice = reply.choices[0]
         usage = reply.usage

@@ -195,7 +195,7 @@ class VLLMBackend(LLMBackend):
                     raise InvalidRequest("the candidate adds no token to the prompt (or there is no prompt to score it after)")
         except HeraError:
             raise
-        except (ValueError, TypeError) as e:  # the chat template refused the messages (e.g. nothing to continue)
+        except Exception as e:  # noqa: BLE001 - the chat template refused the messages (raise_exception, nothing to continue)
             raise InvalidRequest(f"the chat template of {self.model_id!r} refused the messages: {e}") from e
         if len(ids) + p.max_tokens > self.n_ctx:
             raise ContextLengthExceeded(

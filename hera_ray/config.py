@@ -238,6 +238,7 @@ class AgentConfig(BaseModel):
     max_chain_tokens: int = Field(1024, ge=16, le=32_768, description="Tokens the whole chain of thought may hold (the sum of its steps' completions), like one turn's max_tokens; then the answer is read from the chain so far.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature of every step.")
     step_max_tokens: int = Field(512, ge=1, le=32_768, description="Step mode (model step:<policy>): tokens a call's reply may hold when the request gives no max_tokens.")
+    step_max_tokens_limit: int = Field(4096, ge=1, le=32_768, description="Step mode: the largest max_tokens a call may ask for; the ingress answers 400 past it.")
     edge_retries: int = Field(2, ge=0, le=10, description="Times a failed edge subtask (node died, froze, drains or is full) is re-routed before it fails the request.")
     edge_timeout_s: float = Field(60.0, gt=0, description="Longest one edge subtask may take, queueing included; past it the node is taken as frozen and the subtask is re-routed.")
     cloud_retries: int = Field(3, ge=0, le=10, description="Times a cloud subtask whose replica died or was full is tried again (Serve replaces dead replicas) before it fails the request.")

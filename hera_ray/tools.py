@@ -51,12 +51,15 @@ def _call(obj: Any, names: set[str]) -> tuple[dict[str, Any] | None, str]:
     if isinstance(args, str):  # some models write the arguments as a JSON string, as OpenAI sends them
         try:
             args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return None, f"{obj['name']}: arguments are not JSON"
     if not isinstance(args, dict):
         return None, f"{obj['name']}: arguments are not an object"
-    return {"id": new_call_id(), "type": "function",
-            "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}}, ""
+    try:
+        arguments = json.dumps(args, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return None, f"{obj['name']}: arguments are nested too deeply"
+    return {"id": new_call_id(), "type": "function", "function": {"name": obj["name"], "arguments": arguments}}, ""
 
 
 def _objects(text: str) -> list[Any] | None:
@@ -70,7 +73,7 @@ def _objects(text: str) -> list[Any] | None:
     try:
         value = json.loads(text)
         return value if isinstance(value, list) else [value]
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         pass
     values = []
     for line in text.splitlines():
@@ -78,7 +81,7 @@ def _objects(text: str) -> list[Any] | None:
             continue
         try:
             values.append(json.loads(line))
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):
             return None
     return values or None
 
@@ -95,8 +98,8 @@ def parse_tool_calls(text: str, tools: Iterable[str]) -> ParsedReply:
             block = m.group(1).strip()
             try:
                 obj = json.loads(_FENCE.sub(r"\1", block))
-            except (json.JSONDecodeError, RecursionError) as e:
-                failures.append(f"<tool_call> block is not JSON ({e.msg if hasattr(e, 'msg') else e})")
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, a 4300-digit number, deep nesting
+                failures.append(f"<tool_call> block is not JSON ({getattr(e, 'msg', None) or str(e)[:100]})")
                 kept.append(m.group(0))
                 continue
             call, why = _call(obj, names)

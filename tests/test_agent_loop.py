@@ -278,3 +278,48 @@ def test_a_cascade_keeps_a_confident_slm_answer_and_else_pays_for_the_llm_to_ans
         assert run.chain == "Each box has 8.\n8 * 3 = 24.\nAnswer: 24"
         assert run.cost == pytest.approx(sum(t.cost for t in run.trace[2:])) and run.cost > 0
         assert run.review["decision_s"] > 0 and run.trace[1].decision_s >= run.review["decision_s"]
+
+
+class TooLongForTheEdge:
+    """Stand-in engines: the edge's context window is too small for the call; the cloud answers."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def edge(self, address, params):
+        from hera_ray.errors import ContextLengthExceeded
+
+        self.calls.append("edge")
+        raise ContextLengthExceeded("the prompt is 3000 tokens: exceeds the context window of 2048 tokens")
+
+    async def cloud(self, params):
+        self.calls.append("cloud")
+        return GenerationResult("Blue.", 3000, 2, 0.01, 0.02, 0.0, "stop")
+
+
+def test_a_step_mode_call_too_long_for_the_edge_runs_on_the_cloud_and_its_session_is_the_policy_s_request():
+    import json
+
+    from hera_ray.generation import GenerationParams
+    from hera_ray.policy.base import Decision, Placement, Policy
+
+    seen = []
+
+    class EdgeFirst(Policy):
+        name = "edge-first"
+
+        async def decide(self, ctx):
+            seen.append((ctx.request_id, ctx.index, [h.subtask for h in ctx.history]))
+            return Decision(Placement.EDGE, "edge-first")
+
+    executor = TooLongForTheEdge()
+    agent, router = _two_node_agent(executor)
+    router.policies["edge-first"] = EdgeFirst()
+    call = GenerationParams(chat=json.dumps([{"role": "user", "content": "Name a colour."}]), max_tokens=16)
+    history = [{"subtask": "Red.", "output": "Red.", "placement": "edge"}]
+    entry = asyncio.run(agent.call(call, "edge-first", "alice:conv-1", 1, "Name a colour.", history))
+    assert executor.calls == ["edge", "cloud"] and entry.placement == "cloud" and entry.fallback == "context"
+    assert "context window" in entry.failures[0] and entry.output == "Blue."
+    assert seen[0] == ("alice:conv-1", 1, ["Red."])  # the policy sees the session and the conversation before the call
+    assert not any(router.outstanding.values())  # the edge the refused call was sent to is free again
+    assert router.ledger._requests == {}  # the call's ledger entry is closed; the session holds no open bill

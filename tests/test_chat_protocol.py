@@ -33,7 +33,8 @@ def test_what_langchain_and_the_openai_sdk_send_is_accepted():
                  {"role": "tool", "tool_call_id": "call_1", "content": "5"}],
                 tools=[ADD], tool_choice="auto", stop=["\n\n"], max_completion_tokens=64, temperature=0, seed=7,
                 user="alice", stream=True, stream_options={"include_usage": True}, n=1, parallel_tool_calls=True,
-                presence_penalty=0, frequency_penalty=0, logprobs=False, response_format={"type": "text"})
+                presence_penalty=0, frequency_penalty=0, logprobs=False, response_format={"type": "text"},
+                store=False, metadata={"run": "1"}, service_tier="auto", modalities=["text"], top_logprobs=0)
     assert r.question() == "Use the tools.\n\nWhat is 2 + 3?"
     assert r.max_output_tokens() == 64 and r.stop_strings() == ("\n\n",)
     chat = [m.to_chat() for m in r.messages]
@@ -68,6 +69,8 @@ def test_what_langchain_and_the_openai_sdk_send_is_accepted():
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
         {**CALL, "function": {"name": "add", "arguments": "{a: 2"}}]}], {}, "messages.1.tool_calls.0.function.arguments"),
     ([{"role": "user", "content": None}], {}, "content"),
+    ([{"role": "user", "content": "hi"}], {"reasoning_effort": "high"}, "reasoning_effort"),
+    ([{"role": "user", "content": "hi"}], {"modalities": ["text", "audio"]}, "modalities"),
     ([{"role": "user", "content": "hi", "tool_calls": [CALL]}], {}, "tool_calls"),
 ])
 def test_what_cannot_be_honoured_is_refused_by_name(messages, fields, named):

@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Protocol
 from hera_ray.agent.steps import (Step, StepFormat, chain_answer, chain_text, checked_text, continues, make_step,
                                   step_messages)
 from hera_ray.config import AgentConfig
-from hera_ray.errors import InvalidRequest, Overloaded, Unavailable
+from hera_ray.errors import ContextLengthExceeded, HeraError, InvalidRequest, Overloaded, Unavailable
 from hera_ray.generation import GenerationParams, GenerationResult
 from hera_ray.policy.base import SPECULATE
 from hera_ray.policy.verify import VERIFY
@@ -171,6 +171,7 @@ class _RunState:
     #: and the conversation before it as the policy sees it (PastStep dicts).
     call: GenerationParams | None = None
     history: list[dict[str, Any]] | None = None
+    session: str | None = None
     steps: list[Step] = field(default_factory=list)
     chain_tokens: int = 0
     #: Per side ("cloud", or an edge node id): the previous call, for the cached-prompt count.
@@ -236,9 +237,14 @@ class Agent:
         as the history) and the chosen model answers ``call`` as it stands: its conversation, tools
         and settings. Every stage works as in a chain (hera-verify speculates, checks and rewrites).
         Returns the trace entry; its ``output`` is the reply. The session stays open in the ledger."""
-        run = AgentRun(request_id=session_id, policy=policy, question=question, answer="", finished=False)
-        state = _RunState(run, chain_cap=call.max_tokens, call=call, history=history)
-        entry, _step = await self._step(state, position, call.max_tokens, max_cloud_cost)
+        # The ledger bills each call on its own (its cap is the call's); the policy and node affinity see the session.
+        call_id = f"{session_id}#{position}-{uuid.uuid4().hex[:8]}"
+        run = AgentRun(request_id=call_id, policy=policy, question=question, answer="", finished=False)
+        state = _RunState(run, chain_cap=call.max_tokens, call=call, history=history, session=session_id)
+        try:
+            entry, _step = await self._step(state, position, call.max_tokens, max_cloud_cost)
+        finally:
+            run.usage = await self.scheduler.finish(call_id)
         return entry
 
     async def _chain(self, state: _RunState, steps: int, max_cloud_cost: float | None,
@@ -305,6 +311,8 @@ class Agent:
             {"subtask": t.subtask, "output": t.output, "placement": t.placement} for t in run.trace]
         request = {"request_id": run.request_id, "policy": run.policy, "index": index, "question": run.question,
                    "history": history, "exclude_nodes": []}
+        if state.session is not None:
+            request["session"] = state.session
         t0 = time.perf_counter()
         decision_s = speculative_s = speculative_cost = 0.0
         failures: list[str] = []
@@ -320,6 +328,14 @@ class Agent:
             t_gen = time.perf_counter()
             try:
                 result, cost, cached = await self._execute(state, route, params, failures)
+            except ContextLengthExceeded as e:
+                # The prompt does not fit the edge's context window (a long conversation in step mode):
+                # the cloud takes it, and the trace says why (fallback "context").
+                if route["placement"] != "edge" or request.get("cloud_only"):
+                    raise
+                failures.append(f"{route['node_id']}: {e.message}")
+                request["cloud_only"] = True
+                continue
             except (Unavailable, Overloaded) as e:
                 # The edge node died, froze past the subtask timeout, drains or is full: re-route this
                 # subtask elsewhere (another node, or the cloud once none is left).
@@ -430,6 +446,9 @@ class Agent:
                 result = await self.executor.cloud(params)
         except (Unavailable, Overloaded):
             await self.scheduler.report({**_report_base(run, route), "ok": False})
+            raise
+        except HeraError:  # the engine refused the request (too long, bad settings): free the node, blame nothing
+            await self.scheduler.report({**_report_base(run, route), "ok": True, "release_only": True})
             raise
         state.engine_calls += 1
         state.cache_hits += int(result.cache_hit)

@@ -10,6 +10,8 @@ of a scan, and with a maximum load exponentially closer to the ideal than one ra
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import random
 import time
 from collections import defaultdict
@@ -41,6 +43,11 @@ class RouteRequest:
     llm_top_logprobs: tuple[float, ...] | None = None
     #: A review of the finished chain: every generated token's log-probability (see SubtaskContext).
     chain_logprobs: tuple[float, ...] | None = None
+    #: Step mode: the agent session this call belongs to. The policy sees it as the request (URC's
+    #: once-per-request decision) and node affinity follows it; the ledger bills ``request_id``.
+    session: str | None = None
+    #: The prompt does not fit the edge nodes' context: place it on the cloud (fallback "context").
+    cloud_only: bool = False
 
     @classmethod
     def from_dict(cls, request: dict[str, Any]) -> "RouteRequest":
@@ -60,6 +67,8 @@ class RouteRequest:
             llm_logprobs=floats(request.get("llm_logprobs")),
             llm_top_logprobs=floats(request.get("llm_top_logprobs")),
             chain_logprobs=floats(request.get("chain_logprobs")),
+            session=request.get("session"),
+            cloud_only=bool(request.get("cloud_only", False)),
         )
 
 
@@ -152,7 +161,7 @@ class Router:
         self.max_cloud_cost = max_cloud_cost_per_request
         self.ledger = ledger or CostLedger()
         self.outstanding: dict[str, int] = defaultdict(int)
-        self._affinity: dict[str, str] = {}
+        self._affinity: OrderedDict[str, str] = OrderedDict()  # request or session -> its node (bounded)
         #: Nodes a call just failed on (node id -> when), avoided until the registry decides about
         #: them: a dead or frozen node stays "up" in the table until it misses its heartbeats.
         self._suspects: dict[str, float] = {}
@@ -189,14 +198,17 @@ class Router:
 
     async def route(self, req: RouteRequest, max_cloud_cost: float | None = None) -> Route:
         t0 = time.perf_counter()
+        owner = req.session or req.request_id  # whose decisions and node affinity these are
         decision = await self.policy(req.policy).decide(
-            SubtaskContext(req.request_id, req.question, req.index, req.history, req.slm_candidate,
+            SubtaskContext(owner, req.question, req.index, req.history, req.slm_candidate,
                            req.slm_logprobs, req.llm_logprobs, req.llm_top_logprobs, req.chain_logprobs))
         placement, fallback = decision.placement, ""
+        if placement is Placement.EDGE and req.cloud_only:
+            placement, fallback = Placement.CLOUD, "context"
         if placement is Placement.CLOUD and self.over_budget(req.request_id, max_cloud_cost):
             placement, fallback = Placement.EDGE, "budget"
         edge_model = decision.edge_model or self.edge_model
-        node = self.pick_node(req.request_id, edge_model, req.exclude_nodes) if placement is Placement.EDGE else None
+        node = self.pick_node(owner, edge_model, req.exclude_nodes) if placement is Placement.EDGE else None
         if placement is Placement.EDGE and node is None:
             if fallback == "budget":
                 spent = self.ledger.request(req.request_id).cloud_cost
@@ -208,7 +220,10 @@ class Router:
             placement, fallback = Placement.CLOUD, "no-edge"
         if node is not None:
             self.outstanding[node.spec.node_id] += 1
-            self._affinity[req.request_id] = node.spec.node_id
+            self._affinity[owner] = node.spec.node_id
+            self._affinity.move_to_end(owner)
+            while len(self._affinity) > self.MAX_AFFINITY:
+                self._affinity.popitem(last=False)
             route = Route(placement, decision.stage, decision.scores, node.spec.node_id, node.spec.address,
                           node.spec.model, node.spec.prices.model_dump(), fallback)
         else:
@@ -216,6 +231,8 @@ class Router:
                           self.cloud_prices.model_dump(), fallback)
         return replace(route, decision_s=time.perf_counter() - t0, logprobs=decision.logprobs, review=decision.review)
 
+    #: Requests or sessions whose node is remembered at most (the oldest are forgotten).
+    MAX_AFFINITY = 10_000
     #: Up to this many live nodes, scan them all; above, sample two.
     SCAN_LIMIT = 16
 

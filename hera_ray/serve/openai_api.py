@@ -357,7 +357,14 @@ class HeraIngress:
                                  "it cannot force a call", param="tool_choice")
         if req.max_steps is not None:
             raise InvalidRequest("max_steps: step mode runs one call; max_steps is for hera's own agent", param="max_steps")
-        session = step_mode.session_id(req, request.headers.get(step_mode.SESSION_HEADER))
+        if policy.partition("@")[0] in step_mode.CHAIN_ONLY:
+            raise InvalidRequest(f"model: {policy!r} reviews a whole answer chain, which step mode does not have; "
+                                 f"use it as {policy!r} (hera's own agent) or pick another step:<policy>", param="model")
+        limit = self.config.agent.step_max_tokens_limit
+        if (req.max_output_tokens() or 0) > limit:
+            raise InvalidRequest(f"max_tokens: {req.max_output_tokens()} exceeds this server's step-mode limit of {limit} "
+                                 "(agent.step_max_tokens_limit)", param="max_tokens")
+        session = step_mode.session_id(req, request.headers.get(step_mode.SESSION_HEADER), key.name if key else None)
         index = step_mode.position(req)
         question, history = step_mode.context(req, self._placements.get(session))
         call = step_mode.call_params(req, self.config.agent.step_max_tokens, self.config.agent.temperature)

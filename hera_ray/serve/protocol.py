@@ -10,6 +10,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 #: OpenAI's rule for a function name.
 TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+#: Deepest JSON accepted in tool-call arguments and tool schemas.
+MAX_JSON_DEPTH = 32
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    """How deep ``value`` nests (stops counting past MAX_JSON_DEPTH)."""
+    if level > MAX_JSON_DEPTH or not isinstance(value, (dict, list)):
+        return level
+    items = value.values() if isinstance(value, dict) else value
+    return max((_depth(v, level + 1) for v in items), default=level + 1)
 
 
 class ToolCallFunction(BaseModel):
@@ -26,10 +36,12 @@ class ToolCallFunction(BaseModel):
             value = json.loads(v) if v.strip() else {}
         except json.JSONDecodeError as e:
             raise ValueError(f"arguments must be a JSON object, and this is not JSON ({e.msg} at character {e.pos})") from None
-        except RecursionError:
-            raise ValueError("arguments are nested too deeply") from None
+        except (RecursionError, ValueError) as e:
+            raise ValueError(f"arguments cannot be read: {str(e)[:100] or 'nested too deeply'}") from None
         if not isinstance(value, dict):
             raise ValueError(f"arguments must be a JSON object, not {type(value).__name__}")
+        if _depth(value) > MAX_JSON_DEPTH:
+            raise ValueError(f"arguments are nested deeper than {MAX_JSON_DEPTH} levels")
         return v
 
 
@@ -54,6 +66,8 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = Field(None, max_length=64)
     tool_call_id: str | None = Field(None, max_length=200)
     refusal: str | None = None
+    #: An earlier assistant turn's audio reference: accepted in the history, not sent to the models (text only).
+    audio: dict[str, Any] | None = None
 
     @field_validator("content")
     @classmethod
@@ -80,8 +94,8 @@ class ChatMessage(BaseModel):
             raise ValueError("tool_call_id: a tool message must name the call it answers")
         if self.tool_call_id is not None and self.role != "tool":
             raise ValueError(f"tool_call_id: only a tool message answers a call, not a {self.role} message")
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content: null is allowed only on an assistant message with tool_calls")
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content: null is allowed only on an assistant message, not a {self.role} message")
         return self
 
     def text(self) -> str:
@@ -121,6 +135,8 @@ class FunctionSpec(BaseModel):
     def _a_json_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         if v is None:
             return v
+        if _depth(v) > MAX_JSON_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
         from jsonschema import Draft202012Validator
         from jsonschema.exceptions import SchemaError
 
@@ -158,6 +174,8 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+    #: OpenAI pads chunks against side channels when this is true; these chunks carry no padding either way.
+    include_obfuscation: bool | None = None
 
 
 class ChatCompletionRequest(BaseModel):
@@ -191,6 +209,15 @@ class ChatCompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Empty only.")
     logprobs: bool | None = Field(None, description="false only.")
     response_format: dict[str, Any] | None = Field(None, description="{\"type\": \"text\"} only.")
+    top_logprobs: int | None = Field(None, ge=0, le=0, description="0 only.")
+    modalities: list[Literal["text"]] | None = Field(None, description="[\"text\"] only.")
+    reasoning_effort: None = Field(None, description="Not supported: the models here do not reason apart.")
+    # About the provider's storage and billing, not the reply: accepted, and nothing is stored.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = Field(None, max_length=100)
+    prompt_cache_key: str | None = Field(None, max_length=1000)
+    safety_identifier: str | None = Field(None, max_length=1000)
     # hera's own.
     max_steps: int | None = Field(None, ge=1, le=100, description="hera: steps at most (each a line of the chain of thought).")
     # allow_inf_nan: Python's JSON parser takes Infinity, which would pass ge=0 and then fail the reply.

@@ -5,10 +5,12 @@ model, runs the tools the model asked for, and calls again. Pointed at hera-ray 
 ``step:<policy>`` (``step:hera-verify``, ``step:all-llm``, ``step:random@0.3``...), every such call
 is placed by the policy and answered, as it stands, by the model the policy chose:
 
-* **session**: the calls of one agent run belong together (URC's once-per-request decision, node
-  affinity, the ledger, budgets). Its id is the ``X-Hera-Session`` header, else the request's
-  ``user`` field, else a hash of the conversation's first messages (its system and first user
-  message), which every later call of the same run repeats.
+* **session**: the calls of one agent run belong together: the policy's once-per-request decisions
+  (URC) and node affinity follow it. Its id is the ``X-Hera-Session`` header, else a hash of the
+  conversation's first messages (its system and first user message, which every later call of the
+  same run repeats) with the ``user`` field; either way under the caller's API key, so no caller
+  shares another's session. Each call is billed on its own in the ledger (its ``max_cloud_cost``
+  caps that call), and charged to the API key's budget.
 * **position**: the subtask's index is the number of assistant turns before the call.
 * **context**: the policy's "question" is the first user message (the task); its history is the
   conversation after it, one step per message (a tool call as its JSON, a tool result as its text).
@@ -30,6 +32,8 @@ from hera_ray.tools import ParsedReply, parse_tool_calls
 
 STEP_PREFIX = "step:"
 SESSION_HEADER = "x-hera-session"
+#: Policies that need a whole chain (the cascade reviews the SLM's finished answer): no step mode.
+CHAIN_ONLY = ("cascade",)
 
 
 def step_policy(model: str) -> str | None:
@@ -37,19 +41,19 @@ def step_policy(model: str) -> str | None:
     return model[len(STEP_PREFIX):] if model.startswith(STEP_PREFIX) else None
 
 
-def session_id(req: ChatCompletionRequest, header: str | None) -> str:
-    """The agent run this call belongs to: the header, else ``user``, else the conversation's opening."""
+def session_id(req: ChatCompletionRequest, header: str | None, key_name: str | None = None) -> str:
+    """The agent run this call belongs to, under the caller's key: the header, else the conversation's
+    opening (with ``user``)."""
+    owner = key_name or "open"
     if header and header.strip():
-        return f"session-{header.strip()[:200]}"
-    if req.user:
-        return f"user-{req.user}"
+        return f"{owner}:session-{header.strip()[:200]}"
     opening = []
     for m in req.messages:
         opening.append({"role": m.role, "content": m.text()})
         if m.role == "user":
             break
-    digest = hashlib.sha256(json.dumps([req.model, opening], sort_keys=True).encode()).hexdigest()[:16]
-    return f"conv-{digest}"
+    digest = hashlib.sha256(json.dumps([req.model, req.user, opening], sort_keys=True).encode()).hexdigest()[:16]
+    return f"{owner}:conv-{digest}"
 
 
 def position(req: ChatCompletionRequest) -> int:
@@ -99,7 +103,11 @@ def call_params(req: ChatCompletionRequest, max_tokens: int, temperature: float)
 
 def parse_reply(req: ChatCompletionRequest, text: str) -> ParsedReply:
     names = [t.function.name for t in req.tools or ()] if req.tool_choice != "none" else []
-    return parse_tool_calls(text, names)
+    reply = parse_tool_calls(text, names)
+    if req.parallel_tool_calls is False and len(reply.tool_calls) > 1:  # one call per turn, as asked
+        reply.failures.append(f"parallel_tool_calls is false: {len(reply.tool_calls) - 1} more call(s) dropped")
+        reply.tool_calls = reply.tool_calls[:1]
+    return reply
 
 
 def finish_reason(entry: TraceEntry, reply: ParsedReply) -> str:

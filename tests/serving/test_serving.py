@@ -279,7 +279,7 @@ def test_step_mode_places_each_call_of_the_caller_s_agent_and_says_where_it_ran(
     first = oai.chat.completions.create(model="step:all-llm", messages=convo, max_tokens=12, user="agent-7")
     hera = first.model_extra["hera"]
     assert (hera["mode"], hera["placement"], hera["model"], hera["position"]) == ("step", "cloud", "smollm2-as-cloud", 0)
-    assert hera["session"] == "user-agent-7" and hera["cost"] > 0 and first.choices[0].message.content
+    assert hera["session"].startswith("default:conv-") and hera["cost"] > 0 and first.choices[0].message.content
     assert first.usage.completion_tokens <= 12 and first.choices[0].finish_reason in ("stop", "length")
     # The next call of the same agent: one assistant turn later, same session (here from the opening messages).
     convo2 = convo + [{"role": "assistant", "content": first.choices[0].message.content},
@@ -288,10 +288,11 @@ def test_step_mode_places_each_call_of_the_caller_s_agent_and_says_where_it_ran(
     b = oai.chat.completions.create(model="step:all-slm", messages=convo2 + [
         {"role": "assistant", "content": "Red."}, {"role": "user", "content": "And one more."}], max_tokens=8).model_extra["hera"]
     assert (a["placement"], a["position"], b["position"]) == ("edge", 1, 2) and a["session"] == b["session"]
-    assert a["session"].startswith("conv-") and a["cost"] == 0.0
+    assert a["session"] != hera["session"]  # the first call named its user: another agent run
+    assert a["cost"] == 0.0
     headers = {"X-Hera-Session": "run-42"}
     c = oai.chat.completions.create(model="step:all-slm", messages=convo, max_tokens=4, extra_headers=headers)
-    assert c.model_extra["hera"]["session"] == "session-run-42"
+    assert c.model_extra["hera"]["session"] == "default:session-run-42"  # under the caller's API key
     # Streamed as OpenAI streams: role, content, the finish reason (with hera), then the usage.
     chunks = list(oai.chat.completions.create(model="step:all-slm", messages=convo, max_tokens=8, stream=True,
                                               stream_options={"include_usage": True}))
@@ -304,6 +305,7 @@ def test_step_mode_places_each_call_of_the_caller_s_agent_and_says_where_it_ran(
 def test_step_mode_refuses_what_it_cannot_honour_by_name(cluster):
     add = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
     cases = [({"tools": [add], "tool_choice": "required"}, "tool_choice"), ({"max_steps": 3}, "max_steps"),
+             ({"model": "step:cascade"}, "chain"), ({"max_tokens": 30_000}, "step_max_tokens_limit"),
              ({"tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": 5}}}]}, "tools"),
              ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "nope", "content": "1"}]},
               "tool_call_id")]
