@@ -323,3 +323,20 @@ def test_a_step_mode_call_too_long_for_the_edge_runs_on_the_cloud_and_its_sessio
     assert seen[0] == ("alice:conv-1", 1, ["Red."])  # the policy sees the session and the conversation before the call
     assert not any(router.outstanding.values())  # the edge the refused call was sent to is free again
     assert router.ledger._requests == {}  # the call's ledger entry is closed; the session holds no open bill
+
+
+def test_step_mode_calls_of_a_session_reuse_the_prompt_a_provider_caches():
+    import json
+
+    from hera_ray.generation import GenerationParams
+
+    executor = LinesExecutor(["Let me look.", "It is 5.", "Fine."])
+    agent, _ = _two_node_agent(executor)
+    convo = [{"role": "user", "content": "What is 2 + 3?"}]
+    first = asyncio.run(agent.call(GenerationParams(chat=json.dumps(convo), max_tokens=8), "all-llm", "s1", 0, "q", []))
+    convo += [{"role": "assistant", "content": "Let me look."}, {"role": "user", "content": "Go on."}]
+    second = asyncio.run(agent.call(GenerationParams(chat=json.dumps(convo), max_tokens=8), "all-llm", "s1", 1, "q", []))
+    other = asyncio.run(agent.call(GenerationParams(chat=json.dumps(convo), max_tokens=8), "all-llm", "s2", 1, "q", []))
+    assert first.cached_prompt_tokens == 0
+    assert second.cached_prompt_tokens == first.prompt_tokens  # the conversation so far was the last call's prompt
+    assert other.cached_prompt_tokens == 0  # another session: nothing cached for it

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -185,12 +186,15 @@ class _RunState:
 
 
 class Agent:
-    """Runs one request as a chain of steps.
+    """Runs one request as a chain of steps (or, in step mode, one call of the caller's agent).
 
     ``cloud_step_format``: how the cloud backend is asked for the next step; CONTINUE for llama.cpp
     and vLLM, TURNS for an OpenAI-compatible endpoint that cannot continue a message. Edge nodes
     (llama.cpp) always continue.
     """
+
+    #: Step-mode sessions whose previous calls are remembered for prompt caching.
+    MAX_SESSIONS = 10_000
 
     def __init__(self, scheduler: Scheduler, executor: Executor, config: AgentConfig | None = None,
                  cloud_step_format: StepFormat = StepFormat.CONTINUE):
@@ -198,6 +202,8 @@ class Agent:
         self.executor = executor
         self.config = config or AgentConfig()
         self.cloud_step_format = StepFormat(cloud_step_format)
+        #: Step mode: per session, each side's previous call (for the cached-prompt count); the oldest forgotten.
+        self._session_calls: OrderedDict[str, dict[str, _LastCall]] = OrderedDict()
 
     async def run(
         self,
@@ -240,11 +246,17 @@ class Agent:
         # The ledger bills each call on its own (its cap is the call's); the policy and node affinity see the session.
         call_id = f"{session_id}#{position}-{uuid.uuid4().hex[:8]}"
         run = AgentRun(request_id=call_id, policy=policy, question=question, answer="", finished=False)
-        state = _RunState(run, chain_cap=call.max_tokens, call=call, history=history, session=session_id)
+        # The session's previous call on each side: what a provider's prefix cache holds of this call's prompt.
+        last_call = self._session_calls.pop(session_id, {})
+        state = _RunState(run, chain_cap=call.max_tokens, call=call, history=history, session=session_id,
+                          last_call=last_call)
         try:
             entry, _step = await self._step(state, position, call.max_tokens, max_cloud_cost)
         finally:
             run.usage = await self.scheduler.finish(call_id)
+            self._session_calls[session_id] = state.last_call
+            while len(self._session_calls) > self.MAX_SESSIONS:
+                self._session_calls.popitem(last=False)
         return entry
 
     async def _chain(self, state: _RunState, steps: int, max_cloud_cost: float | None,
@@ -470,9 +482,15 @@ def _cached_prompt_tokens(state: _RunState, route: dict[str, Any], params: Gener
     with a new user turn every step, so its prompts do not extend each other: counted uncached.
     A backend whose API reports the cached count (OpenAI's) is taken at its word. Not modelled: a
     provider's minimum cacheable prompt (OpenAI: 1,024 tokens, in steps of 128).
+
+    Step mode: a session's calls resend the conversation with the new turns after it, so a call's
+    prompt extends the previous call's on the same side (kept per session by :meth:`Agent.call`).
     """
     side = "cloud" if route["placement"] != "edge" else route["node_id"]
-    chain = params.messages[-1][1] if params.continue_final_message else ("" if len(params.messages) == 2 else None)
+    if params.chat:  # step mode: the conversation, left open at its end, so that the next call's extends it
+        chain = params.chat[:-1]
+    else:
+        chain = params.messages[-1][1] if params.continue_final_message else ("" if len(params.messages) == 2 else None)
     previous = state.last_call.get(side)
     cached = 0
     if result.cached_prompt_tokens is not None:  # the provider said what it billed as cached
