@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -51,6 +53,9 @@ class LocalEstimators:
     llama.cpp contexts, so the policy can predict both at once.
     """
 
+    #: SP predictions remembered (by prompt) at most.
+    MEMO_SIZE = 4096
+
     def __init__(self, path: str | Path | None = None, n_threads: int = 1, load: Sequence[str] | None = None):
         from hera_ray.estimators.encoders import EncoderClassifier
         from hera_ray.estimators.generative import LoraGenerator
@@ -73,6 +78,9 @@ class LocalEstimators:
         self.sbert = SbertSimilarity(self.manifest.get("similarity_model", "minilm-l6"))
         self.max_distance = int(self.manifest.get("max_distance", 3))
         self.sp_format = self.manifest.get("sp_format", "compact")
+        self._memo: OrderedDict[str, str] = OrderedDict()  # SP prompt -> prediction
+        self._memo_lock = threading.Lock()
+        self.memo_hits = 0
         self.dp_input = self.manifest.get("dp_input", "context")
         if self.dp_input not in DP_INPUTS:
             raise ConfigError(f"the estimator set at {self.folder} has dp_input {self.dp_input!r}: this hera-ray reads "
@@ -103,9 +111,23 @@ class LocalEstimators:
         return out
 
     def predict_subtask_sync(self, side: str, question: str, steps: list[tuple[str, str]], extra: Sequence[str] = ()) -> str:
+        """SP's prediction. Greedy, so the same prompt gives the same prediction: a bounded memo answers
+        repeats (CD's roll-forward predicts the SLM's next steps, which SSE asks for again at the next
+        subtask when the SLM ran the predicted step; SD asks per part)."""
         gen = self._need(self.generators, f"sp_{side}")
         messages, cont = sp_request(self.sp_format, question, steps, extra)
-        return clean_prediction(gen.generate(messages, max_tokens=SP_MAX_TOKENS, stop=("\n",), continue_final_message=cont))
+        key = json.dumps([side, messages, cont])
+        with self._memo_lock:
+            if key in self._memo:
+                self._memo.move_to_end(key)
+                self.memo_hits += 1
+                return self._memo[key]
+        out = clean_prediction(gen.generate(messages, max_tokens=SP_MAX_TOKENS, stop=("\n",), continue_final_message=cont))
+        with self._memo_lock:
+            self._memo[key] = out
+            while len(self._memo) > self.MEMO_SIZE:
+                self._memo.popitem(last=False)
+        return out
 
     def decompose_sync(self, question: str, subtask: str) -> list[str]:
         if "sd" not in self.generators:  # a set trained without SD data: the SD stage finds no parts

@@ -187,7 +187,7 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(..., min_length=1, max_length=200, examples=["all-slm", "hera"])
+    model: str = Field(..., min_length=1, max_length=200, examples=["all-slm", "hera", "step:all-slm"])
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000,
                                         examples=[[{"role": "user", "content": "What is 2 + 3?"}]])
     stream: bool = False

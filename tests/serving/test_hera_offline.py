@@ -99,6 +99,8 @@ def test_train_a_tiny_profile_gives_adapters_that_load_and_predict(tiny_profile,
         assert 0.0 <= p <= 1.0 and 0.0 <= asyncio.run(est.strong_win_prob(QUESTION)) <= 1.0
         predicted = asyncio.run(est.predict_subtask("llm", ctx))
         assert isinstance(predicted, str) and predicted.strip()
+        # Greedy: the same prompt is answered from the memo, with the same prediction.
+        assert asyncio.run(est.predict_subtask("llm", ctx)) == predicted and est.memo_hits == 1
         d = asyncio.run(est.distance(ctx, "Add 12 and 7"))
         assert d is None or 0 <= d <= 1
         # DP was trained on the context and the SLM's next subtask, and is asked the same way.
