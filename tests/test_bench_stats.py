@@ -52,7 +52,7 @@ def test_the_best_defaults_to_the_most_accurate_non_anchor_policy_and_bad_input_
     correct.update({"x": [1] * 6 + [0] * 4, "y": [1] * 3 + [0] * 7})
     cost.update({"x": [0.1] * 10, "y": [0.1] * 10})
     ci = paired_bootstrap(correct, cost, n_boot=200)
-    assert ci["best"] == "x" and set(ci["differences"]) == {"y"}
+    assert ci["best"] == "x" and set(ci["differences"]) == {"y", "all-slm", "all-llm"}  # the anchors too
     with pytest.raises(ValueError, match="same requests"):
         paired_bootstrap({"a": [1, 0], "b": [1]}, {"a": [0, 0], "b": [0]})
 
@@ -78,8 +78,15 @@ def test_the_bench_summary_and_json_carry_each_policy_s_intervals_and_the_differ
         records[("random", str(i))] = rec(i < 14, 0.5)
     summary = summarise(records, ["all-slm", "all-llm", "hera-verify", "random"], {})
     out = result_json("gsm8k", "dev", "hera bench", summary, {})
-    assert out["best"] == "hera-verify" and set(out["differences"]) == {"random"}
+    assert out["best"] == "hera-verify" and set(out["differences"]) == {"random", "all-slm", "all-llm"}
     ci = out["policies"]["hera-verify"]["ci"]
     assert ci["accuracy"][0] < 22 / 40 < ci["accuracy"][1] and ci["cost"] == [0.3, 0.3]
     assert ci["pgr"][0] < (22 - 8) / (24 - 8) < ci["pgr"][1]
     assert out["differences"]["random"]["accuracy"][0] > 0  # right on a superset of random's requests
+
+
+def test_pgr_has_no_interval_when_the_anchors_gap_is_not_clearly_positive():
+    correct = {"all-slm": [1, 0] * 20, "all-llm": [0, 1] * 20, "p": [1] * 40}  # the anchors tie: the gap straddles 0
+    ci = paired_bootstrap(correct, {k: [1.0] * 40 for k in correct}, n_boot=500)
+    assert ci["policies"]["p"]["pgr"] is None and ci["policies"]["p"]["accuracy"] == [1.0, 1.0]
+    assert ci["pgr_undefined"] > 0.025 * 500

@@ -27,23 +27,20 @@ def test_slm_steps_ask_for_logprobs_and_a_review():
     (0.8, (math.log(0.9), math.log(0.5)), "cascade-escalate"),  # geometric mean 0.67
     (0.0, (-50.0,), "cascade-accept"),  # 0: never escalates
     (1.01, (0.0,), "cascade-escalate"),  # above 1: always
-    (0.8, (), "cascade-accept"),  # nothing generated: nothing to doubt
+    (0.8, (), "cascade-escalate"),  # no log-probabilities to judge: the LLM answers
 ])
 def test_the_review_compares_the_chain_s_geometric_mean_probability_with_the_threshold(threshold, chain, stage):
     policy = CascadePolicy().tuned(threshold)
     d = decide(policy, chain=chain)
     assert d.stage == stage and (d.placement is Placement.CLOUD) == (stage == "cascade-escalate")
-    assert d.scores["threshold"] == threshold and d.scores["tokens"] == len(chain)
-    # After escalating, the request's steps go to the LLM; other requests still start on the SLM.
-    later = decide(policy, index=0)
-    assert later.stage == ("cascade-llm" if stage == "cascade-escalate" else "cascade-slm")
-    assert decide(policy, request_id="other").stage == "cascade-slm"
+    assert d.scores["threshold"] == threshold
+    assert d.scores.get("tokens", 0.0) == len(chain) and ("no_logprobs" in d.scores) == (not chain)
 
 
-def test_the_knob_is_checked_and_old_requests_are_forgotten():
+def test_an_escalated_request_s_steps_go_to_the_llm_and_the_knob_is_checked():
+    policy = CascadePolicy(0.9)
+    later = asyncio.run(policy.decide(SubtaskContext("r", "q", 0, escalated=True)))
+    assert (later.placement, later.stage, later.review) == (Placement.CLOUD, "cascade-llm", False)
+    assert decide(policy).stage == "cascade-slm"  # the policy keeps no state: the agent says it escalated
     with pytest.raises(ValueError, match="threshold"):
         CascadePolicy().tuned(2.0)
-    policy = CascadePolicy(1.01, max_requests=2)
-    for rid in ("a", "b", "c"):
-        decide(policy, request_id=rid, chain=(0.0,))
-    assert decide(policy, request_id="a").stage == "cascade-slm" and decide(policy, request_id="c").stage == "cascade-llm"

@@ -109,7 +109,10 @@ class AgentRun:
 
     @property
     def slm_share(self) -> float:
-        return sum(t.placement == "edge" for t in self.trace) / len(self.trace) if self.trace else 0.0
+        """Share of the kept steps that ran on the SLM (a cascade's discarded chain is left out, as a
+        rejected speculative step is; its cost still counts)."""
+        kept = [t for t in self.trace if not t.discarded]
+        return sum(t.placement == "edge" for t in kept) / len(kept) if kept else 0.0
 
     @property
     def cost(self) -> float:
@@ -183,6 +186,8 @@ class _RunState:
     #: The policy asked to review the finished chain; the chain's generated tokens' log-probabilities.
     review: bool = False
     chain_logprobs: list[float] = field(default_factory=list)
+    #: A review escalated the request: the LLM's answer is under way (its steps' request ids say so).
+    escalated: bool = False
 
 
 class Agent:
@@ -227,6 +232,7 @@ class Agent:
                 for t in run.trace:
                     t.discarded = True
                 state.steps, state.chain_tokens, state.review, state.chain_logprobs = [], 0, False, []
+                state.escalated = True
                 await self._chain(state, steps, max_cloud_cost, on_step)
             answer, final_text, found = chain_answer(chain_text(state.steps))
             run.finished = found or bool(state.steps and state.steps[-1].end)
@@ -285,14 +291,13 @@ class Agent:
         route = await self._route({"request_id": run.request_id, "policy": run.policy, "index": len(state.steps),
                                    "question": run.question, "history": history, "exclude_nodes": [],
                                    "chain_logprobs": state.chain_logprobs}, max_cloud_cost)
+        # The router picks no node for a review; past the request's cloud cap it keeps the answer (fallback "budget").
+        escalated = route["placement"] == "cloud"
         run.review = {"stage": route["stage"], "scores": route["scores"], "decision_s": route["decision_s"],
-                      "fallback": route["fallback"]}
+                      "fallback": route["fallback"], "escalated": escalated}
         if run.trace:  # the review's time is deciding time, counted with the last step's
             run.trace[-1].decision_s += route["decision_s"]
-        if route["placement"] == "edge":  # the answer stands: release the node the route picked
-            await self.scheduler.report({**_report_base(run, route), "ok": True, "release_only": True})
-            return False
-        return True
+        return escalated
 
     def _params(self, state: _RunState, index: int, max_tokens: int, fmt: StepFormat,
                 logprobs: bool = False, candidate: str = "") -> GenerationParams:
@@ -308,7 +313,7 @@ class Agent:
             max_tokens=0 if candidate else max_tokens,
             temperature=self.config.temperature,
             stop_at_line_end=not candidate,
-            request_id=f"{run.request_id}:{index}" + (":check" if candidate else ""),
+            request_id=f"{run.request_id}:{index}" + (":escalated" if state.escalated else "") + (":check" if candidate else ""),
             logprobs=logprobs,
             candidate=candidate,
         )
@@ -325,6 +330,8 @@ class Agent:
                    "history": history, "exclude_nodes": []}
         if state.session is not None:
             request["session"] = state.session
+        if state.escalated:
+            request["escalated"] = True
         t0 = time.perf_counter()
         decision_s = speculative_s = speculative_cost = 0.0
         failures: list[str] = []
@@ -336,7 +343,8 @@ class Agent:
             decision_s += route["decision_s"]
             fmt = self._format(route)
             speculate = route["stage"] == SPECULATE and route["placement"] == "edge"
-            params = self._params(state, index, max_tokens, fmt, logprobs=bool(route.get("logprobs")))
+            params = self._params(state, index, max_tokens, fmt,
+                                  logprobs=bool(route.get("logprobs")) and route["placement"] == "edge")
             t_gen = time.perf_counter()
             try:
                 result, cost, cached = await self._execute(state, route, params, failures)

@@ -125,26 +125,28 @@ def record_of(item, policy: str, run: dict[str, Any], wall_s: float) -> dict[str
     """The compact record of one agent run: score, placement, cost and timing (not the text)."""
     from hera_ray.eval.scorers import score
 
-    trace = run.get("trace", [])
+    everything = run.get("trace", [])
+    trace = [t for t in everything if not t.get("discarded")]  # a cascade's discarded SLM chain aside
     # The whole chain of thought, as one turn would have written it (runs from before the step
     # format kept no chain: their steps' results, then the final answer).
-    output = str(run.get("chain") or "\n\n".join([*(str(t.get("output", "")) for t in trace),
-                                                    str(run.get("final_text", ""))])).strip()
+    output = str(run["chain"] if "chain" in run else "\n\n".join([*(str(t.get("output", "")) for t in trace),
+                                                                   str(run.get("final_text", ""))])).strip()
     s = score(item, run.get("answer", ""), output)
     return {
         "policy": policy, "item": item.id, "correct": bool(s.correct), "em": s.em, "f1": s.f1, "detail": s.detail,
         "answer": str(run.get("answer", ""))[:300], "gold": item.answer, "finished": bool(run.get("finished")),
         "output": output[-4000:],  # what the scorer saw besides the answer (kept to re-check scores)
         "subtasks": len(trace), "edge_subtasks": sum(t["placement"] == "edge" for t in trace),
+        "discarded_subtasks": len(everything) - len(trace), "escalated": bool((run.get("review") or {}).get("escalated")),
         "cost": float(run.get("cost", 0.0)), "cloud_tokens": int(run.get("cloud_tokens", 0)),
         "latency_s": float(run.get("latency_s", 0.0)), "wall_s": wall_s,
-        "decision_s": sum(float(t.get("decision_s", 0.0)) for t in trace),
-        "speculative_s": sum(float(t.get("speculative_s", 0.0)) for t in trace),
-        "check_s": sum(float(t.get("check_s", 0.0)) for t in trace),
-        "model_s": sum(float(t.get("model_s", 0.0)) for t in trace),
+        "decision_s": sum(float(t.get("decision_s", 0.0)) for t in everything),
+        "speculative_s": sum(float(t.get("speculative_s", 0.0)) for t in everything),
+        "check_s": sum(float(t.get("check_s", 0.0)) for t in everything),
+        "model_s": sum(float(t.get("model_s", 0.0)) for t in everything),
         # Engine calls, and those answered from a generation cache (hera_ray/gencache.py).
-        "engine_calls": sum(int(t.get("engine_calls", 0)) for t in trace),
-        "cache_hits": sum(int(t.get("cache_hits", 0)) for t in trace),
+        "engine_calls": sum(int(t.get("engine_calls", 0)) for t in everything),
+        "cache_hits": sum(int(t.get("cache_hits", 0)) for t in everything),
         "stages": dict(Counter(t.get("stage", "") for t in trace)),
     }
 
@@ -201,6 +203,8 @@ def summarise(records: dict[tuple[str, str], dict], policies: list[str],
             "cache_hit_rate": (sum(r.get("cache_hits", 0) for r in rs) / calls
                                if (calls := sum(r.get("engine_calls", 0) for r in rs)) else 0.0),
             "stages": dict(sum((Counter(r["stages"]) for r in rs), Counter())),
+            # A cascade: the requests it escalated (the SLM's chain discarded, the LLM answering again).
+            "escalation_rate": sum(bool(r.get("escalated")) for r in rs) / len(rs) if rs else 0.0,
         }
     # Which stages put a request on the SLM where that cost its answer: requests all-llm got right
     # and this policy got wrong, with the stages that placed their edge subtasks.
@@ -363,7 +367,7 @@ def write_config_value(path: Path, section: str, key: str, value: Any) -> None:
 def result_json(dataset: str, split: str, command: str, summary: dict[str, Any],
                 meta: dict[str, Any]) -> dict[str, Any]:
     keys = ("accuracy", "f1", "slm_share", "cost", "pgr", "apgr", "latency_p50_s", "latency_p95_s",
-            "overhead_share", "runtime_overhead_share", "decision_share", "check_share", "cache_hit_rate", "subtasks",
+            "overhead_share", "runtime_overhead_share", "decision_share", "check_share", "cache_hit_rate", "escalation_rate", "subtasks",
             "stages", "lost_vs_llm", "gained_vs_llm",
             "lost_edge_stages", "ci")
     return {
@@ -520,6 +524,7 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
         console.print(f"[red]error[/red] {e}", highlight=False)
     ids = {it.id for it in items}
     summary = summarise({k: v for k, v in store.records.items() if k[1] in ids}, names, sweeps)
+    common_ids = set.intersection(*({i for (p, i) in store.records if p == n and i in ids} for n in names)) if names else set()
     console.print(table(summary, f"{dataset}/{split}: {summary['n']} request(s) finished by every policy"))
     for p, m in summary["policies"].items():
         if policy_base(p).startswith("hera") and m["lost_vs_llm"]:
@@ -529,8 +534,10 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
             console.print(f"  {p}: lost {m['lost_vs_llm']} request(s) all-llm got right (gained {m['gained_vs_llm']}); {why}",
                           highlight=False)
     result = result_json(dataset, split, command, summary, meta)
-    # The run's wall time: every recorded run of these requests, over however many sessions it took.
-    result["wall_s"] = sum(float(r.get("wall_s", 0.0)) for k, r in store.records.items() if k[1] in ids and k[0] in names)
+    # The runs' time: the sum of every recorded run's wall time over the common requests, over however
+    # many sessions it took (with --concurrency k the elapsed time is up to k times less).
+    result["runs_wall_s"] = sum(float(r.get("wall_s", 0.0)) for k, r in store.records.items()
+                                if k[1] in common_ids and k[0] in names)
     stem = output_stem(out, dataset, split)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(stem.with_suffix(".png"), f"{dataset}/{split}", summary, sweeps)

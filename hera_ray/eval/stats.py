@@ -7,9 +7,10 @@ is relative to ``all-llm``'s cost on the same draw. The difference between two p
 per draw as well, so the interval of a difference is narrower than the two intervals suggest when
 the policies succeed on the same requests.
 
-Percentile intervals (the 2.5th and 97.5th percentiles of ``n_boot`` draws for 95%). A draw where
-the anchors score the same has no PGR; such draws are left out of PGR's interval (and counted in
-``pgr_undefined``).
+Percentile intervals (the 2.5th and 97.5th percentiles of ``n_boot`` draws for 95%). PGR divides by
+the anchors' gap, so it has no interval when the gap is not clearly positive: when more than
+(1 - level) / 2 of the draws have all-llm at or below all-slm (counted in ``pgr_undefined``), the
+PGR intervals are None; otherwise the draws without a positive gap are left out.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def paired_bootstrap(correct: Mapping[str, Sequence[float]], cost: Mapping[str, 
     ``correct[p][i]`` is 1 if policy ``p`` answered request ``i`` right (0 else), ``cost[p][i]`` its
     cloud cost; every policy lists the same requests in the same order. Without the anchors, PGR and
     cost have no interval (None). ``best`` defaults to the policy, anchors aside, of the highest
-    accuracy; ``baselines`` to every other non-anchor policy.
+    accuracy (picked on the same data, so its differences lean its way: name the policy under study
+    when there is one); ``baselines`` to every other policy, the anchors included.
 
     Returns ``{"n_boot", "level", "policies": {p: {"accuracy": [lo, hi], "pgr": ..., "cost": ...}},
     "best": best, "differences": {baseline: {"accuracy": [lo, hi], "pgr": ..., "cost": ...}}}``.
@@ -61,10 +63,13 @@ def paired_bootstrap(correct: Mapping[str, Sequence[float]], cost: Mapping[str, 
         if have_anchors:
             gap = acc["all-llm"] - acc["all-slm"]
             with np.errstate(divide="ignore", invalid="ignore"):
-                m["pgr"] = np.where(np.abs(gap) > 1e-12, (acc[p] - acc["all-slm"]) / gap, np.nan)
+                m["pgr"] = np.where(gap > 1e-12, (acc[p] - acc["all-slm"]) / gap, np.nan)
                 m["cost"] = np.where(spend["all-llm"] > 0, spend[p] / spend["all-llm"], np.nan)
-            undefined = int(np.sum(np.abs(gap) <= 1e-12))
+            undefined = int(np.sum(gap <= 1e-12))
         metrics[p] = m
+    if have_anchors and undefined > (1 - level) / 2 * n_boot:  # the gap is not clearly positive: PGR is unstable
+        for m in metrics.values():
+            m.pop("pgr", None)
     out: dict[str, Any] = {"n_boot": n_boot, "level": level, "n": n_items, "pgr_undefined": undefined,
                            "policies": {p: {k: (_interval(m[k], level) if k in m else None) for k in METRICS}
                                         for p, m in metrics.items()}}
@@ -74,7 +79,7 @@ def paired_bootstrap(correct: Mapping[str, Sequence[float]], cost: Mapping[str, 
     out["best"] = best
     out["differences"] = {}
     if best is not None:
-        for b in baselines if baselines is not None else [p for p in candidates if p != best]:
+        for b in baselines if baselines is not None else [p for p in policies if p != best]:
             if b == best or b not in metrics:
                 continue
             out["differences"][b] = {k: (_interval(metrics[best][k] - metrics[b][k], level)

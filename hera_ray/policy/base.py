@@ -41,6 +41,8 @@ class SubtaskContext:
     #: A review of the finished chain (after a decision with ``review``): the log-probability of
     #: every token the chain's steps generated, in order; None for a step's decision.
     chain_logprobs: tuple[float, ...] | None = None
+    #: A review escalated this request: the LLM is answering it again from the start.
+    escalated: bool = False
 
 
 #: A decision's stage that means "run the SLM's step first, then ask again with its subtask".

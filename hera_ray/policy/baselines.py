@@ -55,7 +55,7 @@ class RandomPolicy(Policy):
 
 def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None, hera=None,
                    tau_hybrid: float = 0.78, verify: Policy | None = None,
-                   routellm_threshold: float = 0.5, cascade_threshold: float = 0.9) -> dict[str, Policy]:
+                   routellm_threshold: float | None = 0.5, cascade_threshold: float = 0.9) -> dict[str, Policy]:
     """The policies a scheduler offers, by name (the model name clients pass): ``all-slm``, ``all-llm``,
     ``random`` and ``cascade`` (:mod:`hera_ray.policy.cascade`, at ``cascade_threshold``) always.
 
@@ -64,7 +64,8 @@ def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None
     :class:`~hera_ray.policy.hera.HeraPolicyConfig`), its ablations ``hera-no-urc``,
     ``hera-no-cd``, ``hera-no-sd``, ``hera-urc-only`` (URC, then the LLM: the paper's Table 4
     "URC alone" row), ``hera-spec`` (speculative SSE, see :mod:`hera_ray.policy.hera`), and
-    ``hybridllm`` and ``routellm`` (RouteLLM's BERT-style router, at ``routellm_threshold``). ``verify``: the step-verifying policy (``hera-verify``), offered as given; it
+    ``hybridllm`` and ``routellm`` (RouteLLM's BERT-style router, at ``routellm_threshold``; None: a set
+    without its classifier, not offered). ``verify``: the step-verifying policy (``hera-verify``), offered as given; it
     needs no estimator deployment.
     """
     from dataclasses import replace
@@ -96,5 +97,6 @@ def build_policies(random_slm_share: float = 0.5, seed: int = 0, estimators=None
         spec.description = "HERA with speculative SSE: the SLM's real step, run first, replaces SP_SLM's prediction."
         policies[spec.name] = spec
         policies["hybridllm"] = HybridLLMPolicy(estimators, tau_hybrid)
-        policies["routellm"] = RouteLLMPolicy(estimators, routellm_threshold)
+        if routellm_threshold is not None:
+            policies["routellm"] = RouteLLMPolicy(estimators, routellm_threshold)
     return policies

@@ -7,6 +7,10 @@ of the tokens it generated (exp of their mean log-probability), which the edge r
 step at no extra cost. (FrugalGPT scores the answer with a trained model; AutoMix asks the SLM to
 verify itself. Both cost more calls; this check costs none.) The threshold is the knob
 (``cascade@0.9``): at or above it the SLM's answer stands; 0 never escalates, above 1 always does.
+A chain with no log-probabilities to judge (none generated, or a backend that returns none) escalates.
+The policy keeps no state: the agent says when a request was escalated (``SubtaskContext.escalated``).
+The LLM's answer gets the same step and token caps as the SLM's, so an escalated request may write
+up to twice the chain cap in all (it pays for both answers).
 
 Stages: ``cascade-slm`` (the SLM's steps), ``cascade-accept`` / ``cascade-escalate`` (the review,
 with ``slm_confidence``), ``cascade-llm`` (the LLM's steps after escalating).
@@ -24,33 +28,28 @@ class CascadePolicy(Policy):
     description = "Cascade (FrugalGPT/AutoMix): the SLM answers; below a confidence threshold the LLM answers again."
     knob = "threshold"
 
-    def __init__(self, threshold: float = 0.9, max_requests: int = 10_000):
+    def __init__(self, threshold: float = 0.9):
         if not 0.0 <= threshold <= 1.01:
             raise ValueError(f"threshold must be in [0, 1.01], got {threshold}")
         self.threshold = threshold
-        self._escalated: dict[str, None] = {}  # insertion-ordered: the oldest are forgotten first
-        self._max = max_requests
 
     def _at(self, value: float) -> "CascadePolicy":
-        other = CascadePolicy(value, self._max)
-        other._escalated = self._escalated  # request ids are unique across knob values
-        return other
+        return CascadePolicy(value)
 
     @staticmethod
     def confidence(logprobs: tuple[float, ...]) -> float:
-        """The geometric mean of the generated tokens' probabilities (1.0 for an empty chain)."""
-        return math.exp(sum(logprobs) / len(logprobs)) if logprobs else 1.0
+        """The geometric mean of the generated tokens' probabilities."""
+        return math.exp(sum(logprobs) / len(logprobs))
 
     async def decide(self, ctx: SubtaskContext) -> Decision:
         if ctx.chain_logprobs is not None:  # the review of the SLM's finished chain
+            if not ctx.chain_logprobs:  # nothing to judge (no tokens, or a backend that returns no log-probabilities)
+                return Decision(Placement.CLOUD, "cascade-escalate", {"no_logprobs": 1.0, "threshold": self.threshold})
             conf = self.confidence(ctx.chain_logprobs)
             scores = {"slm_confidence": conf, "threshold": self.threshold, "tokens": float(len(ctx.chain_logprobs))}
             if conf >= self.threshold:
                 return Decision(Placement.EDGE, "cascade-accept", scores)
-            self._escalated[ctx.request_id] = None
-            while len(self._escalated) > self._max:
-                self._escalated.pop(next(iter(self._escalated)))
             return Decision(Placement.CLOUD, "cascade-escalate", scores)
-        if ctx.request_id in self._escalated:
+        if ctx.escalated:  # the agent says the review escalated: the LLM answers from the start
             return Decision(Placement.CLOUD, "cascade-llm")
         return Decision(Placement.EDGE, "cascade-slm", {"threshold": self.threshold}, logprobs=True, review=True)

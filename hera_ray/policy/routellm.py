@@ -2,7 +2,8 @@
 
 A classifier reads the request and gives the probabilities of three outcomes on it: the strong
 model (the LLM) wins, a tie, or the weak model (the SLM) wins, labelled from the profile by who
-answered correctly. RouteLLM sends a request to the strong model when P(strong wins) reaches a
+answered correctly. (It is trained class-balanced, as URC and HybridLLM are, so its P(strong wins)
+is a score to threshold, not a calibrated frequency.) RouteLLM sends a request to the strong model when P(strong wins) reaches a
 threshold; so does this policy, for the whole request (every subtask), decided once per request.
 The threshold is the knob (``routellm@0.3``): 0 sends everything to the LLM, above 1 nothing.
 

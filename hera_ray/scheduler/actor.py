@@ -106,7 +106,18 @@ def _hera_policies(cfg: HeraConfig) -> dict[str, Any]:
     hera = HeraPolicyConfig(threshold_base=h.threshold_base, kappa_step=h.kappa_step, tau_req=h.tau_req,
                             use_urc=h.use_urc, use_cd=h.use_cd, use_sd=h.use_sd, max_distance=h.max_distance)
     return {"estimators": ServeEstimatorSet(cfg.app_name), "hera": hera, "tau_hybrid": h.tau_hybrid,
-            "routellm_threshold": h.routellm_threshold, **_verify_policy(cfg)}
+            "routellm_threshold": h.routellm_threshold if _has_estimator(h.estimators, "routellm") else None,
+            **_verify_policy(cfg)}
+
+
+def _has_estimator(folder, name: str) -> bool:
+    """Does the estimator set hold ``name``? (A set trained before it existed does not: its policy is not offered.)"""
+    from hera_ray.estimators.trained import load_manifest
+
+    try:
+        return name in load_manifest(folder)["estimators"]
+    except Exception:  # noqa: BLE001 - an unreadable set fails where it is loaded, with its own message
+        return True
 
 
 class SubtaskScheduler:

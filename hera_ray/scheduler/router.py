@@ -48,6 +48,8 @@ class RouteRequest:
     session: str | None = None
     #: The prompt does not fit the edge nodes' context: place it on the cloud (fallback "context").
     cloud_only: bool = False
+    #: A review escalated this request (see SubtaskContext.escalated).
+    escalated: bool = False
 
     @classmethod
     def from_dict(cls, request: dict[str, Any]) -> "RouteRequest":
@@ -69,6 +71,7 @@ class RouteRequest:
             chain_logprobs=floats(request.get("chain_logprobs")),
             session=request.get("session"),
             cloud_only=bool(request.get("cloud_only", False)),
+            escalated=bool(request.get("escalated", False)),
         )
 
 
@@ -201,8 +204,16 @@ class Router:
         owner = req.session or req.request_id  # whose decisions and node affinity these are
         decision = await self.policy(req.policy).decide(
             SubtaskContext(owner, req.question, req.index, req.history, req.slm_candidate,
-                           req.slm_logprobs, req.llm_logprobs, req.llm_top_logprobs, req.chain_logprobs))
+                           req.slm_logprobs, req.llm_logprobs, req.llm_top_logprobs, req.chain_logprobs,
+                           req.escalated))
         placement, fallback = decision.placement, ""
+        if req.chain_logprobs is not None:
+            # A review runs nothing: no node is picked. An escalation past the request's cloud cap keeps
+            # the answer (fallback "budget").
+            if placement is Placement.CLOUD and self.over_budget(req.request_id, max_cloud_cost):
+                placement, fallback = Placement.EDGE, "budget"
+            return Route(placement, decision.stage, decision.scores, fallback=fallback,
+                         decision_s=time.perf_counter() - t0)
         if placement is Placement.EDGE and req.cloud_only:
             placement, fallback = Placement.CLOUD, "context"
         if placement is Placement.CLOUD and self.over_budget(req.request_id, max_cloud_cost):
