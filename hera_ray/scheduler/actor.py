@@ -163,8 +163,10 @@ class SubtaskScheduler:
     async def route(self, request: dict[str, Any], max_cloud_cost: float | None = None) -> dict[str, Any]:
         req = RouteRequest.from_dict(request)
         route = await self.router.route(req, max_cloud_cost)
-        self._m_subtasks.inc(1, {"placement": route.placement.value, "policy": req.policy})
         self._m_decision.observe(route.decision_s)
+        if req.chain_logprobs is not None:  # a review (a cascade's): it runs nothing, so it is no subtask
+            return route.to_dict()
+        self._m_subtasks.inc(1, {"placement": route.placement.value, "policy": req.policy})
         if route.placement is Placement.EDGE:
             record = self.table.get(route.node_id)
             self._m_load.set(self.router.load_of(record)[0], {"node": route.node_id})
