@@ -67,18 +67,12 @@ class TrainConfig(BaseSettings):
     seed: int = Field(0, description="Sampling and initialisation seed.")
     only: str = Field("", description="Comma-separated estimators to train (default: all).")
 
-    @field_validator("sp_format")
+    @field_validator("sp_format", "dp_input")
     @classmethod
-    def _known_format(cls, v: str) -> str:
-        if v not in SP_FORMATS:
-            raise ValueError(f"sp_format must be one of {', '.join(SP_FORMATS)}, got {v!r}")
-        return v
-
-    @field_validator("dp_input")
-    @classmethod
-    def _known_dp_input(cls, v: str) -> str:
-        if v not in DP_INPUTS:
-            raise ValueError(f"dp_input must be one of {', '.join(DP_INPUTS)}, got {v!r}")
+    def _known_choice(cls, v: str, info) -> str:
+        choices = {"sp_format": SP_FORMATS, "dp_input": DP_INPUTS}[info.field_name]
+        if v not in choices:
+            raise ValueError(f"{info.field_name} must be one of {', '.join(choices)}, got {v!r}")
         return v
 
     def untrained(self) -> set[str]:
