@@ -1,6 +1,6 @@
 """Copy what serving needs from a `hera train` folder into the package's bundled estimator set.
 
-    python scripts/bundle_estimators.py runs/estimators [hera_ray/estimators/trained/gsm8k] [data/profiles/gsm8k]
+    python scripts/bundle_estimators.py runs/estimators [hera_ray/estimators/trained/default] [data/profiles]
 
 Serving needs the manifest, the encoder adapters (peft) with their labels, and the llama.cpp
 adapters (``adapter.gguf``) of SP and SD; the peft copies of the causal adapters stay behind.
@@ -46,5 +46,5 @@ def bundle(src: Path, dst: Path, profile_path: str | None = None) -> None:
 
 if __name__ == "__main__":
     bundle(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else
-           Path(__file__).resolve().parents[1] / "hera_ray" / "estimators" / "trained" / "gsm8k",
+           Path(__file__).resolve().parents[1] / "hera_ray" / "estimators" / "trained" / "default",
            sys.argv[3] if len(sys.argv) > 3 else None)

@@ -25,7 +25,7 @@ from hera_ray.estimators.prompts import (DP_INPUTS, SD_MAX_TOKENS, SP_MAX_TOKENS
 from hera_ray.policy.base import SubtaskContext
 
 MANIFEST = "manifest.json"
-BUNDLED_ESTIMATORS = Path(__file__).parent / "trained" / "gsm8k"
+BUNDLED_ESTIMATORS = Path(__file__).parent / "trained" / "default"
 ENCODERS = ("urc", "hybridllm", "routellm", "dp")
 #: The class whose probability a request classifier reports: P(simple) of URC and HybridLLM, and
 #: RouteLLM's P(the strong model wins).
