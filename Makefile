@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test bench protos clean
+.PHONY: install demo test bench protos clean postgres
 
 install: $(STAMP)
 
@@ -37,8 +37,16 @@ $(STAMP): pyproject.toml setup.py
 demo: $(STAMP)
 	$(BIN)/hera demo
 
-test: $(STAMP)
+test: $(STAMP) postgres
 	$(BIN)/python -m pytest -ra
+
+# The store's tests start a real PostgreSQL server from the distribution's packages: installed
+# here when missing (as root, on Debian); without it those tests are skipped and say why.
+postgres:
+	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "PostgreSQL server not installed: the PostgreSQL store tests will be skipped"
 
 bench: $(STAMP)
 	$(BIN)/python bench/edge_overhead.py

@@ -273,7 +273,12 @@ def down(log=print) -> bool:
         from hera_ray.scheduler.actor import SCHEDULER_NAME
 
         try:
-            ray.kill(ray.get_actor(SCHEDULER_NAME, namespace=state.namespace), no_restart=True)
+            actor = ray.get_actor(SCHEDULER_NAME, namespace=state.namespace)
+            try:  # what is queued for the store is committed before the actor goes
+                ray.get(actor.flush_store.remote(), timeout=60)
+            except Exception as e:  # noqa: BLE001 - an actor that cannot flush still has to stop
+                log(f"could not flush the store: {e}")
+            ray.kill(actor, no_restart=True)
             log("stopped the scheduler actor")
         except ValueError:
             pass

@@ -227,6 +227,17 @@ class SchedulerConfig(BaseModel):
     tls: TLSFiles = Field(default_factory=TLSFiles, description="TLS of the EdgeRegistry (served with cert_file/key_file; client_auth: mTLS) and of the channels to edge nodes (TLS when ca_file is set, presenting cert_file for mTLS).")
 
 
+class StoreSettings(BaseModel):
+    """The durable store of the ledger, the API keys' spend and run traces (:mod:`hera_ray.store`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(None, description="SQLAlchemy URL of the store. Default: SQLite on the head, <cache folder>/store.sqlite (~/.cache/hera-ray or $HERA_CACHE_DIR). For a cluster: PostgreSQL, postgresql+psycopg://user:password@host:5432/db.")
+    connect_timeout_s: float = Field(10.0, gt=0, description="How long `hera up` waits to reach the store before it fails with an error naming it.")
+    batch_max: int = Field(512, ge=1, description="Rows the writer commits in one transaction at most (it commits whatever has queued, up to this).")
+    retry_max_s: float = Field(5.0, gt=0, description="Longest wait between retries of a failed write (the wait doubles from 50 ms); writes are retried until the store takes them.")
+
+
 class AgentConfig(BaseModel):
     """The agent loop: how a request becomes a chain of subtasks."""
 
@@ -315,6 +326,7 @@ class HeraConfig(BaseSettings):
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="The HTTP ingress.")
     hera: HeraPolicySettings = Field(default_factory=HeraPolicySettings, description="The HERA policy and its estimators.")
     verify: VerifySettings = Field(default_factory=VerifySettings, description="The step-verifying policy hera-verify.")
+    store: StoreSettings = Field(default_factory=StoreSettings, description="The durable store: ledger, API keys' spend, run traces.")
 
 
 def default_config_file() -> Path:

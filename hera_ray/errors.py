@@ -120,6 +120,13 @@ class BudgetExceeded(HeraError):
     http_status = 402
 
 
+class RunNotFound(HeraError):
+    """No stored run has that id (or none that the caller's API key may see)."""
+
+    grpc_code = "NOT_FOUND"
+    http_status = 404
+
+
 class UnknownPolicy(ModelNotFound):
     """The model name a client sent names no routing policy."""
 

@@ -518,5 +518,7 @@ def _cached_prompt_tokens(state: _RunState, route: dict[str, Any], params: Gener
 
 
 def _report_base(run: AgentRun, route: dict[str, Any]) -> dict[str, Any]:
+    # report_id: the ledger row's key, made here so that a call Ray retries (the scheduler restarted)
+    # is stored once.
     return {"request_id": run.request_id, "placement": route["placement"], "node_id": route["node_id"],
-            "prices": route.get("prices", {})}
+            "prices": route.get("prices", {}), "report_id": uuid.uuid4().hex}

@@ -12,6 +12,8 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from typing import Any, Callable
 
 import ray
@@ -23,6 +25,7 @@ from hera_ray.policy import Placement, build_policies
 from hera_ray.scheduler.nodes import NodeSpec, NodeTable
 from hera_ray.scheduler.registry import RegistryServer
 from hera_ray.scheduler.router import RouteRequest, Router, SubtaskReport
+from hera_ray.store import KeyCharge, LedgerRow, Store, run_row
 from hera_ray.tls import check as check_tls
 
 SCHEDULER_NAME = "SubtaskScheduler"
@@ -127,6 +130,10 @@ class SubtaskScheduler:
         self.started_at = time.time()  # a restarted actor (Ray restarts it) reports a new one
         cfg = HeraConfig.model_validate(config)
         s = cfg.scheduler
+        # The store first: if it cannot be opened, the actor fails before it binds anything, with
+        # the store's own error (hera up prints it).
+        st = cfg.store
+        self.store = Store(st.url, connect_timeout_s=st.connect_timeout_s, batch_max=st.batch_max, retry_max_s=st.retry_max_s)
         self.table = NodeTable(s.heartbeat_interval_s, s.missed_heartbeats)
         self.router = Router(
             self.table,
@@ -149,7 +156,10 @@ class SubtaskScheduler:
             raise ConfigError(f"the edge registry could not start on {s.registry_host}:{s.registry_port}: {self._registry.error}")
         self.registry_address = host_port(advertised_host(s.registry_host, s.registry_advertise_host, ray.util.get_node_ip_address),
                                           self._registry.port)
-        self._key_spend: dict[str, float] = {}  # API key name -> cloud cost of its runs (kept from start; not persisted)
+        # What was spent and charged before this actor started (a restart, or `hera down` / `hera up`).
+        self.router.ledger.restore(self.store.ledger_usage())
+        self._key_spend: dict[str, float] = self.store.key_spend()  # API key name -> cloud cost charged to it
+        self._charged: OrderedDict[str, None] = OrderedDict()  # recent charge ids: a retried charge counts once
         self._m_subtasks = metrics.Counter("hera_subtasks", "Subtasks routed, by placement and policy.", ("placement", "policy"))
         self._m_tokens = metrics.Counter("hera_tokens", "Tokens processed, by placement and kind (input: uncached prompt, "
                                          "cached_input, output).", ("placement", "kind"))
@@ -176,6 +186,13 @@ class SubtaskScheduler:
         """Record a subtask the agent ran (see :meth:`SubtaskReport.from_dict` for the dict); returns its cost in USD."""
         rep = SubtaskReport.from_dict(report)
         cost = self.router.report(rep)
+        if rep.ok and not rep.release_only:  # durable, off this call's path (the writer thread commits it)
+            tokens = rep.tokens
+            self.store.ledger(LedgerRow(
+                report_id=str(report.get("report_id") or uuid.uuid4().hex), request_id=rep.request_id,
+                node_id=rep.node_id, placement=rep.placement.value, subtask=not rep.check,
+                uncached_prompt_tokens=tokens.uncached_prompt, cached_prompt_tokens=tokens.cached_prompt,
+                completion_tokens=tokens.completion, cost=cost, ts=time.time()))
         if rep.ok:
             placement = rep.placement.value
             tokens = rep.tokens
@@ -199,12 +216,55 @@ class SubtaskScheduler:
         """What the API key ``name`` has spent on the cloud so far (0.0 for a key not seen yet)."""
         return self._key_spend.get(name, 0.0)
 
-    async def charge_key(self, name: str, cost: float) -> float:
-        """Add a finished run's cloud cost to API key ``name``; returns its new total."""
+    async def charge_key(self, name: str, cost: float, charge_id: str | None = None) -> float:
+        """Add ``cost`` (a step's cloud cost) to API key ``name``; returns its new total once the
+        charge is durable. ``charge_id`` names the charge (e.g. ``<run>:<step>``): a charge sent
+        again with the same id (a retried call) counts once."""
         if cost < 0:
             raise ValueError(f"cannot charge a negative cost ({cost}) to API key {name!r}")
+        if charge_id is None:
+            charge_id = uuid.uuid4().hex
+        elif charge_id in self._charged or await asyncio.to_thread(self.store.has_charge, charge_id):
+            return self._key_spend.get(name, 0.0)
+        self._charged[charge_id] = None
+        while len(self._charged) > 100_000:
+            self._charged.popitem(last=False)
+        # Counted at once, so a budget check made meanwhile sees it; acknowledged once committed.
         self._key_spend[name] = self._key_spend.get(name, 0.0) + cost
+        await asyncio.wrap_future(self.store.charge(KeyCharge(charge_id, name, cost, time.time())))
         return self._key_spend[name]
+
+    # -- runs: every finished run's trace, kept in the store -------------------------------------
+
+    async def record_run(self, run: dict[str, Any], api_key: str | None, status: str, created_at: float,
+                         finished_at: float | None = None) -> None:
+        """Store a finished run (``AgentRun.to_dict()``, or what a failed run had); returns once durable."""
+        row = run_row(run, api_key, status, created_at, finished_at or time.time())
+        await asyncio.wrap_future(self.store.run(row))
+
+    async def get_run(self, run_id: str, api_key: str | None = None, any_key: bool = True) -> dict[str, Any] | None:
+        """A stored run (summary columns and ``run``); with ``any_key`` False, only one of ``api_key``."""
+        return await asyncio.to_thread(self.store.get_run, run_id, api_key, any_key)
+
+    async def list_runs(self, api_key: str | None = None, any_key: bool = True, policy: str | None = None,
+                        since: float | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Stored runs' summaries, newest first (see :meth:`hera_ray.store.Store.list_runs`)."""
+        return await asyncio.to_thread(self.store.list_runs, api_key, any_key, policy, since, limit)
+
+    async def store_status(self) -> dict[str, Any]:
+        from hera_ray.store import redact
+
+        return {"url": redact(self.store.url), "kind": self.store.kind, "schema_version": self.store.schema_version(),
+                "pending": self.store.pending, "committed": self.store.committed, "retries": self.store.retries}
+
+    async def flush_store(self, timeout_s: float = 30.0) -> int:
+        """Commit every queued write (``hera down`` calls it before it stops the actor); returns the rows committed so far."""
+        await asyncio.to_thread(self.store.flush, timeout_s)
+        return self.store.committed
+
+    def __ray_shutdown__(self) -> None:
+        """A graceful end (``ray.kill(no_restart=...)`` is not one): commit what is queued."""
+        self.store.close()
 
     # -- inspection ------------------------------------------------------------------------------
 

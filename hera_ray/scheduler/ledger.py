@@ -86,6 +86,19 @@ class CostLedger:
             usage.add(placement, tokens, cost, subtask)
         return cost
 
+    def restore(self, rows: list[dict]) -> None:
+        """Add the stored ledger's sums (:meth:`hera_ray.store.Store.ledger_usage`: one row per node
+        and placement) to the totals and per-node usage: what a restarted scheduler starts from."""
+        for row in rows:
+            edge = row["placement"] == Placement.EDGE.value
+            for usage in (self.total, self.by_node.setdefault(row["node_id"], Usage())):
+                side = "edge" if edge else "cloud"
+                setattr(usage, f"{side}_subtasks", getattr(usage, f"{side}_subtasks") + row["subtasks"])
+                for kind in ("uncached_prompt_tokens", "cached_prompt_tokens", "completion_tokens"):
+                    name = f"{side}_{kind}"
+                    setattr(usage, name, getattr(usage, name) + row[kind])
+                setattr(usage, f"{side}_cost", getattr(usage, f"{side}_cost") + row["cost"])
+
     def request(self, request_id: str) -> Usage:
         usage = self._requests.get(request_id)
         if usage is None:

@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections import OrderedDict
+from dataclasses import asdict
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import ray
@@ -26,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hera_ray import __version__
 from hera_ray.agent import Agent, AgentRun, StepFormat, TraceEntry
 from hera_ray.config import HeraConfig
-from hera_ray.errors import HeraError, InvalidRequest, RateLimited, UnknownPolicy, error_to_dict
+from hera_ray.errors import HeraError, InvalidRequest, PermissionDenied, RateLimited, RunNotFound, UnknownPolicy, error_to_dict
 from hera_ray.scheduler.actor import get_or_create_scheduler
 from hera_ray.serve.admission import AdmissionGate
 from hera_ray.serve.executor import ActorScheduler, ClusterExecutor
@@ -123,6 +125,41 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 def _bearer(request: Request) -> str:
     auth = request.headers.get("authorization", "")
     return auth[7:] if auth.startswith("Bearer ") else ""
+
+
+def _run_view(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored run as the API shows it: ``id``, the summary columns, and ``run`` when it was read."""
+    view = {"id": row["run_id"], "object": "agent.run", **{k: v for k, v in row.items() if k not in ("run_id", "api_key")},
+            "key": row.get("api_key")}
+    return view
+
+
+def _since(value: str | None) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    from datetime import datetime, timezone
+
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"since: {value!r} is neither epoch seconds nor an ISO 8601 time", param="since") from None
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _limit(value: str | None) -> int:
+    if value is None or value == "":
+        return 50
+    try:
+        n = int(value)
+    except ValueError:
+        raise InvalidRequest(f"limit: {value!r} is not a whole number", param="limit") from None
+    if not 1 <= n <= 1000:
+        raise InvalidRequest(f"limit: {n} is outside 1-1000", param="limit")
+    return n
 
 
 def _json_safe(value: Any) -> Any:
@@ -233,28 +270,62 @@ class HeraIngress:
             self.admission.leave()
             raise
         done: list[TraceEntry] = []
+        charges: list[Any] = []
+        run_id = request_id or uuid.uuid4().hex
+        created_at = time.time()
 
         def record(entry: TraceEntry):
             done.append(entry)
+            cost = cloud_cost([entry])
+            if key is not None and cost > 0:  # charged as each step ends, so a budget check is at most a step behind
+                charges.append(self.actor.charge_key.remote(key.name, cost, f"{run_id}:{len(done)}"))
             return on_step(entry) if on_step is not None else None
 
         async def run() -> AgentRun:
+            result: AgentRun | None = None
+            status, error = "error", ""
             try:
-                return await self.agent.run(question, policy, request_id, max_steps, max_cloud_cost, on_step=record,
-                                            max_chain_tokens=max_chain_tokens)
+                result = await self.agent.run(question, policy, run_id, max_steps, max_cloud_cost, on_step=record,
+                                              max_chain_tokens=max_chain_tokens)
+                status = "ok"
+                return result
+            except asyncio.CancelledError:
+                status, error = "cancelled", "the caller went away"
+                raise
+            except Exception as e:
+                error = e.message if isinstance(e, HeraError) else f"{type(e).__name__}: {e}"
+                raise
             finally:
-                cost = cloud_cost(done)
-                if key is not None and cost > 0:
-                    charge = self.actor.charge_key.remote(key.name, cost)  # submitted now: charged even if we are cancelled
+                # Submitted as the steps ended (charged even if we are cancelled); acknowledged here.
+                for charge in charges:
                     try:
                         await charge
                     except Exception as e:  # noqa: BLE001 - the run's own outcome matters more than the charge's
-                        log.warning("could not charge %.6f to API key %r: %s", cost, key.name, e)
+                        log.warning("could not charge API key %r for run %s: %s", key.name, run_id, e)
+                await self._record_run(result, run_id, key, policy, question, done, status, error, created_at)
 
         started = time.monotonic()
         task = asyncio.ensure_future(run())
         task.add_done_callback(lambda _: self.admission.leave(run_s=time.monotonic() - started))
         return task
+
+    async def _record_run(self, result: Optional[AgentRun], run_id: str, key: Optional[ApiKey], policy: str, question: str,
+                          done: list[TraceEntry], status: str, error: str, created_at: float) -> None:
+        """Keep the finished run (or what a failed one did) in the store; a failure to is logged, not raised."""
+        if result is not None:
+            run = result.to_dict()
+        else:
+            run = {"request_id": run_id, "policy": policy, "question": question, "answer": "", "finished": False,
+                   "trace": [asdict(t) for t in done], "cost": sum(t.cost + t.speculative_cost + t.check_cost for t in done)}
+            run["slm_share"] = (sum(t.placement == "edge" for t in done) / len(done)) if done else 0.0
+            if status == "ok" and done:  # a step-mode call: its one step is the answer
+                run["answer"] = done[-1].output
+        if error:
+            run["error"] = error
+        try:
+            await self.actor.record_run.remote(_json_safe(run), key.name if key else None, status, created_at)
+        except Exception as e:  # noqa: BLE001 - the run's own outcome matters more than its record
+            log.warning("could not store run %s: %s", run_id, e)
 
     async def run_agent(self, question: str, policy: str = "all-slm", max_steps: int | None = None,
                         max_cloud_cost: float | None = None, request_id: str | None = None,
@@ -330,6 +401,33 @@ class HeraIngress:
         run = await task
         return _json_safe(run.to_dict())
 
+    @api.get("/v1/agent/runs/{run_id}")
+    async def get_agent_run(self, run_id: str, request: Request) -> dict[str, Any]:
+        """A stored run: where each step ran, which stage decided with which scores, and its cost. A
+        key sees only its own runs (another's is 404, as one that does not exist)."""
+        key = self._authorize(_bearer(request))
+        row = await self.actor.get_run.remote(run_id, key.name if key else None, key is None)
+        if row is None:
+            raise RunNotFound(f"no stored run {run_id!r}" + (" of this API key" if key else ""))
+        return _json_safe(_run_view(row))
+
+    @api.get("/v1/agent/runs")
+    async def list_agent_runs(self, request: Request) -> dict[str, Any]:
+        """Stored runs, newest first: ``?key=&policy=&since=&limit=`` (``since``: epoch seconds or
+        ISO 8601; ``limit``: 1-1000, default 50). A key lists its own runs only."""
+        key = self._authorize(_bearer(request))
+        q = request.query_params
+        unknown = sorted(set(q) - {"key", "policy", "since", "limit"})
+        if unknown:
+            raise InvalidRequest(f"unknown query parameter(s) {', '.join(unknown)}: use key, policy, since and limit",
+                                 param=unknown[0])
+        wanted = q.get("key")
+        if key is not None and wanted is not None and wanted != key.name:
+            raise PermissionDenied(f"API key {key.name!r} may list its own runs only, not those of {wanted!r}")
+        runs = await self.actor.list_runs.remote(key.name if key else wanted, key is None and wanted is None,
+                                                 q.get("policy") or None, _since(q.get("since")), _limit(q.get("limit")))
+        return _json_safe({"object": "list", "data": [_run_view(r) for r in runs]})
+
     @api.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatCompletionRequest, request: Request):
         key = self._authorize(_bearer(request))
@@ -369,22 +467,29 @@ class HeraIngress:
         question, history = step_mode.context(req, self._placements.get(session))
         call = step_mode.call_params(req, self.config.agent.step_max_tokens, self.config.agent.temperature)
         self.admission.enter()
-        started = time.monotonic()
-        entry = None
+        started, created_at = time.monotonic(), time.time()
+        entry, error = None, ""
         try:
             max_cloud_cost = req.max_cloud_cost
             if key is not None and key.cloud_budget is not None:
                 spent = await self.actor.key_spend.remote(key.name)
                 max_cloud_cost = run_cloud_cap(key, spent, max_cloud_cost, self.config.scheduler.max_cloud_cost_per_request)
             entry = await self.agent.call(call, policy, session, index, question, history, max_cloud_cost)
+        except BaseException as e:
+            error = e.message if isinstance(e, HeraError) else f"{type(e).__name__}: {e}"
+            raise
         finally:
             self.admission.leave(run_s=time.monotonic() - started)
             cost = 0.0 if entry is None else cloud_cost([entry])
             if key is not None and cost > 0:
                 try:
-                    await self.actor.charge_key.remote(key.name, cost)
+                    await self.actor.charge_key.remote(key.name, cost, f"step-{uuid.uuid4().hex}")
                 except Exception as e:  # noqa: BLE001 - the call's own outcome matters more than the charge's
                     log.warning("could not charge %.6f to API key %r: %s", cost, key.name, e)
+            # The call is stored as a run of one step: <session>:<position> (a call sent again replaces it).
+            done = [entry] if entry is not None else []
+            await self._record_run(None, f"{session}:{index}", key, req.model, question, done,
+                                   "ok" if entry is not None else "error", error, created_at)
         placements = self._placements.setdefault(session, {})
         placements[index] = entry.placement
         self._placements.move_to_end(session)

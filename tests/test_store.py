@@ -1,0 +1,177 @@
+"""The durable store on both backends: real SQLite files and a real PostgreSQL server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from hera_ray import store as store_mod
+from hera_ray.store import KeyCharge, LedgerRow, Store, StoreError, run_row
+from pg_server import PostgresServer
+
+
+@pytest.fixture(scope="module")
+def pg():
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.close()
+
+
+_db_counter = iter(range(10_000))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request, tmp_path: Path):
+    """A fresh, empty store URL on each backend (PostgreSQL: a new database per test)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.sqlite'}"
+    import psycopg
+
+    server = request.getfixturevalue("pg")
+    name = f"t{next(_db_counter)}_{int(time.time() * 1000) % 10**9}"
+    with psycopg.connect(f"host=127.0.0.1 port={server.port} user=hera dbname=postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return server.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _run(run_id: str, policy: str = "hera-verify", cost: float = 0.002) -> dict:
+    trace = [{"index": 0, "placement": "edge", "stage": "confidence", "scores": {"confidence": 0.99}, "cost": 0.0,
+              "check_cost": 0.0, "output": "Step 1: 2 + 2 = 4"},
+             {"index": 1, "placement": "cloud", "stage": "llm-rewrite", "scores": {"llm_score": 0.2}, "cost": cost,
+              "check_cost": 0.0005, "output": "Answer: 4"}]
+    return {"request_id": run_id, "policy": policy, "question": "What is 2 + 2?", "answer": "4", "trace": trace,
+            "slm_share": 0.5, "cost": cost + 0.0005}
+
+
+def test_records_survive_reopening(url):
+    s = Store(url)
+    futures = [s.ledger(LedgerRow(f"r1:{i}", "r1", "edge-a" if i % 2 else "cloud", "edge" if i % 2 else "cloud", True,
+                                  100, 20, 10, 0.0 if i % 2 else 0.001, time.time())) for i in range(4)]
+    futures.append(s.charge(KeyCharge("r1:0", "alice", 0.001, time.time())))
+    futures.append(s.charge(KeyCharge("r1:2", "alice", 0.001, time.time())))
+    futures.append(s.charge(KeyCharge("r2:0", "bob", 0.004, time.time())))
+    futures.append(s.run(run_row(_run("r1"), "alice", "ok", 1000.0, 1005.0)))
+    for f in futures:
+        f.result(10)  # acknowledged: committed
+    s.close()
+
+    again = Store(url)
+    try:
+        assert again.key_spend() == pytest.approx({"alice": 0.002, "bob": 0.004})
+        usage = {(u["node_id"], u["placement"]): u for u in again.ledger_usage()}
+        assert usage[("cloud", "cloud")]["subtasks"] == 2 and usage[("cloud", "cloud")]["cost"] == pytest.approx(0.002)
+        assert usage[("edge-a", "edge")]["uncached_prompt_tokens"] == 200 and usage[("edge-a", "edge")]["completion_tokens"] == 20
+        run = again.get_run("r1")
+        assert run["api_key"] == "alice" and run["status"] == "ok" and run["steps"] == 2
+        assert run["cloud_cost"] == pytest.approx(0.0025)
+        assert [t["stage"] for t in run["run"]["trace"]] == ["confidence", "llm-rewrite"]
+        assert run["run"]["trace"][1]["scores"] == {"llm_score": 0.2}
+    finally:
+        again.close()
+
+
+def test_a_retried_write_lands_once_and_a_run_is_replaced(url):
+    s = Store(url)
+    try:
+        for _ in range(3):  # the same charge, as a Ray task retried after the actor restarted sends it
+            s.charge(KeyCharge("run-1:3", "alice", 0.01, time.time()))
+        s.run(run_row(_run("run-1", cost=0.001), "alice", "error", 1.0, 2.0))
+        s.run(run_row(_run("run-1", cost=0.003), "alice", "ok", 1.0, 3.0))
+        s.flush(10)
+        assert s.key_spend() == pytest.approx({"alice": 0.01})
+        run = s.get_run("run-1")
+        assert run["status"] == "ok" and run["finished_at"] == 3.0 and run["cost"] == pytest.approx(0.0035)
+    finally:
+        s.close()
+
+
+def test_runs_are_listed_newest_first_and_filtered(url):
+    s = Store(url)
+    try:
+        for i, (key, policy) in enumerate([("alice", "hera"), ("bob", "hera"), ("alice", "all-llm"), (None, "hera")]):
+            s.run(run_row(_run(f"run-{i}", policy), key, "ok", 100.0 + i, 101.0 + i))
+        s.flush(10)
+        assert [r["run_id"] for r in s.list_runs()] == ["run-3", "run-2", "run-1", "run-0"]
+        assert "run" not in s.list_runs()[0]  # the list has the summary; the trace is read by id
+        assert [r["run_id"] for r in s.list_runs(api_key="alice", any_key=False)] == ["run-2", "run-0"]
+        assert [r["run_id"] for r in s.list_runs(api_key="alice", any_key=False, policy="hera")] == ["run-0"]
+        assert [r["run_id"] for r in s.list_runs(since=102.0)] == ["run-3", "run-2"]
+        assert [r["run_id"] for r in s.list_runs(limit=1)] == ["run-3"]
+        assert [r["run_id"] for r in s.list_runs(api_key=None, any_key=False)] == ["run-3"]
+        # a key sees only its own runs
+        assert s.get_run("run-1", api_key="alice", any_key=False) is None
+        assert s.get_run("run-0", api_key="alice", any_key=False)["policy"] == "hera"
+        assert [r["run_id"] for r in s.iter_runs(batch=3)] == ["run-0", "run-1", "run-2", "run-3"]
+    finally:
+        s.close()
+
+
+def test_a_store_from_a_newer_hera_ray_is_refused(url, monkeypatch):
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 7)
+    Store(url).close()
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 1)
+    with pytest.raises(StoreError, match=r"schema version 7, newer than this hera-ray's 1 \(hera-ray \d"):
+        Store(url)
+
+
+def test_an_older_store_is_migrated_and_keeps_its_records(url, monkeypatch):
+    s = Store(url)
+    s.charge(KeyCharge("c1", "alice", 0.5, 1.0)).result(10)
+    s.close()
+    from sqlalchemy import text
+
+    def add_region(conn):  # what a real version-2 migration would be: a column, filled for old rows
+        conn.execute(text("ALTER TABLE hera_key_charges ADD COLUMN region VARCHAR(32) DEFAULT 'eu'"))
+
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
+    monkeypatch.setitem(store_mod.MIGRATIONS, 1, add_region)
+    migrated = Store(url)
+    try:
+        assert migrated.migrated_from == 1 and migrated.schema_version() == 2
+        assert migrated.key_spend() == {"alice": 0.5}
+        with migrated.engine.connect() as conn:
+            assert conn.execute(text("SELECT region FROM hera_key_charges")).scalar() == "eu"
+    finally:
+        migrated.close()
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 3)  # and no migration from 2: refused, not guessed
+    with pytest.raises(StoreError, match="no migration from version 2"):
+        Store(url)
+
+
+def test_a_corrupt_sqlite_file_is_refused_and_left_as_it_is(tmp_path: Path):
+    path = tmp_path / "store.sqlite"
+    junk = b"this is not a database\n" * 200
+    path.write_bytes(junk)
+    with pytest.raises(StoreError, match=r"store\.sqlite is not a readable database .*left as it is"):
+        Store(f"sqlite:///{path}")
+    assert path.read_bytes() == junk
+
+
+def test_an_unreachable_server_is_named():
+    from pg_server import _free_port
+
+    port = _free_port()  # nothing listens there
+    with pytest.raises(StoreError, match=rf"cannot reach the store postgresql\+psycopg://hera:\*\*\*@127.0.0.1:{port}/hera"):
+        Store(f"postgresql+psycopg://hera:secret@127.0.0.1:{port}/hera", connect_timeout_s=3)
+
+
+def test_writes_wait_out_an_outage_and_none_is_lost(pg):
+    """The server goes down under the writer: a write is retried, not dropped, and lands when the
+    server is back; the caller's future resolves only then."""
+    url = pg.url
+    s = Store(url, retry_max_s=0.5)
+    try:
+        s.charge(KeyCharge("before", "outage", 1.0, 1.0)).result(10)
+        pg.stop()
+        during = [s.charge(KeyCharge(f"during-{i}", "outage", 1.0, 2.0)) for i in range(5)]
+        time.sleep(1.5)
+        assert not any(f.done() for f in during) and s.retries >= 1
+        pg.start()
+        for f in during:
+            f.result(30)
+        assert s.key_spend()["outage"] == pytest.approx(6.0)
+    finally:
+        s.close()
