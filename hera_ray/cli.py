@@ -449,16 +449,139 @@ def ask_cmd(
     if as_json:
         print(json.dumps(run, indent=2))
         return
-    table = Table(title=f"{policy}: {len(run['trace'])} step(s), SLM share {run['slm_share']:.0%}, cost ${run['cost']:.6f}")
-    numeric = ("#", "input", "cached", "output", "cost $", "latency s")
-    for col in ("#", "placement", "node", "stage", "input", "cached", "output", "cost $", "latency s", "step"):
-        table.add_column(col, no_wrap=col != "step", justify="right" if col in numeric else "left")
-    for t in run["trace"]:
-        table.add_row(str(t["index"]), t["placement"], t["node"], t["stage"] + (f" ({t['fallback']})" if t["fallback"] else ""),
-                      str(t.get("uncached_prompt_tokens", t["prompt_tokens"])), str(t.get("cached_prompt_tokens", 0)),
-                      str(t["completion_tokens"]), f"{t['cost']:.6f}", f"{t['latency_s']:.2f}", t["subtask"][:80])
-    console.print(table)
+    console.print(_trace_table(run["trace"], f"{policy}: {len(run['trace'])} step(s), SLM share {run['slm_share']:.0%}, "
+                                             f"cost ${run['cost']:.6f}"))
     console.print(f"[bold]answer:[/bold] {run['answer']}", highlight=False)
+
+
+def _trace_table(trace: list[dict[str, Any]], title: str, scores: bool = False) -> Table:
+    """Where each step ran, what decided it (and with ``scores``, with which numbers), and what it cost."""
+    table = Table(title=title)
+    numeric = ("#", "input", "cached", "output", "cost $", "latency s")
+    cols = ["#", "placement", "node", "stage"] + (["scores"] if scores else []) + \
+        ["input", "cached", "output", "cost $", "latency s", "step"]
+    for col in cols:
+        table.add_column(col, no_wrap=col not in ("step", "scores"), justify="right" if col in numeric else "left")
+    for t in trace:
+        stage = t["stage"] + (f" ({t['fallback']})" if t.get("fallback") else "") + (" [discarded]" if t.get("discarded") else "")
+        cost = t["cost"] + t.get("speculative_cost", 0.0) + t.get("check_cost", 0.0)
+        row = [str(t["index"]), t["placement"], t["node"], stage]
+        if scores:
+            row.append(" ".join(f"{k}={v:.3g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                for k, v in (t.get("scores") or {}).items()))
+        row += [str(t.get("uncached_prompt_tokens", t["prompt_tokens"])), str(t.get("cached_prompt_tokens", 0)),
+                str(t["completion_tokens"]), f"{cost:.6f}", f"{t['latency_s']:.2f}", t["subtask"][:80]]
+        table.add_row(*row)
+    return table
+
+
+# -- stored runs ----------------------------------------------------------------------------------
+
+runs_app = typer.Typer(help="Stored runs: where each step ran, which stage decided with which scores, and what it cost.",
+                       no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+def _runs_client(url: Optional[str]):
+    from hera_ray.client import Client
+
+    return Client(url, timeout=60)
+
+
+@runs_app.command("list")
+def runs_list_cmd(
+    url: Optional[str] = typer.Option(None, envvar="HERA_URL", help="Ingress URL [default: http://127.0.0.1:8000]."),
+    key: Optional[str] = typer.Option(None, "--key", help="Only this API key's runs (a keyed caller sees its own only)."),
+    policy: Optional[str] = typer.Option(None, help="Only runs of this policy (the model name)."),
+    since: Optional[str] = typer.Option(None, help="Only runs started at or after this time: epoch seconds or ISO 8601."),
+    limit: int = typer.Option(20, min=1, max=1000, help="Runs at most, newest first."),
+    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
+) -> None:
+    """List stored runs, newest first (the caller's API key: $HERA_API_KEY)."""
+    from datetime import datetime
+
+    try:
+        with _runs_client(url) as client:
+            runs = client.runs(key=key, policy=policy, since=since, limit=limit)
+    except HeraError as e:
+        raise _fail(e.message) from None
+    except Exception as e:  # noqa: BLE001 - connection errors and the like
+        raise _fail(f"cannot reach hera-ray at {url or 'http://127.0.0.1:8000'}: {e}") from None
+    if as_json:
+        print(json.dumps(runs, indent=2))
+        return
+    table = Table(title=f"{len(runs)} stored run(s), newest first")
+    for col in ("id", "started", "key", "policy", "status", "steps", "SLM share", "cost $", "cloud $", "question"):
+        table.add_column(col, no_wrap=col != "question",
+                         justify="right" if col in ("steps", "SLM share", "cost $", "cloud $") else "left")
+    for r in runs:
+        table.add_row(r["id"], datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M:%S"), r.get("key") or "-",
+                      r["policy"], r["status"], str(r["steps"]), f"{r['slm_share']:.0%}", f"{r['cost']:.6f}",
+                      f"{r['cloud_cost']:.6f}", r["question"].replace("\n", " ")[:60])
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show_cmd(
+    run_id: str = typer.Argument(..., help="The run's id (its request_id)."),
+    url: Optional[str] = typer.Option(None, envvar="HERA_URL", help="Ingress URL [default: http://127.0.0.1:8000]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stored run as JSON."),
+) -> None:
+    """Print a stored run's trace: where each step ran, which stage decided, with which scores, and its cost."""
+    try:
+        with _runs_client(url) as client:
+            row = client.get_run(run_id)
+    except HeraError as e:
+        raise _fail(e.message) from None
+    except Exception as e:  # noqa: BLE001
+        raise _fail(f"cannot reach hera-ray at {url or 'http://127.0.0.1:8000'}: {e}") from None
+    if as_json:
+        print(json.dumps(row, indent=2))
+        return
+    run = row["run"]
+    title = (f"run {row['id']} ({row['policy']}, {row['status']}): {row['steps']} step(s), SLM share {row['slm_share']:.0%}, "
+             f"cost ${row['cost']:.6f} (cloud ${row['cloud_cost']:.6f})")
+    console.print(_trace_table(run.get("trace", []), title, scores=True))
+    if run.get("review"):
+        console.print(f"[bold]review:[/bold] {run['review']}", highlight=False)
+    if run.get("error"):
+        console.print(f"[bold red]error:[/bold red] {run['error']}", highlight=False)
+    console.print(f"[bold]answer:[/bold] {row['answer']}", highlight=False)
+
+
+@runs_app.command("export")
+def runs_export_cmd(
+    parquet: Path = typer.Option(..., "--parquet", help="Parquet file to write: one row per step, with its run's columns."),
+    store_url: Optional[str] = typer.Option(None, "--store", help="The store's URL [default: store.url of the settings, else SQLite in the cache folder]."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file of HeraConfig settings (for store.url)."),
+    key: Optional[str] = typer.Option(None, "--key", help="Only this API key's runs."),
+    policy: Optional[str] = typer.Option(None, help="Only runs of this policy."),
+    since: Optional[float] = typer.Option(None, help="Only runs started at or after this time (epoch seconds)."),
+) -> None:
+    """Write the stored traces to Parquet for analysis (reads the store directly: run it where the store is reachable)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hera_ray.config import default_config_file
+    from hera_ray.store import Store, StoreError, export_parquet
+
+    if store_url is None:
+        if config_file is None and default_config_file().exists():
+            config_file = default_config_file()
+        store_url = _load_hera_config(config_file).store.url
+    try:
+        store = Store(store_url)
+    except StoreError as e:
+        raise _fail(e.message) from None
+    try:
+        total = store.count_runs(api_key=key, policy=policy, since=since)
+        with Progress(TextColumn("exporting runs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err_console) as bar:
+            task = bar.add_task("runs", total=total)
+            runs, steps = export_parquet(store, parquet, api_key=key, policy=policy, since=since,
+                                         on_run=lambda: bar.advance(task))
+    finally:
+        store.close()
+    console.print(f"wrote {steps} step(s) of {runs} run(s) to {parquet}")
 
 
 # -- offline: profile and train -------------------------------------------------------------------

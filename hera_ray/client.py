@@ -55,6 +55,18 @@ class Client:
                 "request_id": request_id}
         return self._call("POST", "/v1/agent/runs", json={k: v for k, v in body.items() if v is not None})
 
+    def runs(self, key: str | None = None, policy: str | None = None, since: float | str | None = None,
+             limit: int | None = None) -> list[dict[str, Any]]:
+        """Stored runs, newest first (summaries; a keyed caller sees its own runs only)."""
+        params = {k: v for k, v in {"key": key, "policy": policy, "since": since, "limit": limit}.items() if v is not None}
+        return self._call("GET", "/v1/agent/runs", params=params)["data"]
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        """A stored run with its whole trace (``run``)."""
+        from urllib.parse import quote
+
+        return self._call("GET", f"/v1/agent/runs/{quote(run_id, safe='')}")
+
     def models(self) -> list[str]:
         return [m["id"] for m in self._call("GET", "/v1/models")["data"]]
 

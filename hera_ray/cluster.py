@@ -169,7 +169,10 @@ def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, 
         token_file = config.scheduler.token_file or default_token_file()
         config = config.model_copy(update={"scheduler": config.scheduler.model_copy(update={"token_file": token_file})})
         actor = get_or_create_scheduler(config)
-        ping = ray.get(actor.ping.remote(), timeout=60)
+        try:
+            ping = ray.get(actor.ping.remote(), timeout=60 + config.store.connect_timeout_s)
+        except ray.exceptions.RayActorError as e:  # its constructor failed: say why (a store it cannot open, ...)
+            raise _creation_error(e) from None
         state.registry, state.token_file = ping["registry"], str(token_file)
         log(f"scheduler actor up; edge registry at {state.registry}")
 
@@ -200,6 +203,24 @@ def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, 
         raise
     log(f"hera-ray is up in {time.monotonic() - t0:.0f}s: {state.ingress_url}")
     return state
+
+
+def _creation_error(e: BaseException) -> BaseException:
+    """The HeraError that failed an actor's constructor, found in Ray's wrapping of it, else ``e``."""
+    seen, todo = set(), [e]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, HeraError):
+            return HeraError(f"the scheduler actor could not start: {err.message}")
+        todo += [getattr(err, "cause", None), getattr(err, "__cause__", None), getattr(err, "__context__", None)]
+    # Ray keeps the constructor's traceback as text only: its last line names the error.
+    import re
+
+    found = re.findall(r"^hera_ray\.[\w.]+\.\w+: (.+)$", str(e), flags=re.MULTILINE)
+    return HeraError(f"the scheduler actor could not start: {found[-1].strip()}") if found else e
 
 
 def head_node_ip() -> str:

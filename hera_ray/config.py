@@ -236,6 +236,7 @@ class StoreSettings(BaseModel):
     connect_timeout_s: float = Field(10.0, gt=0, description="How long `hera up` waits to reach the store before it fails with an error naming it.")
     batch_max: int = Field(512, ge=1, description="Rows the writer commits in one transaction at most (it commits whatever has queued, up to this).")
     retry_max_s: float = Field(5.0, gt=0, description="Longest wait between retries of a failed write (the wait doubles from 50 ms); writes are retried until the store takes them.")
+    ack_timeout_s: float = Field(2.0, gt=0, description="How long a step's report or charge waits for its row to be committed before it goes on (the row stays queued and is retried): normally a commit takes milliseconds; this bounds what an unreachable store costs the agent.")
 
 
 class AgentConfig(BaseModel):

@@ -21,6 +21,7 @@ store is never overwritten silently.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -71,9 +72,9 @@ def _tables():
     # One row per model call the scheduler charged: a step, or a check of one (subtask False).
     ledger = Table(
         "hera_ledger", md,
-        Column("report_id", String(160), primary_key=True),
-        Column("request_id", String(256), nullable=False, index=True),
-        Column("node_id", String(256), nullable=False, index=True),
+        Column("report_id", String, primary_key=True),
+        Column("request_id", String, nullable=False, index=True),
+        Column("node_id", String, nullable=False, index=True),
         Column("placement", String(8), nullable=False),
         Column("subtask", Boolean, nullable=False),
         Column("uncached_prompt_tokens", Integer, nullable=False),
@@ -85,17 +86,20 @@ def _tables():
     # One row per cloud charge against an API key (a step's cloud cost); the key's spend is their sum.
     key_charges = Table(
         "hera_key_charges", md,
-        Column("charge_id", String(300), primary_key=True),
-        Column("api_key", String(256), nullable=False, index=True),
+        Column("charge_id", String, primary_key=True),
+        Column("api_key", String, nullable=False, index=True),
         Column("cost", Float, nullable=False),
-        Column("ts", Float, nullable=False),
+        Column("ts", Float, nullable=False, index=True),
     )
     # One row per finished agent run (or step-mode call): its summary columns and the whole run.
+    # row_id is the server's; run_id is the caller's request id (two keys may use the same one, and
+    # a key that reuses one keeps both runs: a lookup by id returns the newest).
     runs = Table(
         "hera_runs", md,
-        Column("run_id", String(256), primary_key=True),
-        Column("api_key", String(256), index=True),
-        Column("policy", String(256), nullable=False, index=True),
+        Column("row_id", String, primary_key=True),
+        Column("run_id", String, nullable=False, index=True),
+        Column("api_key", String, index=True),
+        Column("policy", String, nullable=False, index=True),
         Column("created_at", Float, nullable=False, index=True),
         Column("finished_at", Float, nullable=False),
         Column("status", String(16), nullable=False),
@@ -142,17 +146,41 @@ class KeyCharge:
     ts: float
 
 
-def run_row(run: dict[str, Any], api_key: str | None, status: str, created_at: float, finished_at: float) -> dict[str, Any]:
-    """The ``hera_runs`` row of a run dict (:meth:`hera_ray.agent.loop.AgentRun.to_dict`)."""
+def run_row(run: dict[str, Any], api_key: str | None, status: str, created_at: float, finished_at: float,
+            row_id: str | None = None) -> dict[str, Any]:
+    """The ``hera_runs`` row of a run dict (:meth:`hera_ray.agent.loop.AgentRun.to_dict`); ``row_id``
+    (default: a new one) names the row, so that sending it again replaces it."""
+    import uuid
+
     from hera_ray.serve.keys import cloud_cost
 
     trace = run.get("trace") or []
     cloud = cloud_cost(trace)
-    return {"run_id": str(run["request_id"]), "api_key": api_key, "policy": str(run.get("policy", "")),
+    run = _no_nul(run)
+    return {"row_id": row_id or uuid.uuid4().hex, "run_id": str(run["request_id"]), "api_key": api_key, "policy": str(run.get("policy", "")),
             "created_at": created_at, "finished_at": finished_at, "status": status,
             "question": str(run.get("question", "")), "answer": str(run.get("answer", "")), "steps": len(trace),
             "slm_share": float(run.get("slm_share", 0.0)), "cost": float(run.get("cost", 0.0)), "cloud_cost": cloud,
             "run": run}
+
+
+def _no_nul(value: Any) -> Any:
+    """``value`` with NUL characters replaced (PostgreSQL text cannot hold them)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {_no_nul(k): _no_nul(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_nul(v) for v in value]
+    return value
+
+
+def _retryable(e: BaseException) -> bool:
+    """A failure the store may get over (connection lost, server down, locked): retry the rows.
+    Anything else (a row the store refuses) would fail the same way for ever."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    return isinstance(e, (OperationalError, InterfaceError))
 
 
 # -- the store -----------------------------------------------------------------------------------
@@ -175,6 +203,7 @@ class Store:
             path = self.url.split("///", 1)[1] if "///" in self.url else ""
             if path and path != ":memory:":
                 Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                _check_sqlite_read_only(Path(path).expanduser(), redact(self.url))  # before anything writes to it
             self.engine = create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30})
 
             @event.listens_for(self.engine, "connect")
@@ -184,12 +213,14 @@ class Store:
                 cur.execute("PRAGMA synchronous=FULL")
                 cur.close()
         else:
-            args = {"connect_timeout": int(connect_timeout_s)} if self.kind.startswith("postgres") else {}
+            # libpq takes whole seconds, and 0 means for ever
+            args = {"connect_timeout": max(1, math.ceil(connect_timeout_s))} if self.kind.startswith("postgres") else {}
             self.engine = create_engine(self.url, connect_args=args, pool_pre_ping=True)
         self.migrated_from: int | None = None
         self._open()
         self._queue: queue.Queue = queue.Queue()
         self.retries = 0  # failed commits retried so far
+        self.refused = 0  # rows the store refused (logged and failed, not retried)
         self.committed = 0  # rows committed so far
         self._closed = False
         self._thread = threading.Thread(target=self._writer, name="hera-store-writer", daemon=True)
@@ -217,6 +248,19 @@ class Store:
         except DatabaseError as e:  # SQLite: "file is not a database" and the like
             raise StoreError(f"the store {where} is not a readable database ({_cause(e)}); it was left as it is: "
                              "move it away to start an empty one, or set store.url to another store") from None
+        try:
+            self._create_or_migrate(names, where)
+        except StoreError:
+            raise
+        except OperationalError as e:
+            raise StoreError(f"cannot reach the store {where}: {_cause(e)}") from None
+        except Exception as e:  # noqa: BLE001 - a migration or create that failed: say so, change nothing more
+            raise StoreError(f"the store {where} could not be set up ({type(e).__name__}: {_cause(e)}); "
+                             "the transaction was rolled back") from None
+
+    def _create_or_migrate(self, names: set[str], where: str) -> None:
+        from sqlalchemy import select
+
         with self.engine.begin() as conn:
             if META.name not in names:
                 if names & set(_TABLES):
@@ -225,8 +269,7 @@ class Store:
                 METADATA.create_all(conn)
                 conn.execute(META.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
                 return
-            row = conn.execute(select(META.c.value).where(META.c.key == "schema_version")).scalar()
-            version = int(row) if row is not None else 0
+            version = _version(conn.execute(select(META.c.value).where(META.c.key == "schema_version")).scalar(), where)
             if version > SCHEMA_VERSION:
                 from hera_ray import __version__
 
@@ -303,25 +346,42 @@ class Store:
                     break
             stop = any(t is _STOP for t, _, _ in batch)
             rows = [(t, r, f) for t, r, f in batch if t is not None and t is not _STOP]
-            delay = 0.05
-            while rows:
-                try:
-                    self._write(rows)
-                    self.committed += len(rows)
-                    break
-                except Exception as e:  # noqa: BLE001 - keep every row: retry until the store takes them
-                    self.retries += 1
-                    log.warning("store write of %d row(s) to %s failed (retrying in %.2f s): %s",
-                                len(rows), redact(self.url), delay, _cause(e))
-                    time.sleep(delay)
-                    delay = min(delay * 2, self.retry_max_s)
-                    if stop and self.retries > 20:  # closing and the store is gone: give up, say so
-                        for _, _, f in rows:
-                            f.set_exception(StoreError(f"store write to {redact(self.url)} failed at close: {_cause(e)}"))
-                        rows = []
-            for t, _, f in batch:
-                if f is not None and not f.done():
-                    f.set_result(None)
+            try:
+                self._commit(rows, closing=stop)
+            except Exception:  # noqa: BLE001 - the writer must outlive any one batch
+                log.exception("store writer: unexpected error")
+            for _, _, f in batch:
+                _resolve(f)
+
+    def _commit(self, rows: list[tuple[str, dict[str, Any], Future]], closing: bool) -> None:
+        """Commit ``rows``: retried while the store is unreachable (at close: a minute at most);
+        if the store refuses the batch, row by row, so that one bad row fails alone."""
+        delay, tries = 0.05, 0
+        while rows:
+            try:
+                self._write(rows)
+                self.committed += len(rows)
+                return
+            except Exception as e:  # noqa: BLE001
+                if not _retryable(e):
+                    if len(rows) > 1:
+                        for one in rows:
+                            self._commit([one], closing)
+                        return
+                    self.refused += 1
+                    log.error("the store %s refused a %s row (dropped): %s", redact(self.url), rows[0][0], _cause(e))
+                    _resolve(rows[0][2], StoreError(f"the store refused the row: {_cause(e)}"))
+                    return
+                self.retries += 1
+                tries += 1
+                log.warning("store write of %d row(s) to %s failed (retrying in %.2f s): %s",
+                            len(rows), redact(self.url), delay, _cause(e))
+                if closing and tries > 12:  # closing and the store is gone: give up, and say so
+                    for _, _, f in rows:
+                        _resolve(f, StoreError(f"store write to {redact(self.url)} failed at close: {_cause(e)}"))
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
 
     def _write(self, rows: list[tuple[str, dict[str, Any], Future]]) -> None:
         by_table: dict[str, dict[str, dict[str, Any]]] = {}
@@ -359,12 +419,29 @@ class Store:
             rows = conn.execute(select(KEY_CHARGES.c.api_key, func.sum(KEY_CHARGES.c.cost)).group_by(KEY_CHARGES.c.api_key))
             return {k: float(v or 0.0) for k, v in rows}
 
-    def has_charge(self, charge_id: str) -> bool:
-        """Whether a charge with this id is stored (committed)."""
+    def recent_charge_ids(self, since: float) -> list[str]:
+        """Ids of the charges made at or after ``since`` (epoch s): a restarted scheduler knows them,
+        so a charge Ray sends it again (its first try was committed) counts once."""
         from sqlalchemy import select
 
         with self.engine.connect() as conn:
-            return conn.execute(select(KEY_CHARGES.c.charge_id).where(KEY_CHARGES.c.charge_id == charge_id)).first() is not None
+            return [r[0] for r in conn.execute(select(KEY_CHARGES.c.charge_id).where(KEY_CHARGES.c.ts >= since))]
+
+    def recent_request_usage(self, since: float) -> list[dict[str, Any]]:
+        """The ledger of requests charged at or after ``since``, summed by request and placement
+        (rows as :meth:`ledger_usage`'s, ``request_id`` for ``node_id``): a restarted scheduler
+        knows what a run still in flight has spent against its cap."""
+        from sqlalchemy import Integer, cast, func, select
+
+        L = LEDGER.c
+        recent = select(L.request_id).where(L.ts >= since).distinct().subquery()
+        q = select(L.request_id, L.placement, func.sum(cast(L.subtask, Integer)), func.sum(L.uncached_prompt_tokens),
+                   func.sum(L.cached_prompt_tokens), func.sum(L.completion_tokens), func.sum(L.cost)
+                   ).where(L.request_id.in_(select(recent.c.request_id))).group_by(L.request_id, L.placement)
+        with self.engine.connect() as conn:
+            return [{"node_id": n, "placement": p, "subtasks": int(s or 0), "uncached_prompt_tokens": int(u or 0),
+                     "cached_prompt_tokens": int(c or 0), "completion_tokens": int(o or 0), "cost": float(x or 0.0)}
+                    for n, p, s, u, c, o, x in conn.execute(q)]
 
     def ledger_usage(self) -> list[dict[str, Any]]:
         """The ledger summed by node and placement: ``node_id``, ``placement``, ``subtasks``, the
@@ -381,11 +458,11 @@ class Store:
                     for n, p, s, u, c, o, x in conn.execute(q)]
 
     def get_run(self, run_id: str, api_key: str | None = None, any_key: bool = True) -> dict[str, Any] | None:
-        """The stored run ``run_id`` (its summary columns and ``run``), or None. Unless ``any_key``,
-        only a run of ``api_key`` is returned."""
+        """The newest stored run ``run_id`` (its summary columns and ``run``), or None. Unless
+        ``any_key``, only a run of ``api_key`` is returned."""
         from sqlalchemy import select
 
-        q = select(RUNS).where(RUNS.c.run_id == run_id)
+        q = select(RUNS).where(RUNS.c.run_id == run_id).order_by(RUNS.c.created_at.desc(), RUNS.c.row_id).limit(1)
         if not any_key:
             q = q.where(RUNS.c.api_key == api_key) if api_key is not None else q.where(RUNS.c.api_key.is_(None))
         with self.engine.connect() as conn:
@@ -398,7 +475,7 @@ class Store:
         from sqlalchemy import select
 
         cols = list(RUNS.c) if with_run else [c for c in RUNS.c if c.name != "run"]
-        q = select(*cols).order_by(RUNS.c.created_at.desc(), RUNS.c.run_id).limit(limit)
+        q = select(*cols).order_by(RUNS.c.created_at.desc(), RUNS.c.row_id).limit(limit)
         if not any_key:
             q = q.where(RUNS.c.api_key == api_key) if api_key is not None else q.where(RUNS.c.api_key.is_(None))
         if policy:
@@ -408,23 +485,143 @@ class Store:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
 
-    def iter_runs(self, batch: int = 500) -> Iterable[dict[str, Any]]:
-        """Every stored run with its trace, oldest first, read in pages (for export and learning)."""
-        from sqlalchemy import select
+    def _filtered(self, q, api_key: str | None, policy: str | None, since: float | None):
+        if api_key is not None:
+            q = q.where(RUNS.c.api_key == api_key)
+        if policy:
+            q = q.where(RUNS.c.policy == policy)
+        if since is not None:
+            q = q.where(RUNS.c.created_at >= since)
+        return q
+
+    def count_runs(self, api_key: str | None = None, policy: str | None = None, since: float | None = None) -> int:
+        from sqlalchemy import func, select
+
+        with self.engine.connect() as conn:
+            return int(conn.execute(self._filtered(select(func.count()).select_from(RUNS), api_key, policy, since)).scalar())
+
+    def iter_runs(self, batch: int = 500, api_key: str | None = None, policy: str | None = None,
+                  since: float | None = None) -> Iterable[dict[str, Any]]:
+        """Stored runs with their traces, oldest first, read in pages (for export and learning)."""
+        from sqlalchemy import and_, or_, select
 
         last: tuple[float, str] | None = None
         while True:
-            q = select(RUNS).order_by(RUNS.c.created_at, RUNS.c.run_id).limit(batch)
+            q = self._filtered(select(RUNS), api_key, policy, since).order_by(RUNS.c.created_at, RUNS.c.row_id).limit(batch)
             if last is not None:
-                from sqlalchemy import and_, or_
-
-                q = q.where(or_(RUNS.c.created_at > last[0], and_(RUNS.c.created_at == last[0], RUNS.c.run_id > last[1])))
+                q = q.where(or_(RUNS.c.created_at > last[0], and_(RUNS.c.created_at == last[0], RUNS.c.row_id > last[1])))
             with self.engine.connect() as conn:
                 rows = [dict(r) for r in conn.execute(q).mappings()]
             if not rows:
                 return
             yield from rows
-            last = (rows[-1]["created_at"], rows[-1]["run_id"])
+            last = (rows[-1]["created_at"], rows[-1]["row_id"])
+
+
+#: The step columns of an export, beside the run's (``run_`` prefixed where the names clash).
+STEP_COLUMNS = ("index", "placement", "node", "model", "stage", "fallback", "prompt_tokens", "cached_prompt_tokens",
+                "uncached_prompt_tokens", "completion_tokens", "cost", "speculative_cost", "check_cost",
+                "check_prompt_tokens", "latency_s", "decision_s", "generation_s", "discarded", "subtask", "rejected_output")
+
+
+def export_parquet(store: Store, path: Path, api_key: str | None = None, policy: str | None = None,
+                   since: float | None = None, on_run: Callable[[], None] | None = None) -> tuple[int, int]:
+    """Write the stored traces to ``path`` as Parquet, one row per step with its run's columns
+    (``scores`` as a JSON object in text); returns (runs, steps)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("run_id", pa.string()), ("api_key", pa.string()), ("policy", pa.string()),
+                        ("created_at", pa.float64()), ("status", pa.string()), ("question", pa.string()),
+                        ("answer", pa.string()), ("run_cost", pa.float64()), ("run_cloud_cost", pa.float64()),
+                        ("run_slm_share", pa.float64()),
+                        ("index", pa.int64()), ("placement", pa.string()), ("node", pa.string()), ("model", pa.string()),
+                        ("stage", pa.string()), ("fallback", pa.string()), ("scores", pa.string()),
+                        ("prompt_tokens", pa.int64()), ("cached_prompt_tokens", pa.int64()),
+                        ("uncached_prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("cost", pa.float64()),
+                        ("speculative_cost", pa.float64()), ("check_cost", pa.float64()), ("check_prompt_tokens", pa.int64()),
+                        ("latency_s", pa.float64()), ("decision_s", pa.float64()), ("generation_s", pa.float64()),
+                        ("discarded", pa.bool_()), ("subtask", pa.string()), ("rejected_output", pa.string())])
+    defaults = {f.name: (0 if pa.types.is_integer(f.type) else 0.0 if pa.types.is_floating(f.type)
+                         else False if pa.types.is_boolean(f.type) else "") for f in schema}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs = steps = 0
+    buffer: list[dict[str, Any]] = []
+    with pq.ParquetWriter(str(path), schema) as writer:
+        def spill() -> None:
+            if buffer:
+                writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
+                buffer.clear()
+
+        for row in store.iter_runs(api_key=api_key, policy=policy, since=since):
+            runs += 1
+            base = {"run_id": row["run_id"], "api_key": row["api_key"], "policy": row["policy"],
+                    "created_at": row["created_at"], "status": row["status"], "question": row["question"],
+                    "answer": row["answer"], "run_cost": row["cost"], "run_cloud_cost": row["cloud_cost"],
+                    "run_slm_share": row["slm_share"]}
+            for t in (row["run"] or {}).get("trace") or []:
+                step = {c: t.get(c, defaults[c]) for c in STEP_COLUMNS}
+                step = {k: (defaults[k] if v is None else v) for k, v in step.items()}
+                buffer.append({**base, **step, "scores": json.dumps(t.get("scores") or {}, sort_keys=True)})
+                steps += 1
+            if len(buffer) >= 5000:
+                spill()
+            if on_run is not None:
+                on_run()
+        spill()
+    return runs, steps
+
+
+def _resolve(fut: Future | None, error: BaseException | None = None) -> None:
+    """Resolve ``fut`` unless it is done already (a waiter that gave up may have cancelled it)."""
+    if fut is None or fut.done():
+        return
+    try:
+        fut.set_result(None) if error is None else fut.set_exception(error)
+    except Exception:  # noqa: BLE001 - InvalidStateError: cancelled meanwhile
+        pass
+
+
+def _version(value: Any, where: str) -> int:
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        raise StoreError(f"the store {where} has a schema version that is not a number ({value!r}); it was left as it is") from None
+
+
+def _check_sqlite_read_only(path: Path, where: str) -> None:
+    """Refuse a corrupt SQLite file, or one from a newer hera-ray, reading it only (the engine's
+    connect hook writes: it turns on WAL)."""
+    import sqlite3
+
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open the SQLite store {where}: {e}") from None
+    try:
+        check = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise StoreError(f"the SQLite store {where} failed its integrity check ({check}); it was left as it is: "
+                             "restore it from a backup, or move it away to start an empty one")
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if META.name in names:
+            row = conn.execute(f"SELECT value FROM {META.name} WHERE key = 'schema_version'").fetchone()
+            version = _version(row[0] if row else None, where)
+            if version > SCHEMA_VERSION:
+                from hera_ray import __version__
+
+                raise StoreError(f"the store {where} has schema version {version}, newer than this hera-ray's "
+                                 f"{SCHEMA_VERSION} (hera-ray {__version__}): upgrade hera-ray, or set store.url to another store")
+    except sqlite3.DatabaseError as e:  # "file is not a database" and the like
+        raise StoreError(f"the store {where} is not a readable database ({e}); it was left as it is: "
+                         "move it away to start an empty one, or set store.url to another store") from None
+    finally:
+        conn.close()
 
 
 def _cause(e: BaseException) -> str:

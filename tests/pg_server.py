@@ -1,4 +1,5 @@
-"""A real PostgreSQL server for the tests: initdb into a temporary folder, listen on 127.0.0.1.
+"""A real PostgreSQL server for the tests and bench/store.py: initdb into a temporary folder, listen
+on 127.0.0.1.
 
 Uses the distribution's server binaries (Debian: ``apt-get install postgresql``; ``.ci/run``
 installs them when missing). PostgreSQL refuses to run as root, so as root the server runs as
@@ -15,7 +16,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import pytest
+class PostgresMissing(RuntimeError):
+    """No PostgreSQL server binaries on this machine."""
 
 
 def _bin_dir() -> Path | None:
@@ -38,7 +40,7 @@ class PostgresServer:
     def __init__(self):
         bindir = _bin_dir()
         if bindir is None:
-            pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql)")
+            raise PostgresMissing("PostgreSQL server binaries not found (apt-get install postgresql)")
         self.bindir = bindir
         # Its own folder under /tmp: pytest's tmp_path sits in a root-only folder the postgres user cannot enter.
         self.root = root = Path(tempfile.mkdtemp(prefix="hera-pg-"))
@@ -72,3 +74,15 @@ class PostgresServer:
         except RuntimeError:
             pass  # already stopped
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def started_server() -> PostgresServer:
+    """A started server, or the test skipped (with why) where the binaries are missing."""
+    import pytest
+
+    try:
+        server = PostgresServer()
+    except PostgresMissing as e:
+        pytest.skip(str(e))
+    server.start()
+    return server

@@ -9,13 +9,12 @@ import pytest
 
 from hera_ray import store as store_mod
 from hera_ray.store import KeyCharge, LedgerRow, Store, StoreError, run_row
-from pg_server import PostgresServer
+from pg_server import started_server
 
 
 @pytest.fixture(scope="module")
 def pg():
-    server = PostgresServer()
-    server.start()
+    server = started_server()
     yield server
     server.close()
 
@@ -73,17 +72,62 @@ def test_records_survive_reopening(url):
         again.close()
 
 
-def test_a_retried_write_lands_once_and_a_run_is_replaced(url):
+def test_a_retried_write_lands_once_and_a_reused_run_id_keeps_both_runs(url):
     s = Store(url)
     try:
         for _ in range(3):  # the same charge, as a Ray task retried after the actor restarted sends it
             s.charge(KeyCharge("run-1:3", "alice", 0.01, time.time()))
-        s.run(run_row(_run("run-1", cost=0.001), "alice", "error", 1.0, 2.0))
-        s.run(run_row(_run("run-1", cost=0.003), "alice", "ok", 1.0, 3.0))
+        s.run(run_row(_run("run-1", cost=0.001), "alice", "error", 1.0, 2.0, row_id="row-a"))
+        s.run(run_row(_run("run-1", cost=0.003), "alice", "ok", 1.0, 3.0, row_id="row-a"))  # sent again: replaced
         s.flush(10)
         assert s.key_spend() == pytest.approx({"alice": 0.01})
         run = s.get_run("run-1")
         assert run["status"] == "ok" and run["finished_at"] == 3.0 and run["cost"] == pytest.approx(0.0035)
+        # Another key's run with the same request id is its own row: neither hides the other.
+        s.run(run_row(_run("run-1", cost=0.005), "mallory", "ok", 5.0, 6.0)).result(10)
+        assert s.get_run("run-1", api_key="alice", any_key=False)["cost"] == pytest.approx(0.0035)
+        assert s.get_run("run-1", api_key="mallory", any_key=False)["cost"] == pytest.approx(0.0055)
+        assert s.get_run("run-1")["api_key"] == "mallory"  # by id alone: the newest
+        assert s.count_runs() == 2
+    finally:
+        s.close()
+
+
+def test_a_row_the_store_refuses_fails_alone_and_the_writer_goes_on(url):
+    s = Store(url)
+    try:
+        good = s.charge(KeyCharge("ok-1", "alice", 0.5, 1.0))
+        bad = s.submit("hera_key_charges", {"charge_id": "bad-1", "api_key": None, "cost": 1.0, "ts": 1.0})  # NOT NULL
+        also_good = s.charge(KeyCharge("ok-2", "alice", 0.25, 1.0))
+        with pytest.raises(StoreError, match="refused the row"):
+            bad.result(10)
+        good.result(10), also_good.result(10)
+        assert s.refused == 1 and s.key_spend() == pytest.approx({"alice": 0.75})
+        s.charge(KeyCharge("ok-3", "alice", 0.25, 1.0)).result(10)  # and it still writes
+        # Text PostgreSQL cannot hold (NUL) is stored with the NUL replaced, not refused.
+        s.run(run_row({**_run("nul"), "question": "a\x00b"}, "alice", "ok", 1.0, 2.0)).result(10)
+        assert s.get_run("nul")["question"] == "a\ufffdb"
+    finally:
+        s.close()
+
+
+def test_a_restarted_scheduler_reads_recent_charges_and_open_requests(url):
+    s = Store(url)
+    try:
+        s.charge(KeyCharge("old", "alice", 1.0, 100.0))
+        s.charge(KeyCharge("new", "alice", 1.0, 200.0))
+        for i, (req, ts, cost) in enumerate([("done", 100.0, 0.1), ("open", 150.0, 0.2), ("open", 210.0, 0.3)]):
+            s.ledger(LedgerRow(f"r{i}", req, "cloud", "cloud", True, 10, 0, 5, cost, ts))
+        s.flush(10)
+        assert s.recent_charge_ids(150.0) == ["new"]
+        rows = s.recent_request_usage(200.0)  # every row of a request charged since then, older ones too
+        assert [(r["node_id"], r["subtasks"], round(r["cost"], 6)) for r in rows] == [("open", 2, 0.5)]
+        from hera_ray.scheduler.ledger import CostLedger
+
+        ledger = CostLedger()
+        ledger.restore(s.ledger_usage(), rows)
+        assert ledger.total.cloud_cost == pytest.approx(0.6) and ledger.by_node["cloud"].cloud_subtasks == 3
+        assert ledger.request("open").cloud_cost == pytest.approx(0.5) and ledger.request("done").cloud_cost == 0.0
     finally:
         s.close()
 
@@ -147,7 +191,18 @@ def test_a_corrupt_sqlite_file_is_refused_and_left_as_it_is(tmp_path: Path):
     path.write_bytes(junk)
     with pytest.raises(StoreError, match=r"store\.sqlite is not a readable database .*left as it is"):
         Store(f"sqlite:///{path}")
-    assert path.read_bytes() == junk
+    assert path.read_bytes() == junk and sorted(p.name for p in tmp_path.iterdir()) == ["store.sqlite"]
+
+
+def test_a_newer_sqlite_store_is_refused_without_a_byte_changed(tmp_path: Path, monkeypatch):
+    path = tmp_path / "store.sqlite"
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 9)
+    Store(f"sqlite:///{path}").close()
+    before = path.read_bytes()
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 1)
+    with pytest.raises(StoreError, match="schema version 9, newer than this hera-ray's 1"):
+        Store(f"sqlite:///{path}")
+    assert path.read_bytes() == before  # (reading a WAL-mode file makes SQLite's -shm/-wal side files)
 
 
 def test_an_unreachable_server_is_named():
@@ -175,3 +230,46 @@ def test_writes_wait_out_an_outage_and_none_is_lost(pg):
         assert s.key_spend()["outage"] == pytest.approx(6.0)
     finally:
         s.close()
+
+
+def test_traces_export_to_parquet_one_row_per_step(url, tmp_path: Path):
+    import pyarrow.parquet as pq
+
+    s = Store(url)
+    try:
+        s.run(run_row(_run("a", "hera-verify"), "alice", "ok", 10.0, 11.0))
+        s.run(run_row(_run("b", "hera"), "bob", "ok", 20.0, 21.0))
+        s.flush(10)
+        from hera_ray.store import export_parquet
+
+        seen = []
+        assert export_parquet(s, tmp_path / "all.parquet", on_run=lambda: seen.append(1)) == (2, 4) and len(seen) == 2
+        table = pq.read_table(tmp_path / "all.parquet").to_pylist()
+        assert [(r["run_id"], r["index"], r["placement"], r["stage"]) for r in table] == \
+               [("a", 0, "edge", "confidence"), ("a", 1, "cloud", "llm-rewrite"), ("b", 0, "edge", "confidence"),
+                ("b", 1, "cloud", "llm-rewrite")]
+        assert table[1]["scores"] == '{"llm_score": 0.2}' and table[1]["check_cost"] == 0.0005
+        assert table[0]["api_key"] == "alice" and table[0]["run_cloud_cost"] == pytest.approx(0.0025)
+        assert export_parquet(s, tmp_path / "bob.parquet", api_key="bob") == (1, 2)
+        assert {r["run_id"] for r in pq.read_table(tmp_path / "bob.parquet").to_pylist()} == {"b"}
+    finally:
+        s.close()
+
+
+def test_hera_runs_export_writes_parquet_and_names_a_bad_store(tmp_path: Path):
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from hera_ray.cli import app
+
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    s = Store(url)
+    s.run(run_row(_run("a"), None, "ok", 10.0, 11.0)).result(10)
+    s.close()
+    out = CliRunner().invoke(app, ["runs", "export", "--parquet", str(tmp_path / "x.parquet"), "--store", url])
+    assert out.exit_code == 0, out.output
+    assert "wrote 2 step(s) of 1 run(s)" in out.output and pq.read_table(tmp_path / "x.parquet").num_rows == 2
+    (tmp_path / "junk.sqlite").write_bytes(b"junk" * 1000)
+    out = CliRunner().invoke(app, ["runs", "export", "--parquet", str(tmp_path / "y.parquet"),
+                                   "--store", f"sqlite:///{tmp_path / 'junk.sqlite'}"])
+    assert out.exit_code == 1 and "is not a readable database" in out.output

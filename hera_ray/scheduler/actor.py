@@ -29,6 +29,8 @@ from hera_ray.store import KeyCharge, LedgerRow, Store, run_row
 from hera_ray.tls import check as check_tls
 
 SCHEDULER_NAME = "SubtaskScheduler"
+#: How far back a (re)started scheduler reads the charges and open requests it may be asked about again.
+RECENT_S = 3600.0
 
 # Ray gives every head node this resource (Serve pins its controller with it too). The actor asks
 # for a sliver of it, so it runs on the head, and so does every restart of it: edge boxes dial the
@@ -156,10 +158,14 @@ class SubtaskScheduler:
             raise ConfigError(f"the edge registry could not start on {s.registry_host}:{s.registry_port}: {self._registry.error}")
         self.registry_address = host_port(advertised_host(s.registry_host, s.registry_advertise_host, ray.util.get_node_ip_address),
                                           self._registry.port)
-        # What was spent and charged before this actor started (a restart, or `hera down` / `hera up`).
-        self.router.ledger.restore(self.store.ledger_usage())
+        # What was spent and charged before this actor started (a restart, or `hera down` / `hera up`):
+        # the totals, what runs still in flight have spent, and the keys' spend.
+        recent = time.time() - RECENT_S
+        self.router.ledger.restore(self.store.ledger_usage(), self.store.recent_request_usage(recent))
         self._key_spend: dict[str, float] = self.store.key_spend()  # API key name -> cloud cost charged to it
-        self._charged: OrderedDict[str, None] = OrderedDict()  # recent charge ids: a retried charge counts once
+        # Recent charge ids: a charge sent again (Ray retries a call the old actor did not answer) counts once.
+        self._charged: OrderedDict[str, None] = OrderedDict.fromkeys(self.store.recent_charge_ids(recent))
+        self._ack_timeout_s = st.ack_timeout_s
         self._m_subtasks = metrics.Counter("hera_subtasks", "Subtasks routed, by placement and policy.", ("placement", "policy"))
         self._m_tokens = metrics.Counter("hera_tokens", "Tokens processed, by placement and kind (input: uncached prompt, "
                                          "cached_input, output).", ("placement", "kind"))
@@ -186,13 +192,14 @@ class SubtaskScheduler:
         """Record a subtask the agent ran (see :meth:`SubtaskReport.from_dict` for the dict); returns its cost in USD."""
         rep = SubtaskReport.from_dict(report)
         cost = self.router.report(rep)
-        if rep.ok and not rep.release_only:  # durable, off this call's path (the writer thread commits it)
+        if rep.ok and not rep.release_only:  # acknowledged once committed (a step's report, not a routing decision)
             tokens = rep.tokens
-            self.store.ledger(LedgerRow(
+            written = self.store.ledger(LedgerRow(
                 report_id=str(report.get("report_id") or uuid.uuid4().hex), request_id=rep.request_id,
                 node_id=rep.node_id, placement=rep.placement.value, subtask=not rep.check,
                 uncached_prompt_tokens=tokens.uncached_prompt, cached_prompt_tokens=tokens.cached_prompt,
                 completion_tokens=tokens.completion, cost=cost, ts=time.time()))
+            await self._ack(written)
         if rep.ok:
             placement = rep.placement.value
             tokens = rep.tokens
@@ -224,23 +231,36 @@ class SubtaskScheduler:
             raise ValueError(f"cannot charge a negative cost ({cost}) to API key {name!r}")
         if charge_id is None:
             charge_id = uuid.uuid4().hex
-        elif charge_id in self._charged or await asyncio.to_thread(self.store.has_charge, charge_id):
+        elif charge_id in self._charged:
             return self._key_spend.get(name, 0.0)
         self._charged[charge_id] = None
-        while len(self._charged) > 100_000:
+        while len(self._charged) > 200_000:
             self._charged.popitem(last=False)
         # Counted at once, so a budget check made meanwhile sees it; acknowledged once committed.
         self._key_spend[name] = self._key_spend.get(name, 0.0) + cost
-        await asyncio.wrap_future(self.store.charge(KeyCharge(charge_id, name, cost, time.time())))
+        await self._ack(self.store.charge(KeyCharge(charge_id, name, cost, time.time())))
         return self._key_spend[name]
+
+    async def _ack(self, written) -> bool:
+        """Wait until ``written`` (a store future) is committed, at most ``store.ack_timeout_s``: an
+        unreachable store does not hold up the agent, and the row stays queued and is retried."""
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(written)), self._ack_timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        except HeraError as e:  # the store refused the row: it was logged, and is not retried
+            log.error("store write refused: %s", e.message)
+            return False
 
     # -- runs: every finished run's trace, kept in the store -------------------------------------
 
     async def record_run(self, run: dict[str, Any], api_key: str | None, status: str, created_at: float,
-                         finished_at: float | None = None) -> None:
-        """Store a finished run (``AgentRun.to_dict()``, or what a failed run had); returns once durable."""
-        row = run_row(run, api_key, status, created_at, finished_at or time.time())
-        await asyncio.wrap_future(self.store.run(row))
+                         finished_at: float | None = None, row_id: str | None = None) -> bool:
+        """Store a finished run (``AgentRun.to_dict()``, or what a failed run had) as row ``row_id``
+        (sent again: replaced); True once durable (False: still queued, see :meth:`_ack`)."""
+        row = run_row(run, api_key, status, created_at, finished_at or time.time(), row_id)
+        return await self._ack(self.store.run(row))
 
     async def get_run(self, run_id: str, api_key: str | None = None, any_key: bool = True) -> dict[str, Any] | None:
         """A stored run (summary columns and ``run``); with ``any_key`` False, only one of ``api_key``."""
@@ -252,10 +272,11 @@ class SubtaskScheduler:
         return await asyncio.to_thread(self.store.list_runs, api_key, any_key, policy, since, limit)
 
     async def store_status(self) -> dict[str, Any]:
+        """The store's URL (no password), backend, rows queued, committed, retried and refused."""
         from hera_ray.store import redact
 
-        return {"url": redact(self.store.url), "kind": self.store.kind, "schema_version": self.store.schema_version(),
-                "pending": self.store.pending, "committed": self.store.committed, "retries": self.store.retries}
+        return {"url": redact(self.store.url), "kind": self.store.kind, "pending": self.store.pending,
+                "committed": self.store.committed, "retries": self.store.retries, "refused": self.store.refused}
 
     async def flush_store(self, timeout_s: float = 30.0) -> int:
         """Commit every queued write (``hera down`` calls it before it stops the actor); returns the rows committed so far."""

@@ -86,18 +86,16 @@ class CostLedger:
             usage.add(placement, tokens, cost, subtask)
         return cost
 
-    def restore(self, rows: list[dict]) -> None:
-        """Add the stored ledger's sums (:meth:`hera_ray.store.Store.ledger_usage`: one row per node
-        and placement) to the totals and per-node usage: what a restarted scheduler starts from."""
+    def restore(self, rows: list[dict], requests: list[dict] = ()) -> None:
+        """Start from the stored ledger (what a restarted scheduler does): ``rows`` summed by node and
+        placement (:meth:`hera_ray.store.Store.ledger_usage`) go to the totals and per-node usage;
+        ``requests``, the same summed by request (``node_id`` holding the request id), to the open
+        requests, so a run in flight keeps what it spent against its cap."""
         for row in rows:
-            edge = row["placement"] == Placement.EDGE.value
-            for usage in (self.total, self.by_node.setdefault(row["node_id"], Usage())):
-                side = "edge" if edge else "cloud"
-                setattr(usage, f"{side}_subtasks", getattr(usage, f"{side}_subtasks") + row["subtasks"])
-                for kind in ("uncached_prompt_tokens", "cached_prompt_tokens", "completion_tokens"):
-                    name = f"{side}_{kind}"
-                    setattr(usage, name, getattr(usage, name) + row[kind])
-                setattr(usage, f"{side}_cost", getattr(usage, f"{side}_cost") + row["cost"])
+            _add_row(self.total, row)
+            _add_row(self.by_node.setdefault(row["node_id"], Usage()), row)
+        for row in requests:
+            _add_row(self.request(row["node_id"]), row)
 
     def request(self, request_id: str) -> Usage:
         usage = self._requests.get(request_id)
@@ -109,3 +107,12 @@ class CostLedger:
 
     def close(self, request_id: str) -> Usage:
         return self._requests.pop(request_id, None) or Usage()
+
+
+def _add_row(usage: Usage, row: dict) -> None:
+    side = "edge" if row["placement"] == Placement.EDGE.value else "cloud"
+    for field, value in (("subtasks", row["subtasks"]), ("uncached_prompt_tokens", row["uncached_prompt_tokens"]),
+                         ("cached_prompt_tokens", row["cached_prompt_tokens"]), ("completion_tokens", row["completion_tokens"]),
+                         ("cost", row["cost"])):
+        name = f"{side}_{field}"
+        setattr(usage, name, getattr(usage, name) + value)

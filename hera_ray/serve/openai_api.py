@@ -129,7 +129,7 @@ def _bearer(request: Request) -> str:
 
 def _run_view(row: dict[str, Any]) -> dict[str, Any]:
     """A stored run as the API shows it: ``id``, the summary columns, and ``run`` when it was read."""
-    view = {"id": row["run_id"], "object": "agent.run", **{k: v for k, v in row.items() if k not in ("run_id", "api_key")},
+    view = {"id": row["run_id"], "object": "agent.run", **{k: v for k, v in row.items() if k not in ("row_id", "run_id", "api_key")},
             "key": row.get("api_key")}
     return view
 
@@ -271,14 +271,17 @@ class HeraIngress:
             raise
         done: list[TraceEntry] = []
         charges: list[Any] = []
-        run_id = request_id or uuid.uuid4().hex
+        # The server's own id names the run's charges and its stored row: a caller's request_id may be
+        # reused (by it or another key), and must not hide a charge or replace another's run.
+        row_id = uuid.uuid4().hex
+        run_id = request_id or row_id
         created_at = time.time()
 
         def record(entry: TraceEntry):
             done.append(entry)
             cost = cloud_cost([entry])
             if key is not None and cost > 0:  # charged as each step ends, so a budget check is at most a step behind
-                charges.append(self.actor.charge_key.remote(key.name, cost, f"{run_id}:{len(done)}"))
+                charges.append(self.actor.charge_key.remote(key.name, cost, f"{row_id}:{len(done)}"))
             return on_step(entry) if on_step is not None else None
 
         async def run() -> AgentRun:
@@ -302,7 +305,7 @@ class HeraIngress:
                         await charge
                     except Exception as e:  # noqa: BLE001 - the run's own outcome matters more than the charge's
                         log.warning("could not charge API key %r for run %s: %s", key.name, run_id, e)
-                await self._record_run(result, run_id, key, policy, question, done, status, error, created_at)
+                await self._record_run(result, run_id, key, policy, question, done, status, error, created_at, row_id)
 
         started = time.monotonic()
         task = asyncio.ensure_future(run())
@@ -310,7 +313,7 @@ class HeraIngress:
         return task
 
     async def _record_run(self, result: Optional[AgentRun], run_id: str, key: Optional[ApiKey], policy: str, question: str,
-                          done: list[TraceEntry], status: str, error: str, created_at: float) -> None:
+                          done: list[TraceEntry], status: str, error: str, created_at: float, row_id: str) -> None:
         """Keep the finished run (or what a failed one did) in the store; a failure to is logged, not raised."""
         if result is not None:
             run = result.to_dict()
@@ -323,7 +326,7 @@ class HeraIngress:
         if error:
             run["error"] = error
         try:
-            await self.actor.record_run.remote(_json_safe(run), key.name if key else None, status, created_at)
+            await self.actor.record_run.remote(_json_safe(run), key.name if key else None, status, created_at, None, row_id)
         except Exception as e:  # noqa: BLE001 - the run's own outcome matters more than its record
             log.warning("could not store run %s: %s", run_id, e)
 
@@ -486,10 +489,10 @@ class HeraIngress:
                     await self.actor.charge_key.remote(key.name, cost, f"step-{uuid.uuid4().hex}")
                 except Exception as e:  # noqa: BLE001 - the call's own outcome matters more than the charge's
                     log.warning("could not charge %.6f to API key %r: %s", cost, key.name, e)
-            # The call is stored as a run of one step: <session>:<position> (a call sent again replaces it).
+            # The call is stored as a run of one step, id <session>:<position> (one sent again: the newest).
             done = [entry] if entry is not None else []
             await self._record_run(None, f"{session}:{index}", key, req.model, question, done,
-                                   "ok" if entry is not None else "error", error, created_at)
+                                   "ok" if entry is not None else "error", error, created_at, uuid.uuid4().hex)
         placements = self._placements.setdefault(session, {})
         placements[index] = entry.placement
         self._placements.move_to_end(session)

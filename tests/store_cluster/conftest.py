@@ -10,7 +10,7 @@ import pytest
 
 from hera_ray.pricing import PriceSheet
 from local_ray import free_port, local_ray_head
-from pg_server import PostgresServer
+from pg_server import started_server
 
 CLOUD_PRICE = 0.002  # USD per 1k tokens
 SPENDER_KEY = "test-spender-0123456789"
@@ -43,8 +43,7 @@ def ingress_port() -> int:
 
 @pytest.fixture(scope="package")
 def pg():
-    server = PostgresServer()
-    server.start()
+    server = started_server()
     yield server
     server.close()
 

@@ -105,6 +105,19 @@ def test_spend_ledger_and_runs_survive_down_and_up(ray_head, keys_file, store_ur
         listed = _get(url, "/v1/agent/runs?policy=all-llm&limit=5", SPENDER_KEY).json()["data"]
         assert [x["id"] for x in listed] == ["first"] and "run" not in listed[0]
 
+        # The CLI prints the same runs (the caller's key from $HERA_API_KEY).
+        from typer.testing import CliRunner
+
+        from hera_ray.cli import app
+
+        env = {"HERA_API_KEY": SPENDER_KEY, "HERA_URL": url, "COLUMNS": "200"}
+        out = CliRunner().invoke(app, ["runs", "list"], env=env)
+        assert out.exit_code == 0 and "first" in out.output and "all-llm" in out.output, out.output
+        out = CliRunner().invoke(app, ["runs", "show", "first"], env=env)
+        assert out.exit_code == 0 and "run first (all-llm, ok)" in out.output and "cloud" in out.output, out.output
+        out = CliRunner().invoke(app, ["runs", "show", "nope"], env=env)
+        assert out.exit_code == 1 and "no stored run 'nope'" in out.output, out.output
+
         refused = _spend_until_refused(url, "after-up")
         assert refused.status_code == 402 and "'spender'" in refused.json()["error"]["message"]
         spent = _spent(url)
@@ -163,3 +176,16 @@ def test_a_killed_scheduler_actor_keeps_the_spend_within_a_step(ray_head, keys_f
         assert refused.status_code == 402
     finally:
         down(log=_quiet)
+
+
+def test_hera_up_names_a_store_it_cannot_reach(ray_head, keys_file, ingress_port):
+    from hera_ray.cluster import load_state, up
+    from hera_ray.errors import HeraError
+
+    port = free_port()  # nothing listens there
+    config = cluster_config(keys_file, f"postgresql+psycopg://hera:secret@127.0.0.1:{port}/hera", free_port(), ingress_port)
+    config = config.model_copy(update={"store": config.store.model_copy(update={"connect_timeout_s": 2})})
+    with pytest.raises(HeraError, match=rf"scheduler actor could not start: cannot reach the store "
+                                        rf"postgresql\+psycopg://hera:\*\*\*@127.0.0.1:{port}/hera"):
+        up(config, local_edges=0, timeout_s=120, log=_quiet)
+    assert load_state() is None  # what it started was stopped
