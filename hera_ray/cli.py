@@ -552,7 +552,7 @@ def runs_show_cmd(
 @runs_app.command("export")
 def runs_export_cmd(
     parquet: Path = typer.Option(..., "--parquet", help="Parquet file to write: one row per step, with its run's columns."),
-    store_url: Optional[str] = typer.Option(None, "--store", help="The store's URL [default: store.url of the settings, else SQLite in the cache folder]."),
+    store_url: Optional[str] = typer.Option(None, "--store", help="The store's URL (default: store.url of the settings, else SQLite in the cache folder)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file of HeraConfig settings (for store.url)."),
     key: Optional[str] = typer.Option(None, "--key", help="Only this API key's runs."),
     policy: Optional[str] = typer.Option(None, help="Only runs of this policy."),
@@ -663,6 +663,69 @@ def train_cmd(config: TrainConfig, profile: Path, out: Path) -> None:
     except HeraError as e:
         raise _fail(e.message) from None
     print_estimator_table(manifest, title=f"estimators in {out} (held-out accuracy, %)")
+
+
+from hera_ray.offline.learn import LearnConfig  # noqa: E402 - light (pydantic only)
+
+
+@settings_command(app, "learn", LearnConfig, extra={
+    "store_url": (Optional[str], typer.Option(None, "--store", help="The store's URL (default: store.url of the cluster's settings, else SQLite in the cache folder).")),
+    "estimators": (Optional[Path], typer.Option(None, "--estimators", help="The serving set to improve on (default: the set `hera learn --apply` last swapped in, else hera.estimators, else the bundled one).")),
+    "out": (Optional[Path], typer.Option(None, "--out", help="Where new sets go (default: <cache folder>/estimators).")),
+    "apply": (bool, typer.Option(False, "--apply/--no-apply", help="Swap a promoted set into the running cluster (Serve's in-place update of the estimator deployment; no request dropped).")),
+    "hera_config": (Optional[Path], typer.Option(None, "--hera-config", help="YAML file of HeraConfig settings, for store.url and hera.estimators.")),
+})
+def learn_cmd(config: LearnConfig, store_url: Optional[str], estimators: Optional[Path], out: Optional[Path],
+              apply: bool, hera_config: Optional[Path]) -> None:
+    """Retrain SP_SLM, SP_LLM and hera-verify's step classifier on the stored runs; promote the new set
+    only if the most recent runs do not get worse; record it in the store and the manifest history."""
+    from hera_ray.cluster import apply_estimators, load_state
+    from hera_ray.config import HeraConfig
+    from hera_ray.models import cache_dir
+    from hera_ray.offline.learn import learn
+    from hera_ray.store import Store, StoreError
+
+    state = load_state()
+    if hera_config is not None:
+        hcfg = _load_hera_config(hera_config)
+    elif state is not None and state.config:
+        hcfg = HeraConfig.model_validate(state.config)
+    else:
+        hcfg = HeraConfig()
+    if estimators is None:
+        serving = state.estimators_serving if state is not None else ""
+        estimators = Path(serving) if serving else hcfg.hera.estimators
+    try:
+        store = Store(store_url or hcfg.store.url)
+    except StoreError as e:
+        raise _fail(e.message) from None
+    log = lambda m: err_console.print(m, highlight=False)  # noqa: E731
+    try:
+        result = learn(store, estimators, out or cache_dir() / "estimators", config, log=log)
+        store.promotion(result["history"]).result(60)
+    except HeraError as e:
+        raise _fail(e.message) from None
+    finally:
+        store.close()
+    table = Table(title="hera learn: the most recent runs, before and after")
+    for col in ("estimator", "train", "held-out", "metric", "before", "after", "promoted"):
+        table.add_column(col, justify="right" if col in ("train", "held-out", "before", "after") else "left")
+    for name, r in result["history"]["estimators"].items():
+        table.add_row(name, str(r["train_examples"]), str(r["heldout_examples"]), r.get("metric", "-"),
+                      "-" if r.get("before") is None else f"{r['before']:.3f}",
+                      "-" if r.get("after") is None else f"{r['after']:.3f}",
+                      "yes" if r.get("promoted") else f"no{': ' + r['reason'] if r.get('reason') else ''}")
+    console.print(table)
+    if result["set"] is None:
+        return
+    console.print(f"new set: {result['set']}")
+    if apply:
+        try:
+            apply_estimators(result["set"], log=log)
+        except HeraError as e:
+            raise _fail(e.message) from None
+    else:
+        console.print("serve it: `hera learn --apply` next time, or hera.estimators in the settings")
 
 
 def print_estimator_table(manifest: dict, title: str) -> None:

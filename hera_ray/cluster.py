@@ -42,6 +42,10 @@ class ClusterState:
     token_file: str = ""
     edge_pids: list[int] = field(default_factory=list)
     edge_addresses: list[str] = field(default_factory=list)
+    #: The settings the Serve app was deployed with (``hera learn --apply`` redeploys it with them).
+    config: dict = field(default_factory=dict)
+    #: The estimator set ``hera learn --apply`` swapped in, if any (else ``hera.estimators``).
+    estimators_serving: str = ""
 
 
 # For the Ray processes a node starts: Ray's client server forks its per-client servers while gRPC
@@ -179,6 +183,7 @@ def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, 
         serve.start(http_options={"host": config.ingress.host, "port": config.ingress.port})
         log(f"deploying the Serve app {config.app_name!r} (cloud LLM: {config.cloud.backend} {config.cloud.model})")
         serve.run(build_app(config=config), name=config.app_name, route_prefix="/")
+        state.config = config.model_dump(mode="json")
         # Serve's HTTP proxy runs on the head (and on nodes with replicas): with a wildcard ingress.host
         # (0.0.0.0), the URL to give out is the head node's address.
         state.ingress_url = f"http://{host_port(advertised_host(config.ingress.host, None, head_node_ip), config.ingress.port)}"
@@ -221,6 +226,32 @@ def _creation_error(e: BaseException) -> BaseException:
 
     found = re.findall(r"^hera_ray\.[\w.]+\.\w+: (.+)$", str(e), flags=re.MULTILINE)
     return HeraError(f"the scheduler actor could not start: {found[-1].strip()}") if found else e
+
+
+def apply_estimators(path: str, log=print) -> ClusterState:
+    """Serve the estimator set at ``path`` in the running cluster: the estimator deployment's
+    user_config changes (Serve reconfigures its replicas in place, one by one: no request is
+    dropped) and the scheduler actor takes the set's step classifier."""
+    import ray
+    from ray import serve
+
+    from hera_ray.config import HeraConfig
+    from hera_ray.scheduler.actor import SCHEDULER_NAME
+    from hera_ray.serve.app import build_app
+
+    state = load_state()
+    if state is None or not state.config:
+        raise HeraError("no running hera-ray started by `hera up` on this machine (its settings are needed to redeploy)")
+    attach(state)
+    config = HeraConfig.model_validate(state.config)
+    if not config.hera.enabled:
+        raise HeraError("the running cluster has no estimator deployment (hera.enabled is false)")
+    serve.run(build_app(config=config, estimators_serving=path), name=config.app_name, route_prefix="/")
+    reloaded = ray.get(ray.get_actor(SCHEDULER_NAME, namespace=config.namespace).reload_verifier.remote(str(path)), timeout=60)
+    state.estimators_serving = str(path)
+    _save_state(state)
+    log(f"serving the estimator set {path}" + ("; hera-verify's step classifier from it" if reloaded else ""))
+    return state
 
 
 def head_node_ip() -> str:

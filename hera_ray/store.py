@@ -35,7 +35,8 @@ from hera_ray.errors import HeraError
 log = logging.getLogger(__name__)
 
 #: The schema this hera-ray writes. Bump it with an entry in :data:`MIGRATIONS`.
-SCHEMA_VERSION = 1
+#: 1: ledger, key charges, runs. 2: promotions (hera learn).
+SCHEMA_VERSION = 2
 
 
 class StoreError(HeraError):
@@ -111,15 +112,31 @@ def _tables():
         Column("cloud_cost", Float, nullable=False),
         Column("run", JSON, nullable=False),
     )
-    return md, meta, ledger, key_charges, runs
+    # One row per `hera learn`: what it retrained, the figures before and after, and whether the new
+    # set was promoted (schema version 2).
+    promotions = Table(
+        "hera_promotions", md,
+        Column("promotion_id", String, primary_key=True),
+        Column("at", Float, nullable=False, index=True),
+        Column("promoted", Boolean, nullable=False),
+        Column("set_path", Text),
+        Column("entry", JSON, nullable=False),
+    )
+    return md, meta, ledger, key_charges, runs, promotions
 
 
-METADATA, META, LEDGER, KEY_CHARGES, RUNS = _tables()
-_TABLES = {t.name: t for t in (LEDGER, KEY_CHARGES, RUNS)}
+METADATA, META, LEDGER, KEY_CHARGES, RUNS, PROMOTIONS = _tables()
+_TABLES = {t.name: t for t in (LEDGER, KEY_CHARGES, RUNS, PROMOTIONS)}
+
+
+def _add_promotions(conn) -> None:
+    """1 -> 2: the promotions table of ``hera learn``."""
+    PROMOTIONS.create(conn)
+
 
 #: ``MIGRATIONS[v]`` takes a store at schema version ``v`` to ``v + 1``, inside the open
-#: transaction (a SQLAlchemy ``Connection``). Empty while every store is at version 1.
-MIGRATIONS: dict[int, Callable[[Any], None]] = {}
+#: transaction (a SQLAlchemy ``Connection``).
+MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _add_promotions}
 
 
 # -- records -------------------------------------------------------------------------------------
@@ -212,6 +229,13 @@ class Store:
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=FULL")
                 cur.close()
+                # pysqlite opens a transaction only before DML: take over, so DDL (a migration) is
+                # transactional too and rolls back whole (SQLAlchemy's documented recipe).
+                dbapi_conn.isolation_level = None
+
+            @event.listens_for(self.engine, "begin")
+            def _begin(conn):
+                conn.exec_driver_sql("BEGIN")
         else:
             # libpq takes whole seconds, and 0 means for ever
             args = {"connect_timeout": max(1, math.ceil(connect_timeout_s))} if self.kind.startswith("postgres") else {}
@@ -252,8 +276,6 @@ class Store:
             self._create_or_migrate(names, where)
         except StoreError:
             raise
-        except OperationalError as e:
-            raise StoreError(f"cannot reach the store {where}: {_cause(e)}") from None
         except Exception as e:  # noqa: BLE001 - a migration or create that failed: say so, change nothing more
             raise StoreError(f"the store {where} could not be set up ({type(e).__name__}: {_cause(e)}); "
                              "the transaction was rolled back") from None
@@ -314,6 +336,21 @@ class Store:
 
     def run(self, row: dict[str, Any]) -> "Future[None]":
         return self.submit(RUNS.name, row)
+
+    def promotion(self, entry: dict[str, Any]) -> "Future[None]":
+        """Record a ``hera learn`` (its manifest history entry)."""
+        import uuid
+
+        return self.submit(PROMOTIONS.name, {"promotion_id": uuid.uuid4().hex, "at": time.time(),
+                                             "promoted": entry.get("set") is not None, "set_path": entry.get("set"),
+                                             "entry": _no_nul(entry)})
+
+    def promotions(self) -> list[dict[str, Any]]:
+        """Every recorded ``hera learn``, oldest first."""
+        from sqlalchemy import select
+
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(PROMOTIONS).order_by(PROMOTIONS.c.at)).mappings()]
 
     @property
     def pending(self) -> int:

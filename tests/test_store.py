@@ -155,31 +155,58 @@ def test_runs_are_listed_newest_first_and_filtered(url):
 
 def test_a_store_from_a_newer_hera_ray_is_refused(url, monkeypatch):
     monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 7)
+    monkeypatch.setitem(store_mod.MIGRATIONS, 2, lambda conn: None)
+    for v in range(3, 7):
+        monkeypatch.setitem(store_mod.MIGRATIONS, v, lambda conn: None)
     Store(url).close()
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 1)
-    with pytest.raises(StoreError, match=r"schema version 7, newer than this hera-ray's 1 \(hera-ray \d"):
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
+    with pytest.raises(StoreError, match=r"schema version 7, newer than this hera-ray's 2 \(hera-ray \d"):
         Store(url)
 
 
-def test_an_older_store_is_migrated_and_keeps_its_records(url, monkeypatch):
+def _make_v1_store(url: str) -> None:
+    """A store as hera-ray wrote it at schema version 1 (before hera learn's promotions table)."""
+    from sqlalchemy import create_engine, update
+
     s = Store(url)
     s.charge(KeyCharge("c1", "alice", 0.5, 1.0)).result(10)
     s.close()
-    from sqlalchemy import text
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        store_mod.PROMOTIONS.drop(conn)
+        conn.execute(update(store_mod.META).where(store_mod.META.c.key == "schema_version").values(value="1"))
+    engine.dispose()
 
-    def add_region(conn):  # what a real version-2 migration would be: a column, filled for old rows
-        conn.execute(text("ALTER TABLE hera_key_charges ADD COLUMN region VARCHAR(32) DEFAULT 'eu'"))
 
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(store_mod.MIGRATIONS, 1, add_region)
+def test_a_version_1_store_is_migrated_and_keeps_its_records(url):
+    _make_v1_store(url)
     migrated = Store(url)
     try:
         assert migrated.migrated_from == 1 and migrated.schema_version() == 2
         assert migrated.key_spend() == {"alice": 0.5}
-        with migrated.engine.connect() as conn:
-            assert conn.execute(text("SELECT region FROM hera_key_charges")).scalar() == "eu"
+        migrated.promotion({"set": "/sets/learned-1", "estimators": {"sp_llm": {"before": 0.5, "after": 0.6}}}).result(10)
+        (row,) = migrated.promotions()
+        assert row["promoted"] and row["entry"]["estimators"]["sp_llm"]["after"] == 0.6
     finally:
         migrated.close()
+
+
+def test_a_migration_that_fails_changes_nothing_and_says_so(url, monkeypatch):
+    _make_v1_store(url)
+
+    def broken(conn):
+        store_mod.PROMOTIONS.create(conn)
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setitem(store_mod.MIGRATIONS, 1, broken)
+    with pytest.raises(StoreError, match="could not be set up .*disk on fire.*rolled back"):
+        Store(url)
+    monkeypatch.undo()
+    again = Store(url)  # the store is still at version 1, and migrates now
+    try:
+        assert again.migrated_from == 1 and again.key_spend() == {"alice": 0.5}
+    finally:
+        again.close()
     monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 3)  # and no migration from 2: refused, not guessed
     with pytest.raises(StoreError, match="no migration from version 2"):
         Store(url)
@@ -197,10 +224,12 @@ def test_a_corrupt_sqlite_file_is_refused_and_left_as_it_is(tmp_path: Path):
 def test_a_newer_sqlite_store_is_refused_without_a_byte_changed(tmp_path: Path, monkeypatch):
     path = tmp_path / "store.sqlite"
     monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 9)
+    for v in range(2, 9):
+        monkeypatch.setitem(store_mod.MIGRATIONS, v, lambda conn: None)
     Store(f"sqlite:///{path}").close()
     before = path.read_bytes()
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 1)
-    with pytest.raises(StoreError, match="schema version 9, newer than this hera-ray's 1"):
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
+    with pytest.raises(StoreError, match="schema version 9, newer than this hera-ray's 2"):
         Store(f"sqlite:///{path}")
     assert path.read_bytes() == before  # (reading a WAL-mode file makes SQLite's -shm/-wal side files)
 

@@ -82,6 +82,9 @@ class TraceEntry:
     check_error: str = ""
     #: The SLM's step the policy discarded (the LLM wrote this one instead), if any.
     rejected_output: str = ""
+    #: The SLM's token log-probabilities of the step it wrote first, when the policy judged that step
+    #: (hera-verify, speculative HERA): kept or rejected, what ``hera learn`` trains the step classifier on.
+    slm_logprobs: list[float] = field(default_factory=list)
     #: Engine calls this step made (the step, a discarded SLM step, a check), and how many of them an
     #: engine answered from its generation cache (an evaluation setting: hera_ray/gencache.py).
     engine_calls: int = 0
@@ -369,7 +372,9 @@ class Agent:
             generation_s = time.perf_counter() - t_gen
             step = make_step(result.text, result.finish_reason, result.stop_reason)
             scores = route["scores"]
+            slm_logprobs: list[float] = []
             if speculate:
+                slm_logprobs = list(result.logprobs or [])
                 # The policy asked for the SLM's real step first: ask again with what it wrote.
                 spec = {**request, "slm_candidate": step.text, "slm_logprobs": result.logprobs}
                 final = await self._route(spec, max_cloud_cost)
@@ -406,7 +411,7 @@ class Agent:
                 speculative_s=speculative_s, speculative_cost=speculative_cost, failures=failures, cached_prompt_tokens=cached,
                 uncached_prompt_tokens=result.prompt_tokens - cached, boundary=step.boundary, step_format=fmt.value,
                 check_prompt_tokens=check.prompt_tokens, check_cached_prompt_tokens=check.cached, check_cost=check.cost,
-                check_s=check.seconds, check_error=check.error, rejected_output=rejected,
+                check_s=check.seconds, check_error=check.error, rejected_output=rejected, slm_logprobs=slm_logprobs,
                 engine_calls=state.engine_calls - calls0, cache_hits=state.cache_hits - hits0,
             )
             return entry, step

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Callable
 
 import ray
@@ -166,6 +167,7 @@ class SubtaskScheduler:
         # Recent charge ids: a charge sent again (Ray retries a call the old actor did not answer) counts once.
         self._charged: OrderedDict[str, None] = OrderedDict.fromkeys(self.store.recent_charge_ids(recent))
         self._ack_timeout_s = st.ack_timeout_s
+        self._fixed_classifier = cfg.verify.classifier is not None
         self._m_subtasks = metrics.Counter("hera_subtasks", "Subtasks routed, by placement and policy.", ("placement", "policy"))
         self._m_tokens = metrics.Counter("hera_tokens", "Tokens processed, by placement and kind (input: uncached prompt, "
                                          "cached_input, output).", ("placement", "kind"))
@@ -277,6 +279,24 @@ class SubtaskScheduler:
 
         return {"url": redact(self.store.url), "kind": self.store.kind, "pending": self.store.pending,
                 "committed": self.store.committed, "retries": self.store.retries, "refused": self.store.refused}
+
+    async def reload_verifier(self, path: str) -> bool:
+        """Give hera-verify (and its ``@`` variants) the step classifier in set ``path`` (``hera learn
+        --apply``); False if the set has none."""
+        from hera_ray.policy.verify import VERIFIER_FILE, StepClassifier, VerifyPolicy
+
+        file = Path(path) / VERIFIER_FILE
+        if not file.exists() or self._fixed_classifier:  # verify.classifier, when set, wins
+            return False
+        classifier = StepClassifier.load(file)
+        for policy in [*self.router.policies.values(), *self.router._tuned.values()]:
+            if isinstance(policy, VerifyPolicy):
+                policy.classifier = classifier
+        return True
+
+    async def learn_record(self, entry: dict[str, Any]) -> bool:
+        """Record a ``hera learn`` (promoted or refused) in the store; True once durable."""
+        return await self._ack(self.store.promotion(entry))
 
     async def flush_store(self, timeout_s: float = 30.0) -> int:
         """Commit every queued write (``hera down`` calls it before it stops the actor); returns the rows committed so far."""

@@ -19,7 +19,9 @@ from hera_ray.serve.keys import load_keys_file
 from hera_ray.serve.openai_api import HeraIngress
 
 
-def build_app(args: dict[str, Any] | None = None, config: HeraConfig | None = None):
+def build_app(args: dict[str, Any] | None = None, config: HeraConfig | None = None, estimators_serving: str | None = None):
+    """``estimators_serving``: an estimator set to serve instead of ``hera.estimators`` (``hera learn
+    --apply``), given to the estimator deployment alone, so nothing else is redeployed."""
     if config is None:
         args = dict(args or {})
         config_file = args.pop("config_file", None)
@@ -29,7 +31,9 @@ def build_app(args: dict[str, Any] | None = None, config: HeraConfig | None = No
     if config.hera.enabled:
         h = config.hera
         path = estimators_path(h.estimators)  # fails here, at build time, if the folder holds no manifest
-        estimators = build_estimator_deployment(str(path), threads=h.threads, num_cpus=h.num_cpus, replicas=h.replicas)
+        serving = str(estimators_path(estimators_serving)) if estimators_serving else None
+        estimators = build_estimator_deployment(str(path), threads=h.threads, num_cpus=h.num_cpus, replicas=h.replicas,
+                                                serving=serving)
     if config.ingress.api_keys_file is not None:
         load_keys_file(config.ingress.api_keys_file)  # a bad keys file fails here, at build time, not at first request
     return HeraIngress.options(

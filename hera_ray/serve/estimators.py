@@ -52,7 +52,20 @@ class EstimatorServer:
     def __init__(self, path: str | None = None, threads: int = 1):
         from hera_ray.estimators.trained import LocalEstimators
 
+        self.path, self.threads = path, threads
         self.est = LocalEstimators(path, n_threads=threads)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this with the deployment's ``user_config`` (a lightweight update, replica by
+        replica): ``{"path": <estimator set>}`` loads that set beside the serving one and swaps it in,
+        so no request is dropped (one in flight finishes on the set it started with)."""
+        from hera_ray.estimators.trained import LocalEstimators
+
+        path = (user_config or {}).get("path") or self.path
+        if path == self.path:
+            return
+        self.est = await asyncio.to_thread(LocalEstimators, path, n_threads=self.threads)
+        self.path = path
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def simple_prob(self, requests: list[tuple[str, str]]) -> list[float]:
@@ -89,9 +102,11 @@ class EstimatorServer:
 
 
 def build_estimator_deployment(path: str | None = None, threads: int = 1, num_cpus: float = 0.5, replicas: int = 1,
-                               options: dict[str, Any] | None = None):
+                               options: dict[str, Any] | None = None, serving: str | None = None):
+    """``path``: the set the replicas start with; ``serving``: the set they serve (a user_config,
+    so changing it later is a lightweight update, :meth:`EstimatorServer.reconfigure`)."""
     opts = {"name": ESTIMATOR_DEPLOYMENT, "ray_actor_options": {"num_cpus": num_cpus}, "num_replicas": replicas,
-            "max_ongoing_requests": 256, **(options or {})}
+            "max_ongoing_requests": 256, "user_config": {"path": serving or path}, **(options or {})}
     return serve.deployment(EstimatorServer, **opts).bind(path, threads)
 
 

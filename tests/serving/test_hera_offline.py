@@ -150,3 +150,44 @@ def test_models_and_estimators_endpoints_list_hera(client, cluster):
     assert {"hera", "hera-no-urc", "hera-no-cd", "hera-no-sd", "hybridllm"} <= {m["id"] for m in models["data"]}
     manifest = httpx.get(f"{cluster.ingress_url}/v1/estimators", headers=headers, timeout=30).json()
     assert manifest["estimators"]["urc"]["kind"] == "encoder" and "data_sha256" in manifest["profile"]
+
+
+def test_a_learned_set_is_swapped_in_while_runs_go_on(cluster, client, tmp_path):
+    """hera learn --apply: the estimator deployment takes a new set through Serve's in-place update
+    while hera runs are in flight; none fails, and the ingress then reports the new manifest."""
+    import json
+    import shutil
+    import threading
+
+    from hera_ray.cluster import apply_estimators, load_state
+    from hera_ray.estimators.trained import estimators_path
+
+    current = estimators_path(None)
+    learned = tmp_path / "learned"
+    shutil.copytree(current, learned)
+    manifest = json.loads((learned / "manifest.json").read_text())
+    manifest["history"] = [{"at": "test", "set": str(learned), "estimators": {}}]
+    (learned / "manifest.json").write_text(json.dumps(manifest))
+
+    outcomes: list = []
+
+    def ask(i: int) -> None:
+        try:
+            outcomes.append(client.run(f"What is {i} + {i}?", policy="hera", max_steps=2)["answer"] is not None)
+        except Exception as e:  # noqa: BLE001 - what the test counts
+            outcomes.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        apply_estimators(str(learned), log=lambda m: None)
+        for t in threads:
+            t.join(300)
+        assert outcomes == [True] * 4, outcomes
+        assert client._call("GET", "/v1/estimators")["history"][0]["set"] == str(learned)
+        assert load_state().estimators_serving == str(learned)
+        assert client.run("What is 2 + 2?", policy="hera", max_steps=1)["trace"]  # and it serves
+    finally:
+        apply_estimators(str(current), log=lambda m: None)
+    assert "history" not in client._call("GET", "/v1/estimators")
