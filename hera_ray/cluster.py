@@ -182,7 +182,8 @@ def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, 
 
         serve.start(http_options={"host": config.ingress.host, "port": config.ingress.port})
         log(f"deploying the Serve app {config.app_name!r} (cloud LLM: {config.cloud.backend} {config.cloud.model})")
-        serve.run(build_app(config=config), name=config.app_name, route_prefix="/")
+        build_app(config=config)  # a bad setting (keys file, estimator folder) fails here, in this process
+        deploy_app(config, timeout_s=max(60.0, timeout_s - (time.monotonic() - t0)))
         state.config = config.model_dump(mode="json")
         # Serve's HTTP proxy runs on the head (and on nodes with replicas): with a wildcard ingress.host
         # (0.0.0.0), the URL to give out is the head node's address.
@@ -228,14 +229,61 @@ def _creation_error(e: BaseException) -> BaseException:
     return HeraError(f"the scheduler actor could not start: {found[-1].strip()}") if found else e
 
 
+def deploy_app(config: "HeraConfig", estimators_serving: str | None = None, timeout_s: float = 900.0) -> None:
+    """Deploy (or update) the Serve app the declarative way, as ``serve deploy`` would: one
+    application whose builder is ``hera_ray.serve.app:build_from_settings`` with the settings as
+    its args. Deployed again with only ``estimators_serving`` changed, Serve keeps every replica
+    and reconfigures the estimator deployment's in place (a user_config update)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from hera_ray.serve.estimators import ESTIMATOR_DEPLOYMENT
+
+    app: dict = {"name": config.app_name, "route_prefix": "/", "import_path": "hera_ray.serve.app:build_from_settings",
+                 "args": {"config": config.model_dump(mode="json")}}
+    if estimators_serving is not None:
+        app["deployments"] = [{"name": ESTIMATOR_DEPLOYMENT, "user_config": {"path": str(estimators_serving)}}]
+    schema = ServeDeploySchema.parse_obj({"http_options": {"host": config.ingress.host, "port": config.ingress.port},
+                                          "applications": [app]})
+    client = _get_global_client()
+    client.deploy_apps(schema)
+    deadline = time.monotonic() + timeout_s
+    while True:  # until Serve has applied it: the app RUNNING on this config
+        status = serve.status().applications.get(config.app_name)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise HeraError(f"the Serve app {config.app_name!r} failed to deploy: {status.message}")
+        if status is not None and status.status == "RUNNING" and _deployed(config.app_name, estimators_serving):
+            return
+        if time.monotonic() > deadline:
+            raise HeraError(f"the Serve app {config.app_name!r} did not become RUNNING within {timeout_s:.0f}s"
+                            + (f": {status.status} {status.message}" if status is not None else ""))
+        time.sleep(0.5)
+
+
+def _deployed(app_name: str, estimators_serving: str | None) -> bool:
+    """Whether the estimator deployment serves ``estimators_serving`` yet (None: nothing to check)."""
+    if estimators_serving is None:
+        return True
+    from ray import serve
+
+    from hera_ray.serve.estimators import ESTIMATOR_DEPLOYMENT
+
+    try:
+        path = serve.get_deployment_handle(ESTIMATOR_DEPLOYMENT, app_name=app_name).serving.remote().result(timeout_s=30)
+    except Exception:  # noqa: BLE001 - replicas still updating
+        return False
+    return path == str(estimators_serving)
+
+
 def apply_estimators(path: str, log=print) -> ClusterState:
     """Serve the estimator set at ``path`` in the running cluster: the estimator deployment's
     user_config changes (Serve reconfigures its replicas in place, one by one: no request is
     dropped) and the scheduler actor takes the set's step classifier."""
     import ray
-    from ray import serve
 
     from hera_ray.config import HeraConfig
+    from hera_ray.estimators.trained import estimators_path
     from hera_ray.scheduler.actor import SCHEDULER_NAME
     from hera_ray.serve.app import build_app
 
@@ -246,7 +294,8 @@ def apply_estimators(path: str, log=print) -> ClusterState:
     config = HeraConfig.model_validate(state.config)
     if not config.hera.enabled:
         raise HeraError("the running cluster has no estimator deployment (hera.enabled is false)")
-    serve.run(build_app(config=config, estimators_serving=path), name=config.app_name, route_prefix="/")
+    build_app(config=config, estimators_serving=path)  # a folder that is no estimator set fails here
+    deploy_app(config, estimators_serving=str(estimators_path(path)))
     reloaded = ray.get(ray.get_actor(SCHEDULER_NAME, namespace=config.namespace).reload_verifier.remote(str(path)), timeout=60)
     state.estimators_serving = str(path)
     _save_state(state)

@@ -27,9 +27,20 @@ from hera_ray.config import HeraConfig
 DEMO_POLICIES = ("all-slm", "all-llm", "hera-verify", "hera")
 #: Per-item one-turn results of bench/step_format.py (same models, prompt and settings).
 ONE_TURN_RECORDS = Path(__file__).resolve().parent.parent / "bench" / "results" / "step_format_records.jsonl"
-#: Until the estimators are retrained on the Qwen pair (issue 14), ``hera`` runs the bundled set.
-HERA_NOTE = ("hera runs the bundled estimators, trained on the earlier pair (SmolLM2-135M / Qwen2.5-Coder-1.5B) "
-             "and step format; they are retrained on this pair next.")
+
+
+def hera_note() -> str:
+    """What the ``hera`` row runs: the bundled estimator set, as its manifest describes it."""
+    import json
+
+    from hera_ray.estimators.trained import BUNDLED_ESTIMATORS, MANIFEST
+
+    try:
+        profile = json.loads((BUNDLED_ESTIMATORS / MANIFEST).read_text())["profile"]
+    except (OSError, ValueError, KeyError):
+        return "hera runs the bundled estimators"
+    return (f"hera runs the bundled estimators, trained on {profile.get('requests', '?')} profiled requests "
+            f"({profile.get('dataset', '?')}) of this pair; their held-out figures: GET /v1/estimators")
 
 
 def one_turn_accuracy(item_ids: list[str], engines: dict[str, str], records: Path = ONE_TURN_RECORDS
@@ -153,7 +164,7 @@ def _print(console: Console, results: dict, summary: dict, items, one_turn: dict
                           f"through the agent ({policy}): {summary[policy]['accuracy']:.0%}  [one turn: bench/step_format.py]",
                           highlight=False)
     if any(p.startswith("hera") for p in summary):
-        console.print(f"  note: {HERA_NOTE}", highlight=False)
+        console.print(f"  note: {hera_note()}", highlight=False)
     for policy, s in summary.items():
         if policy.startswith("hera") or policy == "hybridllm":
             stages = ", ".join(f"{k} {v}" for k, v in sorted(s["stages"].items()))

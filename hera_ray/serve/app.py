@@ -40,3 +40,10 @@ def build_app(args: dict[str, Any] | None = None, config: HeraConfig | None = No
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
     ).bind(config.model_dump(mode="json"), cloud, estimators)
+
+
+def build_from_settings(args: dict[str, Any]):
+    """The builder ``hera up`` deploys declaratively (a Serve config: ``import_path`` this, ``args``
+    ``{"config": <HeraConfig as JSON>}``), so that changing one deployment's ``user_config`` later
+    (``hera learn --apply``) is an in-place update, not a redeploy of the whole app."""
+    return build_app(config=HeraConfig.model_validate(args["config"]))

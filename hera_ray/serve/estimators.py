@@ -67,6 +67,10 @@ class EstimatorServer:
         self.est = await asyncio.to_thread(LocalEstimators, path, n_threads=self.threads)
         self.path = path
 
+    async def serving(self) -> str | None:
+        """The estimator set this replica serves."""
+        return self.path
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def simple_prob(self, requests: list[tuple[str, str]]) -> list[float]:
         """Batched over (estimator name, question) pairs: P(simple) from ``urc`` or ``hybridllm``, P(strong
