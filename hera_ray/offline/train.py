@@ -66,6 +66,14 @@ class TrainConfig(BaseSettings):
     cv_folds: int = Field(5, ge=0, le=20, description="URC / HybridLLM: also report k-fold cross-validated accuracy over all requests (0: off); their held-out set is small.")
     seed: int = Field(0, description="Sampling and initialisation seed.")
     only: str = Field("", description="Comma-separated estimators to train (default: all).")
+    unweighted: str = Field("", description="Comma-separated classifiers (urc, hybridllm, routellm, dp) trained with plain cross-entropy instead of class weights: they then aim at raw accuracy, and lean to the majority class.")
+
+    def unweighted_set(self) -> set[str]:
+        chosen = {s.strip() for s in self.unweighted.split(",") if s.strip()}
+        unknown = chosen - {"urc", "hybridllm", "routellm", "dp"}
+        if unknown:
+            raise ConfigError(f"--unweighted: {', '.join(sorted(unknown))} is not a classifier (urc, hybridllm, routellm, dp)")
+        return chosen
 
     @field_validator("sp_format", "dp_input")
     @classmethod
@@ -153,6 +161,7 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
 
     config = config or TrainConfig()
     config.wanted()  # an unknown --only name fails before any work
+    config.unweighted_set()
     records, pcfg, pcfgs = read_profiles(profile_dir)
     if not records:
         raise ConfigError(f"the profile at {profile_dir} holds no finished request yet")
@@ -165,7 +174,9 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
     only_for = {"dp_input": {"dp"}, "sp_format": {"sp_slm", "sp_llm"}, "base_only": {"sp_slm", "sp_llm", "sd"}}
 
     def settings_key(name: str) -> str:
-        return config.model_dump_json(exclude={"only"} | {k for k, users in only_for.items() if name not in users})
+        # "unweighted" counts only for the classifiers it names (an older folder's keys stay valid).
+        skip = {"only"} | {k for k, users in only_for.items() if name not in users}
+        return config.model_dump_json(exclude=skip | ({"unweighted"} if name not in config.unweighted_set() else set()))
 
     @functools.cache
     def sbert():  # loaded on first use: a resumed run may never need it
@@ -195,9 +206,11 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
             stats = train_encoder_classifier(
                 [t for t, _ in split.train], [y for _, y in split.train], folder, label_names=labels,
                 base=config.encoder_base, r=config.lora_r, epochs=config.encoder_epochs, lr=config.encoder_lr,
+                class_weighted=name not in config.unweighted_set(),
                 seed=config.seed + {"hybridllm": 1, "routellm": 2}.get(name, 0),
                 eval_texts=[t for t, _ in split.heldout] or None, eval_labels=[y for _, y in split.heldout] or None)
             entry = {"kind": "encoder", "base": config.encoder_base, "path": name, "labels": labels,
+                     "class_weighted": name not in config.unweighted_set(),
                      "train_examples": len(split.train), "heldout_examples": len(split.heldout),
                      "metrics": {k: stats[k] for k in ("accuracy", "majority_baseline") if k in stats},
                      "train_s": stats.get("train_s")}
