@@ -39,7 +39,7 @@ if want dev; then
   $HERA down >/dev/null 2>&1; $HERA up --local-edges 1 ${GEN_CACHE:+--generation-cache "$GEN_CACHE"} || exit 1
   $HERA bench --dataset gsm8k,mbpp --split dev --n "$DEV_N" --out bench/results/dev14 \
     --policies hera-verify,hera,hybridllm,random,all-slm,all-llm \
-    --verify-sweep "${VERIFY_SWEEP:-0.5,0.9}" --hera-sweep "" --hybrid-sweep "" --random-sweep "" --no-ablations || status=1
+    --verify-sweep "${VERIFY_SWEEP:-0.8,0.9}" --hera-sweep "" --hybrid-sweep "" --random-sweep "" --no-ablations || status=1
 fi
 if want overhead; then  # timing: on a cluster without the generation cache
   $HERA down >/dev/null 2>&1; $HERA up --local-edges 1 && $PY bench/hera_overhead.py --questions 4 || status=1
