@@ -691,7 +691,9 @@ def learn_cmd(config: LearnConfig, store_url: Optional[str], estimators: Optiona
     elif state is not None and state.config:
         hcfg = HeraConfig.model_validate(state.config)
     else:
-        hcfg = HeraConfig()
+        from hera_ray.config import default_config_file
+
+        hcfg = _load_hera_config(default_config_file() if default_config_file().exists() else None)
     if estimators is None:
         serving = state.estimators_serving if state is not None else ""
         estimators = Path(serving) if serving else hcfg.hera.estimators
@@ -702,7 +704,10 @@ def learn_cmd(config: LearnConfig, store_url: Optional[str], estimators: Optiona
     log = lambda m: err_console.print(m, highlight=False)  # noqa: E731
     try:
         result = learn(store, estimators, out or cache_dir() / "estimators", config, log=log)
-        store.promotion(result["history"]).result(60)
+        try:
+            store.promotion(result["history"]).result(60)
+        except Exception as e:  # noqa: BLE001 - the new set is made; say the record is missing
+            err_console.print(f"could not record this run of hera learn in the store: {e}", highlight=False)
     except HeraError as e:
         raise _fail(e.message) from None
     finally:

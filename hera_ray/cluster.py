@@ -74,8 +74,11 @@ def load_state() -> ClusterState | None:
 
 
 def _save_state(state: ClusterState) -> None:
-    state_path().parent.mkdir(parents=True, exist_ok=True)
-    state_path().write_text(json.dumps(asdict(state), indent=2))
+    path = state_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)  # it holds the settings (a store URL may carry a password)
+    path.write_text(json.dumps(asdict(state), indent=2))
 
 
 def _ray_bin() -> str:
@@ -240,13 +243,25 @@ def deploy_app(config: "HeraConfig", estimators_serving: str | None = None, time
 
     from hera_ray.serve.estimators import ESTIMATOR_DEPLOYMENT
 
+    from hera_ray.store import redact
+
+    settings = config.model_dump(mode="json")
+    if settings["store"]["url"]:  # Serve logs and shows an app's args: no password there (the ingress needs none)
+        settings["store"]["url"] = redact(settings["store"]["url"])
     app: dict = {"name": config.app_name, "route_prefix": "/", "import_path": "hera_ray.serve.app:build_from_settings",
-                 "args": {"config": config.model_dump(mode="json")}}
+                 "args": {"config": settings}}
     if estimators_serving is not None:
         app["deployments"] = [{"name": ESTIMATOR_DEPLOYMENT, "user_config": {"path": str(estimators_serving)}}]
-    schema = ServeDeploySchema.parse_obj({"http_options": {"host": config.ingress.host, "port": config.ingress.port},
-                                          "applications": [app]})
     client = _get_global_client()
+    # A declarative deploy replaces every app deployed that way: keep the others on this Ray cluster.
+    try:
+        apps = (client.get_serve_details() or {}).get("applications") or {}
+        others = [a["deployed_app_config"] for name, a in apps.items()
+                  if name != config.app_name and a.get("deployed_app_config")]
+    except Exception:  # noqa: BLE001 - no details yet: nothing to keep
+        others = []
+    schema = ServeDeploySchema.parse_obj({"http_options": {"host": config.ingress.host, "port": config.ingress.port},
+                                          "applications": [*others, app]})
     client.deploy_apps(schema)
     deadline = time.monotonic() + timeout_s
     while True:  # until Serve has applied it: the app RUNNING on this config
@@ -269,6 +284,10 @@ def _deployed(app_name: str, estimators_serving: str | None) -> bool:
 
     from hera_ray.serve.estimators import ESTIMATOR_DEPLOYMENT
 
+    app = serve.status().applications.get(app_name)
+    deployment = app.deployments.get(ESTIMATOR_DEPLOYMENT) if app is not None else None
+    if deployment is None or deployment.status != "HEALTHY":  # replicas still updating
+        return False
     try:
         path = serve.get_deployment_handle(ESTIMATOR_DEPLOYMENT, app_name=app_name).serving.remote().result(timeout_s=30)
     except Exception:  # noqa: BLE001 - replicas still updating
@@ -295,7 +314,13 @@ def apply_estimators(path: str, log=print) -> ClusterState:
     if not config.hera.enabled:
         raise HeraError("the running cluster has no estimator deployment (hera.enabled is false)")
     build_app(config=config, estimators_serving=path)  # a folder that is no estimator set fails here
-    deploy_app(config, estimators_serving=str(estimators_path(path)))
+    previous = state.estimators_serving or str(estimators_path(config.hera.estimators))
+    try:
+        deploy_app(config, estimators_serving=str(estimators_path(path)), timeout_s=900)
+    except BaseException:
+        log(f"the estimator deployment did not take {path}: going back to {previous}")
+        deploy_app(config, estimators_serving=previous, timeout_s=900)
+        raise
     reloaded = ray.get(ray.get_actor(SCHEDULER_NAME, namespace=config.namespace).reload_verifier.remote(str(path)), timeout=60)
     state.estimators_serving = str(path)
     _save_state(state)

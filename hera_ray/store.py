@@ -345,6 +345,20 @@ class Store:
                                              "promoted": entry.get("set") is not None, "set_path": entry.get("set"),
                                              "entry": _no_nul(entry)})
 
+    def get_meta(self, key: str) -> str | None:
+        """A value the runtime keeps beside the schema version (``hera_meta``), or None."""
+        from sqlalchemy import select
+
+        with self.engine.connect() as conn:
+            return conn.execute(select(META.c.value).where(META.c.key == key)).scalar()
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Write ``key`` now (not through the writer queue): a setting, committed before this returns."""
+        if key == "schema_version":
+            raise ValueError("the schema version is the store's own")
+        with self.engine.begin() as conn:
+            self._upsert(conn, META, [{"key": key, "value": value}], replace=True)
+
     def promotions(self) -> list[dict[str, Any]]:
         """Every recorded ``hera learn``, oldest first."""
         from sqlalchemy import select

@@ -55,7 +55,7 @@ def _run(i: int, t: float, good_is_confident: bool) -> dict:
               "stage": "llm-rewrite", "scores": {}, "boundary": ""}]
     for entry in trace:
         entry.setdefault("cost", 0.0)
-    run = {"request_id": f"run-{i}", "policy": "hera-verify", "question": f"What is {a} + {b}?", "answer": str(a + b),
+    run = {"request_id": f"run-{i}", "policy": "hera-verify", "question": f"Request {i}: what is {a} + {b}?", "answer": str(a + b),
            "trace": trace, "slm_share": 0.5, "cost": 0.001}
     return run_row(run, None, "ok", t, t + 1)
 
@@ -79,9 +79,9 @@ def test_live_traffic_labels_sp_and_the_llm_verdicts_not_the_rest(tmp_path):
     assert live.runs == 10  # the failed run is left out
     # SP_SLM: the kept SLM steps and the SLM steps the LLM rewrote; SP_LLM: the steps the LLM wrote.
     assert len(live.sp_slm) == 10 + 5 + 5 and len(live.sp_llm) == 10 + 5
-    messages, target, cont, end = live.sp_slm[1][1]
+    messages, target, cont, end = live.sp_slm[1][2]
     assert cont and end == "\n" and target.startswith("Step 2:") and "Step 1: We add" in messages[-1]["content"]
-    verdicts = [ex for _, ex in live.verifier]
+    verdicts = [ex for _, _, ex in live.verifier]
     assert len(verdicts) == 10 and {good for _, good, _ in verdicts} == {True, False}
     assert all("mean_logprob" in feats for feats, _, _ in verdicts)
     with pytest.raises(ConfigError, match=r"cannot learn dp from live traffic .*the LLM's own step"):
@@ -119,6 +119,14 @@ def test_a_worse_classifier_is_refused_and_the_serving_set_stays(tmp_path):
     v = result["history"]["estimators"]["verifier"]
     assert result["set"] is None and not v["promoted"] and v["after"] < v["before"]
     assert not (tmp_path / "sets").exists() or not any((tmp_path / "sets").iterdir())
+
+
+def test_a_question_held_out_is_never_trained_on(tmp_path):
+    from hera_ray.offline.learn import _split
+
+    examples = [(1.0, "q1", "a"), (2.0, "q2", "b"), (3.0, "q1", "c"), (4.0, "q3", "d")]
+    split = _split(examples, cut=3.0)
+    assert split.heldout == ["c", "d"] and split.train == ["b"]  # q1 asked again later: out of training
 
 
 def test_too_little_traffic_is_said_not_guessed(tmp_path):

@@ -77,11 +77,11 @@ class LearnConfig(BaseSettings):
 
 @dataclass
 class LiveExamples:
-    """Examples per estimator, each as (run time, example), oldest first."""
+    """Examples per estimator, each as (run time, question, example), oldest first."""
 
-    sp_slm: list[tuple[float, tuple]] = field(default_factory=list)
-    sp_llm: list[tuple[float, tuple]] = field(default_factory=list)
-    verifier: list[tuple[float, tuple]] = field(default_factory=list)
+    sp_slm: list[tuple[float, str, tuple]] = field(default_factory=list)
+    sp_llm: list[tuple[float, str, tuple]] = field(default_factory=list)
+    verifier: list[tuple[float, str, tuple]] = field(default_factory=list)
     runs: int = 0
 
 
@@ -110,27 +110,32 @@ def live_examples(runs: Iterable[dict[str, Any]], sp_format: str) -> LiveExample
                 return (messages, target, cont, "\n" if sp_format == "chain" else None)
 
             if t.get("subtask", "").strip():
-                (out.sp_slm if t.get("placement") == "edge" else out.sp_llm).append((when, sp(t["subtask"])))
+                (out.sp_slm if t.get("placement") == "edge" else out.sp_llm).append((when, question, sp(t["subtask"])))
             rejected = (t.get("rejected_output") or "").strip()
             if rejected:  # the SLM's step the LLM rewrote: the SLM wrote it after this context too
-                out.sp_slm.append((when, sp(rejected)))
+                out.sp_slm.append((when, question, sp(rejected)))
             scores = t.get("scores") or {}
             slm_lps = t.get("slm_logprobs") or []
             if slm_lps and "llm_score" in scores and t.get("stage") in ("llm-check", "llm-rewrite"):
                 slm_text = t["output"] if t["stage"] == "llm-check" else t.get("rejected_output", "")
                 feats = step_features(question, int(t.get("index", len(history))), slm_text.strip(), slm_lps, context)
                 extras = {"confidence": scores.get("confidence", geo_mean_prob(slm_lps)), "llm_score": scores["llm_score"]}
-                out.verifier.append((when, (feats, t["stage"] == "llm-check", extras)))
+                out.verifier.append((when, question, (feats, t["stage"] == "llm-check", extras)))
             history.append((t.get("subtask", ""), t.get("output", "")))
-            context += t.get("output", "") + t.get("boundary", "")
+            context += t.get("output", "")  # as the policy builds it when it serves (verify.py)
     return out
 
 
-def _split(examples: list[tuple[float, tuple]], cut: float) -> Split:
-    """Runs made before ``cut`` train; the rest are held out."""
+def _split(examples: list[tuple[float, str, tuple]], cut: float) -> Split:
+    """Runs made from ``cut`` on are held out; the older ones train, less any run of a question
+    that is also held out (the same request asked again must not be seen on both sides)."""
+    held_questions = {q for when, q, _ in examples if when >= cut}
     split = Split()
-    for when, ex in examples:
-        (split.train if when < cut else split.heldout).append(ex)
+    for when, q, ex in examples:
+        if when >= cut:
+            split.heldout.append(ex)
+        elif q not in held_questions:
+            split.train.append(ex)
     return split
 
 
@@ -155,7 +160,8 @@ def learn(store, estimators: Path | None, out_root: Path, config: LearnConfig | 
     threshold = float(manifest.get("match_threshold", 0.7))
 
     rows = list(store.iter_runs())
-    times = sorted(float(r["created_at"]) for r in rows if r.get("status") == "ok")
+    times = sorted(float(r["created_at"]) for r in rows
+                   if r.get("status") == "ok" and not str(r.get("policy", "")).startswith("step:"))
     if len(times) < 2:
         raise ConfigError(f"the store holds {len(times)} finished run(s): too few to learn from and check on")
     cut = times[min(len(times) - 1, int(len(times) * (1 - config.heldout_share)))]
@@ -166,7 +172,9 @@ def learn(store, estimators: Path | None, out_root: Path, config: LearnConfig | 
     entry: dict[str, Any] = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "from": str(current),
                              "runs": live.runs, "heldout_runs": sum(t >= cut for t in times), "estimators": {},
                              "offline_only": OFFLINE_ONLY}
-    staged = Path(out_root).expanduser() / f"learned-{time.strftime('%Y%m%d-%H%M%S')}"
+    import uuid
+
+    staged = Path(out_root).expanduser().resolve() / f"learned-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     scratch = staged.with_name(staged.name + ".parts")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -190,13 +198,17 @@ def learn(store, estimators: Path | None, out_root: Path, config: LearnConfig | 
                 result.update(promoted=False, reason="the LLM's verdicts in the training runs are all one way")
                 log(f"{name}: skipped ({result['reason']})")
                 continue
+            if len({a for _, a, _ in split.heldout}) < 2:
+                result.update(promoted=False, reason="the LLM's verdicts in the held-out runs are all one way: no AUC to compare")
+                log(f"{name}: skipped ({result['reason']})")
+                continue
             new = train_verifier(split, seed=config.seed)
             after = new.metrics
             old_path = current / VERIFIER_FILE
             before = evaluate(StepClassifier.from_dict(json.loads(old_path.read_text())), split) if old_path.exists() else None
             result.update(metric="auc", before=None if before is None else before["auc"], after=after["auc"],
                           accuracy_before=None if before is None else before["accuracy"], accuracy_after=after["accuracy"])
-            better = before is None or (after["auc"] or 0.0) >= (before["auc"] or 0.0)
+            better = after["auc"] is not None and (before is None or before["auc"] is None or after["auc"] >= before["auc"])
             if better:
                 (scratch / "verifier").mkdir(exist_ok=True)
                 (scratch / "verifier" / VERIFIER_FILE).write_text(json.dumps(new.to_dict(), indent=2))

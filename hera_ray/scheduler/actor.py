@@ -32,6 +32,8 @@ from hera_ray.tls import check as check_tls
 SCHEDULER_NAME = "SubtaskScheduler"
 #: How far back a (re)started scheduler reads the charges and open requests it may be asked about again.
 RECENT_S = 3600.0
+#: The store's note of the estimator set `hera learn --apply` swapped in.
+SERVING_SET_KEY = "estimators_serving"
 
 # Ray gives every head node this resource (Serve pins its controller with it too). The actor asks
 # for a sliver of it, so it runs on the head, and so does every restart of it: edge boxes dial the
@@ -168,6 +170,9 @@ class SubtaskScheduler:
         self._charged: OrderedDict[str, None] = OrderedDict.fromkeys(self.store.recent_charge_ids(recent))
         self._ack_timeout_s = st.ack_timeout_s
         self._fixed_classifier = cfg.verify.classifier is not None
+        serving = self.store.get_meta(SERVING_SET_KEY)  # a set `hera learn --apply` swapped in before a restart
+        if serving and cfg.hera.enabled and Path(serving).exists():
+            self._use_verifier(serving)
         self._m_subtasks = metrics.Counter("hera_subtasks", "Subtasks routed, by placement and policy.", ("placement", "policy"))
         self._m_tokens = metrics.Counter("hera_tokens", "Tokens processed, by placement and kind (input: uncached prompt, "
                                          "cached_input, output).", ("placement", "kind"))
@@ -282,11 +287,17 @@ class SubtaskScheduler:
 
     async def reload_verifier(self, path: str) -> bool:
         """Give hera-verify (and its ``@`` variants) the step classifier in set ``path`` (``hera learn
-        --apply``); False if the set has none."""
+        --apply``), and remember the set in the store, so a restarted actor takes it again; False if
+        the set has none (or ``verify.classifier`` names one: it wins)."""
+        used = self._use_verifier(path)
+        await asyncio.to_thread(self.store.set_meta, SERVING_SET_KEY, str(path))
+        return used
+
+    def _use_verifier(self, path: str) -> bool:
         from hera_ray.policy.verify import VERIFIER_FILE, StepClassifier, VerifyPolicy
 
         file = Path(path) / VERIFIER_FILE
-        if not file.exists() or self._fixed_classifier:  # verify.classifier, when set, wins
+        if not file.exists() or self._fixed_classifier:
             return False
         classifier = StepClassifier.load(file)
         for policy in [*self.router.policies.values(), *self.router._tuned.values()]:
