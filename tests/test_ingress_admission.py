@@ -8,6 +8,8 @@ The serving tests check the same wiring over HTTP; filling 64 slots there would 
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import pytest
@@ -24,6 +26,7 @@ from hera_ray.scheduler.router import Router
 from hera_ray.serve.admission import AdmissionGate
 from hera_ray.serve.keys import ApiKey
 from hera_ray.serve.openai_api import HeraIngress
+from hera_ray.store import Store
 
 from agent_helpers import RouterScheduler
 
@@ -72,8 +75,9 @@ def ingress(limit: int, executor: HeldExecutor, max_steps: int = 2):
     table = NodeTable()
     table.register(NodeSpec("e0", "127.0.0.1:1", "slm", 2048, 4, 0, FREE), "t")
     router = Router(table, build_policies(), "slm", "llm", PriceSheet.flat(CLOUD_PRICE))
-    spend = object.__new__(SubtaskScheduler)  # only its key-spend methods are used
-    spend._key_spend = {}
+    spend = object.__new__(SubtaskScheduler)  # only its key-spend and run-record methods are used
+    spend._key_spend, spend._charged, spend._ack_timeout_s = {}, OrderedDict(), 2.0
+    spend.store = Store(f"sqlite:///{tempfile.mkdtemp(prefix='hera-admission-')}/store.sqlite")  # a real one
     ing = object.__new__(INGRESS_CLASS)
     ing.config = HeraConfig()
     ing.admission = AdmissionGate(limit)
@@ -154,6 +158,10 @@ def test_a_failed_run_frees_its_slot_and_is_charged_for_the_cloud_it_used():
         await settle()
         assert ing.admission.in_flight == 0
         assert await spend.key_spend("team") == pytest.approx(15 * CLOUD_PRICE / 1000)  # step 1 ran; step 2 did not
+        spend.store.flush(10)
+        assert spend.store.key_spend() == pytest.approx({"team": 15 * CLOUD_PRICE / 1000})  # and it is stored
+        (stored,) = spend.store.list_runs()
+        assert stored["status"] == "error" and stored["steps"] == 1  # the failed run is kept, with what it did
 
     asyncio.run(main())
 
