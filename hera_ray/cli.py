@@ -437,21 +437,28 @@ def ask_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print {answer, trace} as JSON."),
 ) -> None:
     """Ask the running cluster; print the answer and where every subtask ran."""
-    from hera_ray.client import Client
-
-    try:
-        with Client(url) as client:
-            run = client.run(question, policy=policy, max_steps=max_steps, max_cloud_cost=max_cloud_cost)
-    except HeraError as e:
-        raise _fail(e.message) from None
-    except Exception as e:  # noqa: BLE001 - connection errors and the like
-        raise _fail(f"cannot reach hera-ray at {url or 'http://127.0.0.1:8000'}: {e}") from None
+    run = _with_client(url, lambda c: c.run(question, policy=policy, max_steps=max_steps, max_cloud_cost=max_cloud_cost),
+                       timeout=None)
     if as_json:
         print(json.dumps(run, indent=2))
         return
     console.print(_trace_table(run["trace"], f"{policy}: {len(run['trace'])} step(s), SLM share {run['slm_share']:.0%}, "
                                              f"cost ${run['cost']:.6f}"))
     console.print(f"[bold]answer:[/bold] {run['answer']}", highlight=False)
+
+
+def _with_client(url: Optional[str], call: Callable[[Any], Any], timeout: Optional[float] = 60) -> Any:
+    """``call(client)`` on a client of the ingress at ``url``; the server's error, or why it cannot
+    be reached, ends the command with that message (exit 1)."""
+    from hera_ray.client import Client
+
+    try:
+        with (Client(url) if timeout is None else Client(url, timeout=timeout)) as client:
+            return call(client)
+    except HeraError as e:
+        raise _fail(e.message) from None
+    except Exception as e:  # noqa: BLE001 - connection errors and the like
+        raise _fail(f"cannot reach hera-ray at {url or 'http://127.0.0.1:8000'}: {e}") from None
 
 
 def _trace_table(trace: list[dict[str, Any]], title: str, scores: bool = False) -> Table:
@@ -482,10 +489,6 @@ runs_app = typer.Typer(help="Stored runs: where each step ran, which stage decid
 app.add_typer(runs_app, name="runs")
 
 
-def _runs_client(url: Optional[str]):
-    from hera_ray.client import Client
-
-    return Client(url, timeout=60)
 
 
 @runs_app.command("list")
@@ -500,13 +503,7 @@ def runs_list_cmd(
     """List stored runs, newest first (the caller's API key: $HERA_API_KEY)."""
     from datetime import datetime
 
-    try:
-        with _runs_client(url) as client:
-            runs = client.runs(key=key, policy=policy, since=since, limit=limit)
-    except HeraError as e:
-        raise _fail(e.message) from None
-    except Exception as e:  # noqa: BLE001 - connection errors and the like
-        raise _fail(f"cannot reach hera-ray at {url or 'http://127.0.0.1:8000'}: {e}") from None
+    runs = _with_client(url, lambda c: c.runs(key=key, policy=policy, since=since, limit=limit))
     if as_json:
         print(json.dumps(runs, indent=2))
         return
@@ -528,13 +525,7 @@ def runs_show_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the stored run as JSON."),
 ) -> None:
     """Print a stored run's trace: where each step ran, which stage decided, with which scores, and its cost."""
-    try:
-        with _runs_client(url) as client:
-            row = client.get_run(run_id)
-    except HeraError as e:
-        raise _fail(e.message) from None
-    except Exception as e:  # noqa: BLE001
-        raise _fail(f"cannot reach hera-ray at {url or 'http://127.0.0.1:8000'}: {e}") from None
+    row = _with_client(url, lambda c: c.get_run(run_id))
     if as_json:
         print(json.dumps(row, indent=2))
         return

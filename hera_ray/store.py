@@ -253,7 +253,7 @@ class Store:
     # -- open: reach, check, create or migrate ---------------------------------------------------
 
     def _open(self) -> None:
-        from sqlalchemy import inspect, select
+        from sqlalchemy import inspect
         from sqlalchemy.exc import DatabaseError, OperationalError
 
         where = redact(self.url)
@@ -482,27 +482,28 @@ class Store:
         """The ledger of requests charged at or after ``since``, summed by request and placement
         (rows as :meth:`ledger_usage`'s, ``request_id`` for ``node_id``): a restarted scheduler
         knows what a run still in flight has spent against its cap."""
-        from sqlalchemy import Integer, cast, func, select
+        from sqlalchemy import select
 
         L = LEDGER.c
         recent = select(L.request_id).where(L.ts >= since).distinct().subquery()
-        q = select(L.request_id, L.placement, func.sum(cast(L.subtask, Integer)), func.sum(L.uncached_prompt_tokens),
-                   func.sum(L.cached_prompt_tokens), func.sum(L.completion_tokens), func.sum(L.cost)
-                   ).where(L.request_id.in_(select(recent.c.request_id))).group_by(L.request_id, L.placement)
-        with self.engine.connect() as conn:
-            return [{"node_id": n, "placement": p, "subtasks": int(s or 0), "uncached_prompt_tokens": int(u or 0),
-                     "cached_prompt_tokens": int(c or 0), "completion_tokens": int(o or 0), "cost": float(x or 0.0)}
-                    for n, p, s, u, c, o, x in conn.execute(q)]
+        return self._usage_by(L.request_id, L.request_id.in_(select(recent.c.request_id)))
 
     def ledger_usage(self) -> list[dict[str, Any]]:
         """The ledger summed by node and placement: ``node_id``, ``placement``, ``subtasks``, the
         three token counts and ``cost`` (the scheduler rebuilds its totals from them)."""
+        return self._usage_by(LEDGER.c.node_id)
+
+    def _usage_by(self, key: Any, where: Any = None) -> list[dict[str, Any]]:
+        """The ledger (rows matching ``where``, if given) summed by ``key`` and placement; the key's
+        value comes back as ``node_id``."""
         from sqlalchemy import Integer, cast, func, select
 
         L = LEDGER.c
-        q = select(L.node_id, L.placement, func.sum(cast(L.subtask, Integer)), func.sum(L.uncached_prompt_tokens),
-                   func.sum(L.cached_prompt_tokens), func.sum(L.completion_tokens), func.sum(L.cost)
-                   ).group_by(L.node_id, L.placement)
+        q = select(key, L.placement, func.sum(cast(L.subtask, Integer)), func.sum(L.uncached_prompt_tokens),
+                   func.sum(L.cached_prompt_tokens), func.sum(L.completion_tokens), func.sum(L.cost))
+        if where is not None:
+            q = q.where(where)
+        q = q.group_by(key, L.placement)
         with self.engine.connect() as conn:
             return [{"node_id": n, "placement": p, "subtasks": int(s or 0), "uncached_prompt_tokens": int(u or 0),
                      "cached_prompt_tokens": int(c or 0), "completion_tokens": int(o or 0), "cost": float(x or 0.0)}

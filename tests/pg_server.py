@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+
 class PostgresMissing(RuntimeError):
     """No PostgreSQL server binaries on this machine."""
 
@@ -48,6 +49,7 @@ class PostgresServer:
         self.port = _free_port()
         self.url = f"postgresql+psycopg://hera@127.0.0.1:{self.port}/postgres"
         self._as_postgres = os.geteuid() == 0
+        self._databases = 0
         if self._as_postgres:
             shutil.chown(root, "postgres", "postgres")
             os.chmod(root, 0o700)
@@ -64,6 +66,16 @@ class PostgresServer:
     def start(self) -> None:
         opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
         self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.root / "server.log"), "-w", "-t", "60", "start")
+
+    def fresh_database(self) -> str:
+        """The URL of a new, empty database on this server (one per test: no state leaks between tests)."""
+        import psycopg
+
+        self._databases += 1
+        name = f"hera_{self._databases}_{self.port}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=hera dbname=postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")

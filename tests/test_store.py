@@ -19,21 +19,12 @@ def pg():
     server.close()
 
 
-_db_counter = iter(range(10_000))
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def url(request, tmp_path: Path):
     """A fresh, empty store URL on each backend (PostgreSQL: a new database per test)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.sqlite'}"
-    import psycopg
-
-    server = request.getfixturevalue("pg")
-    name = f"t{next(_db_counter)}_{int(time.time() * 1000) % 10**9}"
-    with psycopg.connect(f"host=127.0.0.1 port={server.port} user=hera dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return server.url.rsplit("/", 1)[0] + f"/{name}"
+    return request.getfixturevalue("pg").fresh_database()
 
 
 def _run(run_id: str, policy: str = "hera-verify", cost: float = 0.002) -> dict:

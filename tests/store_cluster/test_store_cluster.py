@@ -57,13 +57,7 @@ def _spend_until_refused(url: str, prefix: str) -> httpx.Response:
 def store_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.sqlite'}"
-    import psycopg
-
-    pg = request.getfixturevalue("pg")
-    name = f"hera_{int(time.time() * 1000)}"
-    with psycopg.connect(f"host=127.0.0.1 port={pg.port} user=hera dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return pg.url.rsplit("/", 1)[0] + f"/{name}"
+    return request.getfixturevalue("pg").fresh_database()
 
 
 def test_spend_ledger_and_runs_survive_down_and_up(ray_head, keys_file, store_url, ingress_port):
