@@ -274,13 +274,14 @@ def cluster_meta(client) -> dict[str, Any]:
 
 def run_bench(client, items: list, policies: list[str], store: RecordStore, max_steps: int,
               on_progress: Callable[[str, str, dict | None], None] | None = None, concurrency: int = 1,
-              retries: int = 1) -> list[str]:
-    """Run every (item, policy) the store lacks; return the errors (also printed by the caller)."""
+              retries: int = 1) -> list[tuple[str, str]]:
+    """Run every (item, policy) the store lacks; return the errors as (policy, message) (the caller
+    prints them and counts them per policy)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from hera_ray.client import ClientError
 
-    errors: list[str] = []
+    errors: list[tuple[str, str]] = []
 
     def one_item(item) -> None:
         for policy in policies:
@@ -293,7 +294,7 @@ def run_bench(client, items: list, policies: list[str], store: RecordStore, max_
                                      request_id=f"bench:{item.dataset}:{item.id}:{policy}:{attempt}")
                 except ClientError as e:
                     if 400 <= e.status < 500 or attempt == retries:
-                        errors.append(f"{policy} {item.dataset}#{item.id}: {e}")
+                        errors.append((policy, f"{policy} {item.dataset}#{item.id}: {e}"))
                         if on_progress:
                             on_progress(policy, item.id, None)
                         if 400 <= e.status < 500:
@@ -520,7 +521,7 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
             progress.update(task, advance=1, last=f"{policy} #{item_id} {mark}{share}")
 
         errors = run_bench(client, items, names, store, max_steps, on_progress, concurrency)
-    for e in errors:
+    for _, e in errors:
         console.print(f"[red]error[/red] {e}", highlight=False)
     ids = {it.id for it in items}
     summary = summarise({k: v for k, v in store.records.items() if k[1] in ids}, names, sweeps)
@@ -534,6 +535,16 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
             console.print(f"  {p}: lost {m['lost_vs_llm']} request(s) all-llm got right (gained {m['gained_vs_llm']}); {why}",
                           highlight=False)
     result = result_json(dataset, split, command, summary, meta)
+    # What was asked against what every policy finished: a request dropped by one policy leaves the
+    # common set (``n``) and shows here, with the errors of this invocation.
+    result["requested"] = len(items)
+    result["coverage"] = {p: {"finished": sum(store.done(p, i) for i in ids),
+                              "errors": sum(ep == p for ep, _ in errors)} for p in names}
+    short = {p: c for p, c in result["coverage"].items() if c["finished"] < len(items)}
+    for p, c in short.items():
+        console.print(f"[yellow]{p}[/yellow]: {c['finished']} of {len(items)} request(s) finished "
+                      f"({c['errors']} error(s) in this run); the figures cover the {summary['n']} every policy finished",
+                      highlight=False)
     # The runs' time: the sum of every recorded run's wall time over the common requests, over however
     # many sessions it took (with --concurrency k the elapsed time is up to k times less).
     result["runs_wall_s"] = sum(float(r.get("wall_s", 0.0)) for k, r in store.records.items()

@@ -58,14 +58,15 @@ def test_cloud_replicas_scale_up_under_load_and_back_down(autoscale_cluster):
             time.sleep(0.25)
 
     pool = ThreadPoolExecutor(5)
-    for i in range(4):
-        pool.submit(client, i)
-    pool.submit(watch)
+    futures = [pool.submit(client, i) for i in range(4)] + [pool.submit(watch)]
     try:
         scaled_up = wait_for(lambda: sample() >= 2, 240)
     finally:
         stop.set()
         pool.shutdown(wait=True)
+    for f in futures:  # a client thread that raised (a timeout, a dropped connection) fails the test
+        f.result()
+    assert len(replies) >= 4, f"only {len(replies)} request(s) answered under load"
     assert scaled_up is not None, f"never reached 2 running replicas under load; states {replica_states(app)}"
     assert 2 in seen and max(seen) <= 2, seen  # max_replicas holds
     assert replies and all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]

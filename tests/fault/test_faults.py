@@ -1,6 +1,10 @@
 """Faults survived, for real: an edge node killed (SIGKILL) or frozen (SIGSTOP) mid-subtask, the
 scheduler actor killed (and with it the EdgeRegistry it runs), a cloud replica killed. Each ends
-with every request answered, once, with its own id; the traces show the retries.
+with every request answered, once, with its own id. Where an edge or a replica died, the traces
+show the failed attempt and its retry; where the scheduler actor died, Ray retried its calls
+(``max_task_retries``), so no step failed: a step routed before the edges registered with the new
+actor ran on the cloud, marked ``no-edge``, and the ledger, restored from the store, counts each
+step once.
 
 The registry restarting on its own (``hera registry serve``) is tests/test_registry.py's
 ``test_nodes_register_again_after_a_registry_restart``; here it restarts inside the actor.
@@ -102,7 +106,12 @@ def test_a_killed_scheduler_actor_is_restarted_and_the_edges_register_again(clus
 
     from hera_ray.scheduler.actor import SCHEDULER_NAME
 
+    def ledger_subtasks() -> int:
+        actor = ray.get_actor(SCHEDULER_NAME, namespace=cluster.namespace)
+        return ray.get(actor.usage.remote(), timeout=60)["total"]["subtasks"]
+
     before = cluster.health()["scheduler_started_at"]
+    counted_before = ledger_subtasks()
     futures = submit(cluster.url, 3, "all-slm", "actor")
     wait_busy_edge(cluster)
     ray.kill(ray.get_actor(SCHEDULER_NAME, namespace=cluster.namespace), no_restart=False)
@@ -112,7 +121,15 @@ def test_a_killed_scheduler_actor_is_restarted_and_the_edges_register_again(clus
         time.sleep(0.1)
     rejoined_s = cluster.wait_nodes_up(2, 5)
     assert rejoined_s is not None, f"edges did not register again within 5 s: {cluster.health()}"
-    answered(futures)  # in-flight requests were retried through the new actor
+    runs = answered(futures)  # in-flight requests went on through the new actor
+    for run in runs.values():  # every step once, in order; none failed
+        trace = run["trace"]
+        assert [t["index"] for t in trace] == list(range(len(trace))), trace
+        # A step routed before the edges registered with the new actor ran on the cloud, and says so.
+        where = [(t["node"], t["fallback"], t["failures"]) for t in trace]
+        assert all(not f and (n in cluster.edges and not fb or n == "cloud" and fb == "no-edge") for n, fb, f in where), where
+    steps = sum(len(run["trace"]) for run in runs.values())
+    assert ledger_subtasks() - counted_before == steps  # the restarted actor's ledger: none lost, none twice
 
 
 def test_a_killed_cloud_replica_is_replaced_and_its_subtask_retried(cluster):
