@@ -141,15 +141,21 @@ def test_a_cancelled_stream_frees_its_slot(edge):
             call.cancel()
             loop = asyncio.get_running_loop()
             t0 = loop.time()
-            while (await stub.Info(edge_pb2.InfoRequest(), timeout=5)).load.in_flight and loop.time() - t0 < 5:
+            while (await stub.Info(edge_pb2.InfoRequest(), timeout=5)).load.in_flight:  # until the slot is free
+                assert loop.time() - t0 < 120, "the slot never came free after the client cancelled"
                 await asyncio.sleep(0.01)
             freed_after = loop.time() - t0
             reply = await stub.Generate(edge_pb2.GenerateRequest(prompt="Hello", max_tokens=4), timeout=60)
-            return reply, freed_after
+            info = await stub.Info(edge_pb2.InfoRequest(), timeout=5)
+            return reply, freed_after, info.load.tokens_per_s
 
-    reply, freed_after = run(scenario())
-    # 400 tokens take seconds; the cancelled request stopped at its next token instead.
-    assert freed_after < 1.0, f"the slot stayed busy {freed_after:.2f}s after the client cancelled"
+    reply, freed_after, tokens_per_s = run(scenario())
+    # Finishing the essay would take hundreds of tokens; the cancelled request stopped at its next
+    # token instead. Measured in this node's own decoding speed, not a wall-clock margin, so a
+    # loaded machine does not fail it.
+    assert tokens_per_s > 0
+    busy_tokens = freed_after * tokens_per_s
+    assert busy_tokens < 100, f"the slot stayed busy ~{busy_tokens:.0f} tokens' time after the client cancelled"
     assert reply.completion_tokens > 0
 
 
