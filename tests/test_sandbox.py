@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hera_ray.eval.sandbox import OUTPUT_LIMIT, network_namespace_prefix, run_code
+from hera_ray.eval.sandbox import (NETNS, OUTPUT_LIMIT, PYTHON_BLOCK, SECCOMP, isolation, network_namespace_prefix,
+                                   run_code, seccomp_available)
 
 
 @pytest.fixture
@@ -20,6 +21,89 @@ def listening_port():
     server.listen()
     yield server.getsockname()[1]
     server.close()
+
+
+@pytest.fixture(scope="module")
+def http_server():
+    """A real HTTP server on 127.0.0.1 in the test process that answers every GET with 'reached'; its URL."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Reply(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"reached")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Reply)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def _escapes(url: str) -> dict[str, str]:
+    """Three ways past Python's socket block, each trying to reach ``url``: the real
+    ``_socket.socket`` base class, libc's ``socket`` through ctypes, and a ``curl`` subprocess."""
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    return {
+        "raw socket": ("import socket\n"
+                       "raw = socket.socket.__bases__[0](socket.AF_INET, socket.SOCK_STREAM)\n"
+                       f"raw.settimeout(3)\nraw.connect(('127.0.0.1', {port}))\n"
+                       "raw.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\nprint(b''.join(iter(lambda: raw.recv(4096), b'')).decode())\n"),
+        "ctypes": ("import ctypes, socket\n"
+                   "libc = ctypes.CDLL(None, use_errno=True)\n"
+                   "fd = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0)\n"
+                   "if fd < 0:\n    raise OSError(ctypes.get_errno(), 'libc socket() refused')\n"
+                   f"s = socket.socket(fileno=fd)\ns.settimeout(3)\ns.connect(('127.0.0.1', {port}))\n"
+                   "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\nprint(b''.join(iter(lambda: s.recv(4096), b'')).decode())\n"),
+        "curl": ("import subprocess\n"
+                 f"done = subprocess.run(['curl', '-s', '--max-time', '3', '{url}'], capture_output=True, text=True)\n"
+                 "print(done.stdout)\nraise SystemExit(done.returncode)\n"),
+    }
+
+
+LAYERS = [pytest.param(True, False, id="network-namespace-only"), pytest.param(False, True, id="seccomp-only")]
+
+
+@pytest.mark.parametrize("netns, seccomp", LAYERS)
+def test_each_kernel_layer_alone_stops_every_way_past_the_python_block(http_server, netns, seccomp):
+    if netns and not network_namespace_prefix():
+        pytest.skip("unshare --net is not usable on this host")
+    if seccomp and not seccomp_available():
+        pytest.skip("seccomp filters cannot be installed on this host")
+    import shutil
+
+    if not shutil.which("curl"):
+        pytest.skip("no curl on this host")
+    for way, code in _escapes(http_server).items():
+        r = run_code(code, timeout_s=10, network_namespace=netns, seccomp=seccomp)
+        assert r.isolation == ((NETNS,) if netns else (SECCOMP,)) + (PYTHON_BLOCK,)
+        assert not r.ok and "reached" not in r.stdout, (way, r)
+
+
+def test_the_python_block_alone_is_no_wall(http_server):
+    """What the last layer cannot stop, shown rather than claimed: where the host allows neither
+    kernel layer, model-written code could reach the network these ways (the bench records the
+    isolation it ran under)."""
+    import shutil
+
+    if not shutil.which("curl"):
+        pytest.skip("no curl on this host")
+    for way, code in _escapes(http_server).items():
+        r = run_code(code, timeout_s=10, network_namespace=False, seccomp=False)
+        assert r.isolation == (PYTHON_BLOCK,)
+        assert r.ok and "reached" in r.stdout, (way, r)
+
+
+def test_the_child_reports_the_isolation_it_ran_under():
+    r = run_code("print('hi')")
+    assert r.ok and r.isolation == isolation() and r.isolation[-1] == PYTHON_BLOCK
+    assert (NETNS in r.isolation) == bool(network_namespace_prefix()) and (SECCOMP in r.isolation) == seccomp_available()
+    # asyncio's socketpair (AF_UNIX) still works under every layer
+    assert run_code("import asyncio\nprint(asyncio.run(asyncio.sleep(0, 'done')))").stdout == "done\n"
 
 
 def test_normal_code_returns_stdout():
@@ -71,20 +155,6 @@ def test_connect_to_the_internet_fails():
     r = run_code(code, timeout_s=5)
     assert not r.ok and "sent" not in r.stdout
     assert "network is disabled in the sandbox" in r.stderr
-
-
-@pytest.mark.skipif(not network_namespace_prefix(), reason="unshare --net is not usable on this host")
-def test_network_namespace_blocks_code_that_gets_past_the_prelude(listening_port):
-    # socket.socket's base class is the real _socket.socket: the prelude does not stop it, the
-    # empty network namespace does (no loopback, no routes).
-    code = ("import socket\n"
-            "raw = socket.socket.__bases__[0](socket.AF_INET, socket.SOCK_STREAM)\n"
-            "raw.settimeout(2)\n"
-            f"raw.connect(('127.0.0.1', {listening_port}))\n"
-            "print('connected')\n")
-    r = run_code(code, timeout_s=5)
-    assert not r.ok and "connected" not in r.stdout
-    assert "Network is unreachable" in r.stderr
 
 
 def test_local_socketpair_still_works_for_asyncio():

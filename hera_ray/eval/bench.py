@@ -538,6 +538,13 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
     # What was asked against what every policy finished: a request dropped by one policy leaves the
     # common set (``n``) and shows here, with the errors of this invocation.
     result["requested"] = len(items)
+    # The network isolation model-written code was scored under (code data sets run it).
+    from hera_ray.eval.sandbox import PYTHON_BLOCK, isolation
+
+    result["sandbox"] = list(isolation())
+    if result["sandbox"] == [PYTHON_BLOCK] and any(it.kind == "code" for it in items):
+        console.print("[yellow]sandbox[/yellow]: this host allows neither a network namespace nor a seccomp filter; "
+                      "model-written code ran behind the Python socket block only", highlight=False)
     result["coverage"] = {p: {"finished": sum(store.done(p, i) for i in ids),
                               "errors": sum(ep == p for ep, _ in errors)} for p in names}
     short = {p: c for p, c in result["coverage"].items() if c["finished"] < len(items)}

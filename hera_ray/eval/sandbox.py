@@ -7,8 +7,16 @@ What the child gets:
 
 * a fresh scratch folder as its working directory (and ``HOME``/``TMPDIR``), removed afterwards;
 * ``python -I`` (no user site, no ``PYTHON*`` variables), a minimal environment, stdin at EOF;
-* no network: a new, empty network namespace (``unshare --net``) when this host allows it, and
-  always a prelude that makes socket creation and name lookups raise ``OSError``;
+* no network, in up to three layers (:func:`isolation` says which this host has, the bench records it):
+
+  1. a new, empty network namespace (``unshare --net``), where this host allows it;
+  2. a seccomp filter, where this host allows it (Linux, x86-64 or arm64): the ``socket`` system
+     call fails with ``EPERM`` for every family but ``AF_UNIX`` (and ``io_uring_setup`` too). It is
+     inherited by every process the code starts, so a raw socket, ``ctypes`` calling libc, or a
+     ``curl`` subprocess are all stopped by the kernel;
+  3. always, a prelude that makes Python's socket creation and name lookups raise ``OSError``.
+     Alone it is a courtesy, not a wall: it cannot stop the real ``_socket.socket`` base class,
+     ``ctypes`` or a subprocess (``tests/test_sandbox.py`` shows each getting through).
 * limits set by the child on itself before the code runs: address space (``memory_mb``), CPU
   seconds (``timeout_s`` + 1), no core files, file size, open files and processes;
 * its own session; on timeout the whole process group is killed.
@@ -44,6 +52,14 @@ OPEN_FILES_LIMIT = 256
 _RUNNER = """\
 import resource, sys
 
+if {seccomp}:  # the host has it (probed by the parent), so the code does not run without it
+    exec(compile({seccomp_source!r}, "<sandbox seccomp>", "exec"))
+    try:
+        _install_seccomp()
+    except OSError as e:
+        sys.stderr.write(f"[sandbox] the seccomp filter could not be installed: {{e}}\\n")
+        raise SystemExit(125)
+    del _install_seccomp
 def _limit(which, soft, hard=None):
     hard = soft if hard is None else hard
     _, current = resource.getrlimit(which)
@@ -90,6 +106,48 @@ runpy.run_path("main.py", run_name="__main__")
 """
 
 
+#: Installs the seccomp filter in the calling process (the child, before the code runs). ``socket``
+#: fails with EPERM unless its family is AF_UNIX; ``io_uring_setup`` fails (io_uring can open
+#: sockets); system calls of another ABI (i386 through ``int 0x80``, x32) fail. Everything else is
+#: allowed. ``PR_SET_NO_NEW_PRIVS`` first, so no unprivileged process may install it otherwise.
+_SECCOMP_SOURCE = """
+def _install_seccomp():
+    import ctypes, platform, struct
+    arches = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
+    if platform.machine() not in arches:
+        raise OSError(f"no seccomp filter for {platform.machine()}")
+    audit_arch, nr_socket = arches[platform.machine()]
+    LD, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    ALLOW, DENY = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    prog = [(LD, 0, 0, 4),                 # 0: the call's ABI
+            (JEQ, 1, 0, audit_arch),       # 1: ours: go on at 3
+            (RET, 0, 0, DENY),             # 2: another ABI: refused
+            (LD, 0, 0, 0),                 # 3: the system call's number
+            (JGE, 5, 0, 0x40000000),       # 4: x32 ABI: refused (10)
+            (JEQ, 4, 0, 425),              # 5: io_uring_setup: refused (10)
+            (JEQ, 0, 2, nr_socket),        # 6: socket: check its family (7); else allowed (9)
+            (LD, 0, 0, 16),                # 7: args[0], the family
+            (JEQ, 0, 1, 1),                # 8: AF_UNIX: allowed (9); else refused (10)
+            (RET, 0, 0, ALLOW),            # 9
+            (RET, 0, 0, DENY)]             # 10
+    raw = b"".join(struct.pack("HBBI", *ins) for ins in prog)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+
+    class Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = Fprog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP) failed")
+"""
+
+#: The layers :func:`isolation` may report.
+NETNS, SECCOMP, PYTHON_BLOCK = "network namespace", "seccomp (no socket but AF_UNIX)", "python socket block"
+
+
 @dataclass(frozen=True)
 class SandboxResult:
     """How the child ended. ``ok`` means exit code 0 within the time limit."""
@@ -99,6 +157,34 @@ class SandboxResult:
     timed_out: bool
     stdout: str
     stderr: str
+    #: The network isolation the child ran under (:func:`isolation`'s layers).
+    isolation: tuple[str, ...] = ()
+
+
+@functools.lru_cache(maxsize=1)
+def seccomp_available() -> bool:
+    """Whether a child here can install the seccomp filter, and it then refuses an AF_INET socket."""
+    probe = (_SECCOMP_SOURCE + "\n_install_seccomp()\nimport socket\n"
+             "try:\n    socket.socket(socket.AF_INET, socket.SOCK_STREAM)\nexcept PermissionError:\n    raise SystemExit(0)\n"
+             "raise SystemExit(3)\n")
+    try:
+        done = subprocess.run([sys.executable, "-I", "-c", probe], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+def isolation(network_namespace: bool = True, seccomp: bool = True) -> tuple[str, ...]:
+    """The network isolation a sandboxed child gets on this host (strongest first), of the layers
+    asked for: :data:`NETNS` where ``unshare --net`` works, :data:`SECCOMP` where the filter
+    installs, and always :data:`PYTHON_BLOCK`."""
+    layers = []
+    if network_namespace and network_namespace_prefix():
+        layers.append(NETNS)
+    if seccomp and seccomp_available():
+        layers.append(SECCOMP)
+    return (*layers, PYTHON_BLOCK)
 
 
 @functools.lru_cache(maxsize=1)
@@ -115,8 +201,11 @@ def network_namespace_prefix() -> tuple[str, ...]:
     return (unshare, "--net", "--") if probe.returncode == 0 else ()
 
 
-def run_code(code: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> SandboxResult:
-    """Run ``code`` as ``__main__`` in a sandboxed child; wait at most ``timeout_s`` seconds."""
+def run_code(code: str, timeout_s: float = 10.0, memory_mb: int = 1024, network_namespace: bool = True,
+             seccomp: bool = True) -> SandboxResult:
+    """Run ``code`` as ``__main__`` in a sandboxed child; wait at most ``timeout_s`` seconds.
+    ``network_namespace`` / ``seccomp`` False leave that layer out (tests of the others)."""
+    layers = isolation(network_namespace, seccomp)
     root = Path(tempfile.mkdtemp(prefix="hera-sandbox-"))
     try:
         scratch = root / "work"
@@ -124,14 +213,15 @@ def run_code(code: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> Sandb
         (scratch / "main.py").write_bytes(str(code).encode("utf-8", "replace"))
         runner = root / "runner.py"
         runner.write_text(_RUNNER.format(memory=memory_mb * 2**20, cpu=math.ceil(timeout_s) + 1,
-                                         fsize=FILE_SIZE_LIMIT, nofile=OPEN_FILES_LIMIT, nproc=PROCESS_LIMIT))
-        command = [*network_namespace_prefix(), sys.executable, "-I", str(runner)]
+                                         fsize=FILE_SIZE_LIMIT, nofile=OPEN_FILES_LIMIT, nproc=PROCESS_LIMIT,
+                                         seccomp=SECCOMP in layers, seccomp_source=_SECCOMP_SOURCE))
+        command = [*(network_namespace_prefix() if NETNS in layers else ()), sys.executable, "-I", str(runner)]
         with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
             returncode, timed_out = _run(command, scratch, out, err, timeout_s)
         stdout, stderr = _read_capped(root / "stdout"), _read_capped(root / "stderr")
         if timed_out:
             stderr += f"\n[sandbox] killed after {timeout_s:g} s"
-        return SandboxResult(returncode == 0 and not timed_out, returncode, timed_out, stdout, stderr)
+        return SandboxResult(returncode == 0 and not timed_out, returncode, timed_out, stdout, stderr, layers)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
