@@ -12,10 +12,23 @@ Each request carries its own id, and its answer must carry it back:
 - lost: no answer at all (connection dropped, or still unanswered ``--drain`` seconds after the end);
 - duplicates: an id answered twice, or an answer with another request's id.
 
-Prints a table and writes bench/results/load.json (keys ``completed``, ``errors``, ``lost``,
-``p50_s``, ``p95_s`` and more) and bench/results/load.png (latency over time, and throughput).
+Every request sent ends as exactly one of completed, errors, lost or refused at end (the JSON's
+``outcomes``, which must add up to ``sent``); duplicates are counted besides.
+
+Two settings, each with its own targets, and a verdict that names each one met or missed:
+- **stress** (the default, 32 clients): offered load far past capacity. Targets: 0 errors, 0 lost,
+  0 duplicates. Refused-at-end requests are reported (count and share of offered) but are the
+  expected answer to overload.
+- **soak** (``--soak``: 4 clients for 600 s unless given): offered load at or below the measured
+  capacity (``max_concurrent_runs``). Targets: 0 refused at end, 0 errors, 0 lost, 0 duplicates.
+
+Prints a table and writes bench/results/load.json (``load_soak.json`` with ``--soak``): the
+outcomes, the share of offered requests that completed, offered / admitted / completed
+throughput, latency percentiles, the targets and the verdict; and a PNG of latency over time and
+throughput.
 
     python bench/load.py [--concurrency 32] [--duration 300] [--policy hera] [--url URL]
+    python bench/load.py --soak            # 4 clients x 600 s, target 0 refused, 0 errors, 0 lost
     python bench/load.py --overload 32     # backpressure: 32 requests at once, past the ingress's 8
 """
 
@@ -145,30 +158,55 @@ async def run(args) -> dict:
     duplicates = sum(c - 1 for c in load_.answered.values() if c > 1) + sum(
         1 for rid in load_.answered if rid not in load_.sent)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    sent = len(load_.sent)
+    outcomes = {"completed": len(lat), "errors": len(load_.errors), "lost": len(load_.lost) + len(load_.pending),
+                "refused_at_end": len(load_.refused)}
+    # A client that crashed, or an answer with another request's id, is an error without a request of its own.
+    unaccounted = sent - sum(outcomes.values())
+    admitted = sent - outcomes["refused_at_end"]
+    targets = {"errors": 0, "lost": 0, "duplicates": 0, **({"refused_at_end": 0} if args.soak else {})}
+    measured = {**outcomes, "duplicates": duplicates}
+    verdict = {k: {"target": v, "measured": measured[k], "met": measured[k] <= v} for k, v in targets.items()}
     result = {
         "command": "python bench/load.py " + " ".join(sys.argv[1:]), "commit": commit, "url": url,
+        "setting": "soak" if args.soak else "stress",
         "policy": args.policy, "concurrency": args.concurrency, "duration_s": args.duration,
         "cloud_model": health.get("cloud_model"), "edge_nodes": health.get("nodes_up"),
-        "sent": len(load_.sent), "completed": len(lat), "errors": len(load_.errors),
-        "lost": len(load_.lost) + len(load_.pending), "duplicates": duplicates, "throttled_429": load_.throttled,
-        "refused_at_end": len(load_.refused), "max_concurrent_runs": health.get("max_concurrent_runs"),
+        "max_concurrent_runs": health.get("max_concurrent_runs"),
+        "sent": sent, "outcomes": outcomes, "outcomes_add_up": unaccounted == 0, **outcomes,
+        "duplicates": duplicates, "throttled_429": load_.throttled,
+        "completed_share": round(outcomes["completed"] / sent, 3) if sent else 0.0,
+        # Per minute of the run: requests offered (distinct, not counting their 429 retries), admitted
+        # (past the 429s), and completed.
+        "offered_per_min": round(60 * sent / args.duration, 2) if args.duration else 0.0,
+        "admitted_per_min": round(60 * admitted / args.duration, 2) if args.duration else 0.0,
+        "throughput_per_min": round(60 * len(lat) / elapsed, 2) if elapsed else 0.0,
         "statuses": dict(sorted(load_.statuses.items())),
         "p50_s": round(percentile(lat, 0.5), 2), "p95_s": round(percentile(lat, 0.95), 2),
         "max_s": round(max(lat, default=0.0), 2),
         "p50_admitted_s": round(percentile(load_.served, 0.5), 2), "p95_admitted_s": round(percentile(load_.served, 0.95), 2), "mean_s": round(statistics.fmean(lat), 2) if lat else 0.0,
-        "throughput_per_min": round(60 * len(lat) / elapsed, 2) if elapsed else 0.0,
         "mean_slm_share": round(statistics.fmean(load_.slm_share), 3) if load_.slm_share else 0.0,
+        "targets": verdict, "met": all(v["met"] for v in verdict.values()) and unaccounted == 0,
         "error_samples": load_.errors[:10], "lost_samples": load_.lost[:10],
     }
-    table = Table(title=f"load: {args.concurrency} concurrent agent requests for {args.duration:.0f} s ({args.policy})")
-    for col in ("completed", "errors", "lost", "duplicates", "429s", "refused at end", "p50 s", "p95 s", "max s",
-                "per min", "SLM share"):
+    table = Table(title=f"load ({result['setting']}): {args.concurrency} concurrent agent requests for {args.duration:.0f} s "
+                        f"({args.policy}); {sent} offered")
+    for col in ("completed", "errors", "lost", "refused at end", "duplicates", "completed share", "429s",
+                "offered/min", "admitted/min", "completed/min", "p50 s", "p95 s", "max s", "SLM share"):
         table.add_column(col, justify="right")
-    table.add_row(*map(str, (result["completed"], result["errors"], result["lost"], result["duplicates"],
-                             result["throttled_429"], result["refused_at_end"], result["p50_s"], result["p95_s"], result["max_s"],
-                             result["throughput_per_min"], result["mean_slm_share"])))
+    table.add_row(*map(str, (outcomes["completed"], outcomes["errors"], outcomes["lost"], outcomes["refused_at_end"],
+                             duplicates, f"{result['completed_share']:.0%}", load_.throttled, result["offered_per_min"],
+                             result["admitted_per_min"], result["throughput_per_min"], result["p50_s"], result["p95_s"],
+                             result["max_s"], result["mean_slm_share"])))
     console.print(table)
-    console.print("target: 0 errors and 0 lost — " + ("[green]met[/]" if not result["errors"] and not result["lost"] else "[red]missed[/]"))
+    for k, v in verdict.items():
+        console.print(f"target {k.replace('_', ' ')} = {v['target']}: measured {v['measured']} — "
+                      + ("[green]met[/]" if v["met"] else "[red]missed[/]"))
+    if not args.soak:
+        console.print(f"refused at end: {outcomes['refused_at_end']} of {sent} offered "
+                      f"({outcomes['refused_at_end'] / max(sent, 1):.0%}): overload answered with 429, no target here")
+    if unaccounted:
+        console.print(f"[red]{unaccounted} request(s) have no outcome[/] (the outcomes do not add up to those sent)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(load_.latencies, args, args.out.with_suffix(".png"))
@@ -238,20 +276,25 @@ def plot(latencies: list[tuple[float, float]], args, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="ingress URL (default: $HERA_URL, else the cluster `hera up` started here)")
-    p.add_argument("--concurrency", type=int, default=32, help="clients sending requests back to back")
-    p.add_argument("--duration", type=float, default=300, help="seconds during which new requests start")
+    p.add_argument("--concurrency", type=int, default=None, help="clients sending requests back to back [32; --soak: 4]")
+    p.add_argument("--duration", type=float, default=None, help="seconds during which new requests start [300; --soak: 600]")
+    p.add_argument("--soak", action="store_true",
+                   help="offered load at or below capacity (4 clients x 600 s unless given); target 0 refused, 0 errors, 0 lost")
     p.add_argument("--drain", type=float, default=900, help="seconds after the end to wait for requests in flight")
     p.add_argument("--policy", default="hera", help="routing policy (the request's model name)")
     p.add_argument("--api-key", help="bearer key (default: $HERA_API_KEY)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.json")
+    p.add_argument("--out", type=Path, default=None, help="[bench/results/load.json; --soak: load_soak.json]")
     p.add_argument("--overload", type=int, default=0,
                    help="instead: send this many one-step requests at once and count the 429s (writes overload.json)")
     args = p.parse_args()
+    args.concurrency = args.concurrency or (4 if args.soak else 32)
+    args.duration = args.duration or (600.0 if args.soak else 300.0)
+    args.out = args.out or ROOT / "bench" / "results" / ("load_soak.json" if args.soak else "load.json")
     if args.overload:
         result = asyncio.run(overload(args))
         sys.exit(0 if not set(result["statuses"]) - {200, 429} else 1)
     result = asyncio.run(run(args))
-    sys.exit(0 if not result["errors"] and not result["lost"] else 1)
+    sys.exit(0 if result["met"] else 1)
 
 
 if __name__ == "__main__":
