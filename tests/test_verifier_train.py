@@ -57,3 +57,21 @@ def test_auc_counts_ties_as_half():
     assert auc([0.5, 0.5], [False, True]) == 0.5
     assert auc([0.2, 0.3], [True, True]) is None
     assert math.isclose(auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]), 0.75)
+
+
+def test_on_the_committed_profile_the_classifier_beats_the_majority_and_the_slms_confidence():
+    """The real profile of the bundled pair (data/profiles: GSM8K, MBPP, ARC-Challenge), held out by
+    request as `hera train` does: the classifier ranks agreeing steps above the rest better than
+    chance and than the SLM's confidence alone, and its accuracy is at least the majority class's."""
+    from pathlib import Path
+
+    from hera_ray.offline.train import read_profiles
+
+    profiles = Path(__file__).resolve().parent.parent / "data" / "profiles"
+    records, _, configs = read_profiles(profiles)
+    assert len(records) >= 300 and set(configs) == {"gsm8k", "mbpp", "arc_challenge"}
+    split = verifier_examples(records)
+    m = train_verifier(split).metrics
+    assert m["heldout_examples"] >= 200 and not m["heldout_is_train"]
+    assert m["auc"] >= 0.75 and m["auc"] > m["confidence_auc"], m
+    assert m["accuracy"] >= m["majority_baseline"] + 0.03, m
