@@ -29,6 +29,23 @@ class ClientError(HeraError):
         self.http_status = status
 
 
+def _epoch(when: float | str | None) -> float | str | None:
+    """An ISO 8601 time as epoch seconds (the ingress takes those or RFC 3339); anything else as given."""
+    if not isinstance(when, str):
+        return when
+    from datetime import datetime, timezone
+
+    try:
+        return float(when)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(when.replace("Z", "+00:00"))
+    except ValueError:
+        return when  # the ingress says what is wrong with it
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+
+
 class Client:
     """A small client for the hera-ray ingress. The API key defaults to ``$HERA_API_KEY``."""
 
@@ -57,8 +74,10 @@ class Client:
 
     def runs(self, key: str | None = None, policy: str | None = None, since: float | str | None = None,
              limit: int | None = None) -> list[dict[str, Any]]:
-        """Stored runs, newest first (summaries; a keyed caller sees its own runs only)."""
-        params = {k: v for k, v in {"key": key, "policy": policy, "since": since, "limit": limit}.items() if v is not None}
+        """Stored runs, newest first (summaries; a keyed caller sees its own runs only). ``since``: epoch
+        seconds or an ISO 8601 time (without an offset: UTC), sent as epoch seconds."""
+        params = {k: v for k, v in {"key": key, "policy": policy, "since": _epoch(since), "limit": limit}.items()
+                  if v is not None}
         return self._call("GET", "/v1/agent/runs", params=params)["data"]
 
     def get_run(self, run_id: str) -> dict[str, Any]:

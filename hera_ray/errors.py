@@ -31,7 +31,10 @@ class InvalidRequest(HeraError):
 
 
 class ContextLengthExceeded(InvalidRequest):
-    """Prompt plus requested completion do not fit the model's context window."""
+    """Prompt plus requested completion do not fit the model's context window. Its own gRPC code, so
+    that an edge's refusal reaches the caller as this (a model with a larger window may take it)."""
+
+    grpc_code = "OUT_OF_RANGE"
 
 
 class ModelNotFound(HeraError):

@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from hera_ray.errors import InvalidRequest
+from hera_ray.errors import ContextLengthExceeded, InvalidRequest
 
 CHAT_ROLES = ("system", "user", "assistant")
 #: ``stop_reason`` of a backend that cannot tell a stop string from the end of the message
@@ -115,7 +115,7 @@ def validate_params(p: GenerationParams, n_ctx: int | None = None) -> None:
         raise InvalidRequest(f"max_tokens must be > 0, got {p.max_tokens}"
                              + (" (0 is allowed only when scoring a candidate)" if p.max_tokens == 0 else ""))
     if n_ctx is not None and p.max_tokens > n_ctx:
-        raise InvalidRequest(f"max_tokens {p.max_tokens} exceeds the context window of {n_ctx} tokens")
+        raise ContextLengthExceeded(f"max_tokens {p.max_tokens} exceeds the context window of {n_ctx} tokens")
     if not 0.0 <= p.temperature <= 5.0:
         raise InvalidRequest(f"temperature must be in [0, 5], got {p.temperature}")
     if p.top_p is not None and not 0.0 < p.top_p <= 1.0:

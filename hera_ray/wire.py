@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 import grpc
 
-from hera_ray.errors import HeraError, InvalidRequest, ModelNotFound, Overloaded, Unauthenticated, Unavailable
+from hera_ray.errors import ContextLengthExceeded, HeraError, InvalidRequest, ModelNotFound, Overloaded, Unauthenticated, Unavailable
 from hera_ray.generation import GenerationParams, GenerationResult
 from hera_ray.pricing import PriceSheet, parse_prices
 from hera_ray.scheduler.nodes import NodeLoad
@@ -209,7 +209,8 @@ def result_from_pb(r: "edge_pb2.GenerateResponse") -> GenerationResult:
 # A failed call to an edge node, as the caller should treat it: retry elsewhere, or give up.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE: Unavailable, grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
               grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable, grpc.StatusCode.CANCELLED: Unavailable}
-_FINAL = {grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest, grpc.StatusCode.NOT_FOUND: ModelNotFound}
+_FINAL = {grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest, grpc.StatusCode.OUT_OF_RANGE: ContextLengthExceeded,
+          grpc.StatusCode.NOT_FOUND: ModelNotFound}
 
 
 def error_from_rpc(e: grpc.RpcError, where: str) -> HeraError:

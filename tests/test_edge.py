@@ -69,8 +69,9 @@ BAD_INPUTS = [
     ("prompt and messages", dict(prompt="a", messages=[("user", "b")], max_tokens=8), grpc.StatusCode.INVALID_ARGUMENT, "not several"),
     ("zero max_tokens", dict(prompt="hi", max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be > 0"),
     ("negative max_tokens", dict(prompt="hi", max_tokens=-5), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be > 0"),
-    ("absurd max_tokens", dict(prompt="hi", max_tokens=10**9), grpc.StatusCode.INVALID_ARGUMENT, "exceeds the context window of 512"),
-    ("prompt longer than context", dict(prompt="hello " * 2000, max_tokens=8), grpc.StatusCode.INVALID_ARGUMENT, "exceeds the context window"),
+    # Over the context window: OUT_OF_RANGE (ContextLengthExceeded), so a caller can try a larger window.
+    ("absurd max_tokens", dict(prompt="hi", max_tokens=10**9), grpc.StatusCode.OUT_OF_RANGE, "exceeds the context window of 512"),
+    ("prompt longer than context", dict(prompt="hello " * 2000, max_tokens=8), grpc.StatusCode.OUT_OF_RANGE, "exceeds the context window"),
     ("unknown model", dict(model="gpt-17", prompt="hi", max_tokens=8), grpc.StatusCode.NOT_FOUND, "'gpt-17' is not served"),
     ("negative temperature", dict(prompt="hi", max_tokens=8, temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     ("bad top_p", dict(prompt="hi", max_tokens=8, top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
@@ -189,4 +190,4 @@ def test_scoring_refuses_what_it_cannot_score(edge):
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in exc.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         run(generate(edge.address, prompt="Hello", max_tokens=0, candidate="x" * 5000))
-    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context window" in exc.value.details()
+    assert exc.value.code() == grpc.StatusCode.OUT_OF_RANGE and "context window" in exc.value.details()

@@ -12,29 +12,35 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import asdict
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Optional
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import WithJsonSchema
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from hera_ray import __version__
 from hera_ray.agent import Agent, AgentRun, StepFormat, TraceEntry
 from hera_ray.config import HeraConfig
-from hera_ray.errors import HeraError, InvalidRequest, PermissionDenied, RateLimited, RunNotFound, UnknownPolicy, error_to_dict
+from hera_ray.errors import (HeraError, InvalidRequest, ModelNotFound, PermissionDenied, RateLimited, RunNotFound, UnknownPolicy,
+                             error_to_dict)
 from hera_ray.scheduler.actor import get_or_create_scheduler
 from hera_ray.serve.admission import AdmissionGate
 from hera_ray.serve.executor import ActorScheduler, ClusterExecutor
 from hera_ray.serve.keys import ApiKey, KeyBook, RateLimiter, cloud_cost, run_cloud_cap
 from hera_ray.serve import step_mode
-from hera_ray.serve.protocol import AgentRunRequest, ChatCompletionRequest, NamedToolChoice, error_body
+from hera_ray.serve.protocol import (CHAT_KINDS, AgentChatCompletionRequest, AgentRunRequest, ChatCompletionRequest,
+                                    ErrorResponse, StepChatCompletionRequest, check_limits, error_body, publish_limits)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,85 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: 
 api = FastAPI(title="hera-ray", version=__version__,
               description="Agents whose subtasks run on edge SLMs or the cloud LLM, decided per subtask.")
 api.state.max_body_bytes = 1024 * 1024
+
+_ERROR_WHEN = {
+    400: "Invalid request: the message names the field at fault (a body that is not JSON, or not of this schema, "
+         "or over one of this server's limits).",
+    401: "The API key is missing or wrong (when the ingress has keys).",
+    402: "The API key has spent its cloud budget.",
+    403: "The API key may not do this.",
+    404: "Not found.",
+    413: "The request body is over the ingress's limit (ingress.max_body_bytes).",
+    429: "Too many requests: the API key's rate limit, or this ingress's runs in flight (ingress.max_concurrent_runs). "
+         "Retry-After says when to try again.",
+    503: "Unavailable: no node can take the work now, or the scheduler does not answer.",
+}
+
+
+def _errors(*statuses: int, **when: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses for the error statuses a route answers, each with the error body (``when``:
+    what a status means on this route, as ``s404="..."``)."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        out[status] = {"model": ErrorResponse, "description": when.get(f"s{status}", _ERROR_WHEN[status])}
+        if status == 429:
+            out[status]["headers"] = {"Retry-After": {"description": "Seconds to wait before trying again.",
+                                                      "schema": {"type": "integer", "minimum": 1}}}
+    return out
+
+
+#: Every route but /healthz starts with the API key check and its rate limit.
+_KEYED = (401, 429)
+#: The routes that start an agent run or a step-mode call.
+_RUNS = (400, *_KEYED, 402, 404, 413, 503)
+
+
+def _this_ingress():
+    """The HeraIngress of the Serve replica this runs in, else None. Module state will not do: Serve
+    runs a copy of ``api`` (and of what it calls), so what the replica's constructor sets there is not
+    what its middleware and routes read."""
+    try:
+        return serve.get_replica_context().servable_object
+    except Exception:  # noqa: BLE001 - not in a replica (a test, the driver)
+        return None
+
+
+def _replica_settings() -> tuple[Any, bool]:
+    """(the cluster's AgentConfig, whether a key is needed) of the ingress replica this runs in;
+    outside one, the defaults and no key."""
+    from hera_ray.config import AgentConfig
+
+    ingress = _this_ingress()
+    if ingress is None or not hasattr(ingress, "keys"):
+        return AgentConfig(), False
+    return ingress.config.agent, ingress.keys.required
+
+
+def published_openapi(app: FastAPI = api, agent=None, keys_required: bool | None = None) -> dict[str, Any]:
+    """The OpenAPI document as this ingress answers: invalid input is a 400 with the error body (not
+    FastAPI's 422), the cluster's limits are the schema's bounds, and the routes that take an API key
+    say so when the ingress has keys."""
+    if agent is None or keys_required is None:
+        replica_agent, replica_keys = _replica_settings()
+        agent = agent or replica_agent
+        keys_required = replica_keys if keys_required is None else keys_required
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path, operations in doc["paths"].items():
+        for operation in operations.values():
+            operation["responses"].pop("422", None)
+            if keys_required and path != "/healthz":
+                operation["security"] = [{"ApiKey": []}]
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    publish_limits(schemas, agent)
+    if keys_required:
+        doc["components"]["securitySchemes"] = {"ApiKey": {"type": "http", "scheme": "bearer",
+                                                           "description": "An API key of this ingress."}}
+    return doc
+
+
+api.openapi = published_openapi  # type: ignore[method-assign]
 
 
 def _json_error(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -73,7 +158,8 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = api.state.max_body_bytes
+        ingress = _this_ingress()
+        limit = ingress.config.ingress.max_body_bytes if hasattr(ingress, "config") else api.state.max_body_bytes
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
@@ -105,7 +191,10 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
         return _json_error(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    loc = [p for p in first.get("loc", ()) if p not in ("body", "query")]
+    if loc and loc[0] in CHAT_KINDS:  # the chat request's kind (agent or step mode), which the model name picks
+        loc = loc[1:]
+    where = ".".join(str(p) for p in loc)
     return _json_error(400, f"{where}: {first['msg']}" if where else first["msg"], where or None)
 
 
@@ -119,7 +208,13 @@ async def _hera_error(request: Request, exc: HeraError) -> JSONResponse:
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _json_error(exc.status_code, str(exc.detail))
+    response = _json_error(exc.status_code, str(exc.detail))
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:  # Allow: every method of the path (Starlette names the first route's only)
+        methods = {m for route in request.app.router.routes if getattr(route, "methods", None)
+                   and route.matches(request.scope)[0] != Match.NONE for m in route.methods}
+        response.headers["Allow"] = ", ".join(sorted(methods))
+    return response
 
 
 def _bearer(request: Request) -> str:
@@ -134,32 +229,28 @@ def _run_view(row: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
+SINCE_HELP = "Only runs started at or after this time: epoch seconds, or an RFC 3339 date-time (2026-01-31T12:00:00Z)."
+SINCE_SCHEMA = {"anyOf": [{"type": "number"}, {"type": "string", "format": "date-time"}]}
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})")
+
+
 def _since(value: str | None) -> float | None:
-    if value is None or value == "":
+    """``since`` as SINCE_SCHEMA states it: a JSON number (finite) or an RFC 3339 date-time, in epoch seconds."""
+    if value is None:
         return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    from datetime import datetime, timezone
+    if _JSON_NUMBER.fullmatch(value):
+        when = float(value)
+        if math.isfinite(when):
+            return when
+    elif _RFC3339.fullmatch(value):
+        from datetime import datetime
 
-    try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest(f"since: {value!r} is neither epoch seconds nor an ISO 8601 time", param="since") from None
-    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
-
-
-def _limit(value: str | None) -> int:
-    if value is None or value == "":
-        return 50
-    try:
-        n = int(value)
-    except ValueError:
-        raise InvalidRequest(f"limit: {value!r} is not a whole number", param="limit") from None
-    if not 1 <= n <= 1000:
-        raise InvalidRequest(f"limit: {n} is outside 1-1000", param="limit")
-    return n
+        try:
+            return datetime.fromisoformat(value.upper()).timestamp()
+        except ValueError:
+            pass
+    raise InvalidRequest(f"since: {value!r} is neither epoch seconds nor an RFC 3339 date-time", param="since")
 
 
 def _json_safe(value: Any) -> Any:
@@ -218,7 +309,6 @@ class HeraIngress:
         self.keys = KeyBook.load(self.config.ingress.api_keys_file, os.environ.get(self.config.ingress.api_key_env))
         self.rate_limiter = RateLimiter()
         self.admission = AdmissionGate(self.config.ingress.max_concurrent_runs)
-        api.state.max_body_bytes = self.config.ingress.max_body_bytes
         self.actor = get_or_create_scheduler(self.config)
         self.policies = {p["name"]: p for p in ray.get(self.actor.policies.remote())}
         self.agent = Agent(ActorScheduler(self.actor), ClusterExecutor(cloud_handle, self.config.cloud.request_timeout_s,
@@ -230,7 +320,11 @@ class HeraIngress:
         self._placements: OrderedDict[str, dict[int, str]] = OrderedDict()
 
     async def _check_policy(self, name: str) -> None:
-        name = step_mode.step_policy(name) or name
+        step = step_mode.step_policy(name)
+        if step is not None and step.partition("@")[0] in step_mode.CHAIN_ONLY:
+            raise UnknownPolicy(f"unknown model {name!r}: {step!r} reviews a whole answer chain, which step mode does not "
+                                f"have; use it as {step!r} (hera's own agent) or pick another step:<policy>")
+        name = step or name
         if name in self.policies:
             return
         base, at, _ = name.partition("@")
@@ -258,9 +352,6 @@ class HeraIngress:
         """Admit a run and start it: 429 past ``max_concurrent_runs`` runs in flight, 402 if ``key``
         has spent its cloud budget, else a task whose cloud cap is what is left of the budget. When
         the task ends, however it ends, its slot is freed and its cloud cost charged to ``key``."""
-        limit = self.config.agent.max_steps_limit
-        if max_steps is not None and max_steps > limit:
-            raise InvalidRequest(f"max_steps {max_steps} exceeds this server's limit of {limit} (agent.max_steps_limit)")
         self.admission.enter()
         try:
             if key is not None and key.cloud_budget is not None:
@@ -341,6 +432,7 @@ class HeraIngress:
             req = AgentRunRequest(question=question, policy=policy, max_steps=max_steps,
                                   max_cloud_cost=max_cloud_cost, request_id=request_id)
             key = self._authorize(api_key) if api_key is not None else None
+            check_limits(req, self.config.agent)
             await self._check_policy(req.policy)
             task = await self._start_run(key, req.question, req.policy, req.request_id, req.max_steps, req.max_cloud_cost)
             run = await task
@@ -350,7 +442,7 @@ class HeraIngress:
         except ValueError as e:
             return {"error": error_to_dict(InvalidRequest(str(e)))}
 
-    @api.get("/healthz")
+    @api.get("/healthz", responses=_errors(503, s503="The scheduler does not answer."))
     async def healthz(self) -> JSONResponse:
         try:
             status = await asyncio.wait_for(self.actor.ping.remote(), 5)
@@ -368,25 +460,25 @@ class HeraIngress:
                              # An evaluation setting: engines answer repeated temperature-0 calls from this file.
                              "generation_cache": str(self.config.cloud.generation_cache or "") or None})
 
-    @api.get("/v1/estimators")
+    @api.get("/v1/estimators", responses=_errors(*_KEYED, 404, s404="This cluster does not deploy the estimators."))
     async def estimators_manifest(self, request: Request) -> dict[str, Any]:
         """The trained estimators the hera policy uses: base models, data hash, held-out accuracy."""
         self._authorize(_bearer(request))
         if self.estimators is None:
-            raise HeraError("the HERA estimators are not deployed (hera.enabled is false)")
+            raise ModelNotFound("the HERA estimators are not deployed (hera.enabled is false)")
         return await self.estimators.manifest.remote()
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses=_errors(*_KEYED))
     async def models(self, request: Request) -> dict[str, Any]:
         self._authorize(_bearer(request))
         agent = [{"id": name, "object": "model", "created": 0, "owned_by": "hera-ray", "description": p["description"]}
                  for name, p in sorted(self.policies.items())]
         step = [{"id": f"{step_mode.STEP_PREFIX}{name}", "object": "model", "created": 0, "owned_by": "hera-ray",
                  "description": f"Step mode: each call of your agent is one subtask, placed by {name}."}
-                for name in sorted(self.policies)]
+                for name in sorted(self.policies) if name not in step_mode.CHAIN_ONLY]
         return {"object": "list", "data": agent + step}
 
-    @api.get("/v1/keys/me")
+    @api.get("/v1/keys/me", responses=_errors(400, *_KEYED, s400="This ingress needs no API key."))
     async def keys_me(self, request: Request) -> dict[str, Any]:
         """The caller's key: its name, rate limit, cloud budget and what it has spent on the cloud."""
         key = self._authorize(_bearer(request))
@@ -396,15 +488,16 @@ class HeraIngress:
         left = None if key.cloud_budget is None else max(0.0, key.cloud_budget - spent)
         return {**key.describe(), "cloud_spend": spent, "cloud_budget_left": left}
 
-    @api.post("/v1/agent/runs")
+    @api.post("/v1/agent/runs", responses=_errors(*_RUNS, s404="No such routing policy."))
     async def agent_runs(self, req: AgentRunRequest, request: Request) -> dict[str, Any]:
         key = self._authorize(_bearer(request))
+        check_limits(req, self.config.agent)
         await self._check_policy(req.policy)
         task = await self._start_run(key, req.question, req.policy, req.request_id, req.max_steps, req.max_cloud_cost)
         run = await task
         return _json_safe(run.to_dict())
 
-    @api.get("/v1/agent/runs/{run_id}")
+    @api.get("/v1/agent/runs/{run_id}", responses=_errors(*_KEYED, 404, s404="No stored run of this id (that this API key may see)."))
     async def get_agent_run(self, run_id: str, request: Request) -> dict[str, Any]:
         """A stored run: where each step ran, which stage decided with which scores, and its cost. A
         key sees only its own runs (another's is 404, as one that does not exist)."""
@@ -414,31 +507,39 @@ class HeraIngress:
             raise RunNotFound(f"no stored run {run_id!r}" + (" of this API key" if key else ""))
         return _json_safe(_run_view(row))
 
-    @api.get("/v1/agent/runs")
-    async def list_agent_runs(self, request: Request) -> dict[str, Any]:
-        """Stored runs, newest first: ``?key=&policy=&since=&limit=`` (``since``: epoch seconds or
-        ISO 8601; ``limit``: 1-1000, default 50). A key lists its own runs only."""
+    @api.get("/v1/agent/runs", responses=_errors(400, *_KEYED, 403, s403="An API key may list its own runs only."))
+    async def list_agent_runs(
+            self, request: Request,
+            # Typed str, not Optional[str]: a query parameter is absent or a string, never null.
+            key_name: Annotated[str, Query(alias="key", description="Only this API key's runs (a key may ask for its own only).")] = None,
+            policy: Annotated[str, Query(description="Only runs of this routing policy.")] = None,
+            since: Annotated[str, WithJsonSchema(SINCE_SCHEMA), Query(description=SINCE_HELP)] = None,
+            limit: Annotated[int, Query(ge=1, le=1000, description="Runs at most.")] = 50) -> dict[str, Any]:
+        """Stored runs, newest first. A key lists its own runs only."""
         key = self._authorize(_bearer(request))
-        q = request.query_params
-        unknown = sorted(set(q) - {"key", "policy", "since", "limit"})
+        unknown = sorted(set(request.query_params) - {"key", "policy", "since", "limit"})
         if unknown:
             raise InvalidRequest(f"unknown query parameter(s) {', '.join(unknown)}: use key, policy, since and limit",
                                  param=unknown[0])
-        wanted = q.get("key")
-        if key is not None and wanted is not None and wanted != key.name:
-            raise PermissionDenied(f"API key {key.name!r} may list its own runs only, not those of {wanted!r}")
-        runs = await self.actor.list_runs.remote(key.name if key else wanted, key is None and wanted is None,
-                                                 q.get("policy") or None, _since(q.get("since")), _limit(q.get("limit")))
+        if key is not None and key_name is not None and key_name != key.name:
+            raise PermissionDenied(f"API key {key.name!r} may list its own runs only, not those of {key_name!r}")
+        runs = await self.actor.list_runs.remote(key.name if key else key_name, key is None and key_name is None,
+                                                 policy or None, _since(since), limit)
         return _json_safe({"object": "list", "data": [_run_view(r) for r in runs]})
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, req: ChatCompletionRequest, request: Request):
+    @api.post("/v1/chat/completions", responses={
+        200: {"description": "The completion, or with stream: true its chunks as server-sent events.",
+              "content": {"text/event-stream": {"schema": {  # one event (OpenAPI 3.1): a chunk's JSON, then [DONE]
+                  "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}}},
+        **_errors(*_RUNS, s404="No such model: the model names a routing policy (GET /v1/models).")})
+    async def chat_completions(self, req: Annotated[ChatCompletionRequest, Body()], request: Request):
         key = self._authorize(_bearer(request))
+        check_limits(req, self.config.agent)
         await self._check_policy(req.model)
         policy = step_mode.step_policy(req.model)
         if policy is not None:
             return await self._step_call(req, request, key, policy)
-        question = self._agent_question(req)
+        question = req.question()
         cap = req.max_output_tokens()
         if req.stream:
             steps: asyncio.Queue[TraceEntry] = asyncio.Queue()
@@ -451,20 +552,8 @@ class HeraIngress:
         run = await task
         return _completion(req.model, run, req.user)
 
-    async def _step_call(self, req: ChatCompletionRequest, request: Request, key: Optional[ApiKey], policy: str):
+    async def _step_call(self, req: StepChatCompletionRequest, request: Request, key: Optional[ApiKey], policy: str):
         """Step mode (:mod:`hera_ray.serve.step_mode`): the call is one subtask of the caller's agent."""
-        if isinstance(req.tool_choice, NamedToolChoice) or req.tool_choice == "required":
-            raise InvalidRequest("tool_choice: step mode lets the model choose (\"auto\") or not call tools (\"none\"); "
-                                 "it cannot force a call", param="tool_choice")
-        if req.max_steps is not None:
-            raise InvalidRequest("max_steps: step mode runs one call; max_steps is for hera's own agent", param="max_steps")
-        if policy.partition("@")[0] in step_mode.CHAIN_ONLY:
-            raise InvalidRequest(f"model: {policy!r} reviews a whole answer chain, which step mode does not have; "
-                                 f"use it as {policy!r} (hera's own agent) or pick another step:<policy>", param="model")
-        limit = self.config.agent.step_max_tokens_limit
-        if (req.max_output_tokens() or 0) > limit:
-            raise InvalidRequest(f"max_tokens: {req.max_output_tokens()} exceeds this server's step-mode limit of {limit} "
-                                 "(agent.step_max_tokens_limit)", param="max_tokens")
         session = step_mode.session_id(req, request.headers.get(step_mode.SESSION_HEADER), key.name if key else None)
         index = step_mode.position(req)
         question, history = step_mode.context(req, self._placements.get(session))
@@ -512,28 +601,7 @@ class HeraIngress:
             return StreamingResponse(events(), media_type="text/event-stream")
         return step_mode.completion(req.model, entry, reply, hera)
 
-    def _agent_question(self, req: ChatCompletionRequest) -> str:
-        """The task hera's own agent answers, after refusing (400, naming the field) what it cannot honour:
-        it writes its own chain of thought at the cluster's temperature, and calls no tools."""
-        a = self.config.agent
-        refuse = {"tools": req.tools, "tool_choice": req.tool_choice if req.tool_choice != "none" else None,
-                  "stop": req.stop or None, "seed": req.seed, "top_p": req.top_p}
-        for name, value in refuse.items():
-            if value is not None:
-                raise InvalidRequest(f"{name}: model {req.model!r} runs hera's own agent, which writes its chain of "
-                                     f"thought itself and cannot honour {name}", param=name)
-        if req.temperature is not None and req.temperature != a.temperature:
-            raise InvalidRequest(f"temperature: hera's own agent runs at the cluster's temperature, {a.temperature:g} "
-                                 f"(agent.temperature); got {req.temperature:g}", param="temperature")
-        cap = req.max_output_tokens()
-        if cap is not None and cap > a.max_chain_tokens:
-            raise InvalidRequest(f"max_tokens: {cap} exceeds this server's chain cap of {a.max_chain_tokens} tokens "
-                                 "(agent.max_chain_tokens)", param="max_completion_tokens" if req.max_completion_tokens else "max_tokens")
-        if not any(m.role == "user" and m.text().strip() for m in req.messages):
-            raise InvalidRequest("messages: hera's own agent needs a non-empty user message to answer", param="messages")
-        return req.question()
-
-    async def _stream(self, req: ChatCompletionRequest, task: "asyncio.Task[AgentRun]",
+    async def _stream(self, req: AgentChatCompletionRequest, task: "asyncio.Task[AgentRun]",
                       steps: "asyncio.Queue[TraceEntry]") -> AsyncIterator[str]:
         cid, created = f"chatcmpl-{int(time.time() * 1000)}", int(time.time())
 

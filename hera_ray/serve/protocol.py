@@ -1,17 +1,61 @@
-"""Request and response models of the HTTP API (OpenAI's chat shape plus hera's agent runs)."""
+"""Request and response models of the HTTP API (OpenAI's chat shape plus hera's agent runs).
+
+These models are the API's contract: the ingress validates every body with them, and its OpenAPI
+schema is their JSON Schema. So each rule is a type or a constraint the schema can state (a pattern,
+a bound, a ``const``, a role-tagged message shape), and a validator only words the refusal of
+something the type refuses anyway (``"'image_url' part: only text parts are supported"`` instead of
+a type error). What JSON Schema cannot state is not refused: a tool message whose ``tool_call_id``
+answers no call, two tools of one name, tool-call arguments that are not a JSON object; they reach
+the model as sent. The limits a cluster sets (``agent.max_steps_limit``, the token caps, the agent's
+temperature) are checked by :func:`check_limits` and stated in the served schema by
+:func:`publish_limits`, from the same numbers.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationInfo,
+                      field_validator)
 
+from hera_ray.errors import InvalidRequest
 
 #: OpenAI's rule for a function name.
 TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
-#: Deepest JSON accepted in tool-call arguments and tool schemas.
+#: Deepest JSON accepted in tool schemas (and read as an object in tool-call arguments).
 MAX_JSON_DEPTH = 32
+#: A model name that selects step mode (``step:<policy>``); any other runs hera's own agent.
+STEP_PREFIX = "step:"
+#: Not blank: some character Python's ``str.isspace`` does not count (the class spelled out, so that
+#: the server's ``re``, pydantic's Rust regex and a client's ECMA regex read it alike).
+NONBLANK = r"[^\t-\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+_NONBLANK = re.compile(NONBLANK)
+#: A model name that does not start with ``step:`` (without a lookahead, which not every regex engine has).
+AGENT_MODEL = r"^(?:[^s]|s(?:[^t]|$)|st(?:[^e]|$)|ste(?:[^p]|$)|step(?:[^:]|$))"
+STEP_MODEL = r"^step:"
+
+# Strict: JSON's types as they are (no "1" for 1, no 0 for false, no true for 1.0).
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _integral(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _int(ge: int, le: int) -> Any:
+    """A JSON Schema integer in [ge, le]: 2.0 is one too (a float with no fraction), true is not. (The
+    bounds go inside, next to the type: on the outside pydantic would not write them into the schema.)"""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]
+
+
+_Tokens = _int(1, 32_768)
+_Steps = _int(1, 100)
+
+
+def nonblank(text: str) -> bool:
+    return _NONBLANK.search(text) is not None
 
 
 def _depth(value: Any, level: int = 0) -> int:
@@ -23,111 +67,173 @@ def _depth(value: Any, level: int = 0) -> int:
 
 
 class ToolCallFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     name: str = Field(..., pattern=TOOL_NAME)
-    #: A JSON object, as a string (OpenAI's wire format).
-    arguments: str = Field(..., max_length=200_000)
+    #: OpenAI's wire format: the arguments as a JSON string. What the model wrote is history, so it
+    #: is taken as sent; one that is a JSON object reaches the chat template as that object.
+    arguments: str
 
-    @field_validator("arguments")
-    @classmethod
-    def _json_object(cls, v: str) -> str:
+    def parsed_arguments(self) -> dict[str, Any] | str:
+        """The arguments as an object when they are one (not nested too deeply), else the string."""
+        if not self.arguments.strip():
+            return {}
         try:
-            value = json.loads(v) if v.strip() else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"arguments must be a JSON object, and this is not JSON ({e.msg} at character {e.pos})") from None
-        except (RecursionError, ValueError) as e:
-            raise ValueError(f"arguments cannot be read: {str(e)[:100] or 'nested too deeply'}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"arguments must be a JSON object, not {type(value).__name__}")
-        if _depth(value) > MAX_JSON_DEPTH:
-            raise ValueError(f"arguments are nested deeper than {MAX_JSON_DEPTH} levels")
-        return v
+            value = json.loads(self.arguments)
+        except (RecursionError, ValueError):
+            return self.arguments
+        return value if isinstance(value, dict) and _depth(value) <= MAX_JSON_DEPTH else self.arguments
 
 
 class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     id: str = Field(..., min_length=1, max_length=200)
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
 
+class TextPart(BaseModel):
+    """A content part: text is the only kind these models read."""
+
+    model_config = _STRICT
+
+    type: Literal["text"]
+    text: str
+
+
+#: A message's content: a string or a list of text parts. Their size is bounded by the request's (the
+#: ingress's body limit, a 413) and the model's context window (a 400), not field by field.
+Content = Union[str, list[TextPart]]
+
+
+def _only_text_parts(v: Any) -> Any:
+    """Names what the content type refuses in a list of parts (images, audio, files, unknown fields)."""
+    if isinstance(v, list):
+        for i, part in enumerate(v):
+            if not isinstance(part, dict):
+                continue  # the type's own error says what it is
+            kind = part.get("type")
+            if kind != "text":
+                raise ValueError(f"content[{i}] is a {kind!r} part: only text parts are supported")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"content[{i}].text must be a string")
+            extra = set(part) - {"type", "text"}
+            if extra:
+                raise ValueError(f"content[{i}] has field(s) {sorted(extra)} this server cannot honour")
+    return v
+
+
 class ChatMessage(BaseModel):
-    """One message of the conversation, as OpenAI's API and the agent frameworks on it send it."""
+    """What every message has: its role and, optionally, a participant's name. The role decides the
+    rest (:data:`Message`): a tool message answers a call by its id, only an assistant message
+    calls tools or has no content."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    #: A string, a list of text parts ({"type": "text", "text": ...}), or null (an assistant
-    #: message that only calls tools). Other parts (images, audio, files) are refused by name.
-    content: str | list[dict[str, Any]] | None = None
     name: str | None = Field(None, max_length=200)
-    tool_calls: list[ToolCall] | None = Field(None, max_length=64)
-    tool_call_id: str | None = Field(None, max_length=200)
-    refusal: str | None = None
-    #: An earlier assistant turn's audio reference: accepted in the history, not sent to the models (text only).
-    audio: dict[str, Any] | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _text_parts_only(cls, v: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
-        if isinstance(v, list):
-            for i, part in enumerate(v):
-                kind = part.get("type")
-                if kind != "text":
-                    raise ValueError(f"content[{i}] is a {kind!r} part: only text parts are supported")
-                if not isinstance(part.get("text"), str):
-                    raise ValueError(f"content[{i}].text must be a string")
-                extra = set(part) - {"type", "text"}
-                if extra:
-                    raise ValueError(f"content[{i}] has field(s) {sorted(extra)} this server cannot honour")
-        if isinstance(v, str) and len(v) > 200_000:
-            raise ValueError("content is longer than 200000 characters")
-        return v
-
-    @model_validator(mode="after")
-    def _shape_by_role(self) -> "ChatMessage":
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError(f"tool_calls: only an assistant message calls tools, not a {self.role} message")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("tool_call_id: a tool message must name the call it answers")
-        if self.tool_call_id is not None and self.role != "tool":
-            raise ValueError(f"tool_call_id: only a tool message answers a call, not a {self.role} message")
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"content: null is allowed only on an assistant message, not a {self.role} message")
-        return self
 
     def text(self) -> str:
         """The content as one string (text parts joined)."""
-        if self.content is None:
+        content = getattr(self, "content", None)
+        if content is None:
             return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part["text"] for part in self.content)
+        if isinstance(content, str):
+            return content
+        return "".join(part.text for part in content)
+
+    def calls(self) -> list[ToolCall]:
+        return []
 
     def to_chat(self) -> dict[str, Any]:
         """The message as a chat template reads it: text content, tool calls with their arguments as objects."""
-        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        role = getattr(self, "role")
+        return {"role": "system" if role == "developer" else role, "content": self.text()}
+
+
+class _Authored(ChatMessage):
+    content: Content
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: Any) -> Any:
+        return _only_text_parts(v)
+
+
+class SystemMessage(_Authored):
+    role: Literal["system"]
+
+
+class DeveloperMessage(_Authored):
+    role: Literal["developer"]
+
+
+class UserMessage(_Authored):
+    role: Literal["user"]
+
+
+class AssistantMessage(ChatMessage):
+    role: Literal["assistant"]
+    #: null when the message only calls tools.
+    content: Content | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=64)
+    refusal: str | None = None
+    #: An earlier turn's audio reference: accepted in the history, not sent to the models (text only).
+    audio: dict[str, Any] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: Any) -> Any:
+        return _only_text_parts(v)
+
+    def calls(self) -> list[ToolCall]:
+        return self.tool_calls or []
+
+    def to_chat(self) -> dict[str, Any]:
+        out = super().to_chat()
         if self.tool_calls:
             out["tool_calls"] = [{"id": c.id, "type": "function",
-                                  "function": {"name": c.function.name,
-                                               "arguments": json.loads(c.function.arguments or "{}")}}
+                                  "function": {"name": c.function.name, "arguments": c.function.parsed_arguments()}}
                                  for c in self.tool_calls]
-        if self.tool_call_id is not None:
-            out["tool_call_id"] = self.tool_call_id
-        if self.name is not None and self.role == "tool":
+        return out
+
+
+class ToolMessage(_Authored):
+    role: Literal["tool"]
+    #: The call it answers.
+    tool_call_id: str = Field(..., min_length=1, max_length=200)
+
+    def to_chat(self) -> dict[str, Any]:
+        out = {**super().to_chat(), "tool_call_id": self.tool_call_id}
+        if self.name is not None:
             out["name"] = self.name
         return out
 
 
+#: One message of the conversation, as OpenAI's API and the agent frameworks on it send it, by role.
+Message = Annotated[Union[SystemMessage, DeveloperMessage, UserMessage, AssistantMessage, ToolMessage],
+                    Field(discriminator="role")]
+
+
+def _said(roles: tuple[str, ...]) -> dict[str, Any]:
+    """JSON Schema of a message of one of ``roles`` whose text is not blank."""
+    return {"type": "object", "required": ["role", "content"],
+            "properties": {"role": {"enum": list(roles)},
+                           "content": {"anyOf": [{"type": "string", "pattern": NONBLANK},
+                                                 {"type": "array", "contains": {
+                                                     "type": "object", "required": ["text"],
+                                                     "properties": {"text": {"type": "string", "pattern": NONBLANK}}}}]}}}
+
+
 class FunctionSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     name: str = Field(..., pattern=TOOL_NAME)
-    description: str | None = Field(None, max_length=10_000)
-    #: A JSON Schema of the arguments (an object schema).
-    parameters: dict[str, Any] | None = None
+    description: str | None = None
+    #: A JSON Schema of the arguments (an object schema), checked against JSON Schema 2020-12's metaschema.
+    parameters: dict[str, Any] | None = Field(None, json_schema_extra={
+        "description": "A JSON Schema (2020-12) of the arguments, describing an object.",
+        "properties": {"type": {"const": "object"}}})
     strict: bool | None = None
 
     @field_validator("parameters")
@@ -153,63 +259,49 @@ class FunctionSpec(BaseModel):
 
 
 class ToolSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     type: Literal["function"]
     function: FunctionSpec
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    class _Name(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        name: str = Field(..., pattern=TOOL_NAME)
-
-    type: Literal["function"]
-    function: _Name
-
-
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     include_usage: bool = False
     #: OpenAI pads chunks against side channels when this is true; these chunks carry no padding either way.
     include_obfuscation: bool | None = None
 
 
-class ChatCompletionRequest(BaseModel):
-    """OpenAI ``/v1/chat/completions``. ``model`` names the routing policy (``hera``, ``all-llm``, ...).
+class ResponseFormatText(BaseModel):
+    model_config = _STRICT
 
-    Every field OpenAI's API and the agent frameworks on it send is either honoured or, when this
-    server cannot honour its value, refused with a 400 that names it: an unknown field, ``n`` above
-    1, penalties, ``logit_bias``, ``logprobs``, a ``response_format`` other than text."""
+    type: Literal["text"]
 
-    model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(..., min_length=1, max_length=200, examples=["all-slm", "hera", "step:all-slm"])
-    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000,
-                                        examples=[[{"role": "user", "content": "What is 2 + 3?"}]])
+
+
+class _ChatCompletion(BaseModel):
+    """What both kinds of chat completion take (:data:`ChatCompletionRequest`)."""
+
+    model_config = _STRICT
+
+    # model and messages: each kind says which model names and conversations it takes.
     stream: bool = False
     stream_options: StreamOptions | None = None
-    tools: list[ToolSpec] | None = Field(None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    stop: str | list[str] | None = None
-    max_tokens: int | None = Field(None, ge=1, le=32_768)
-    max_completion_tokens: int | None = Field(None, ge=1, le=32_768)
+    max_tokens: _Tokens | None = None
+    max_completion_tokens: _Tokens | None = None
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
     user: str | None = Field(None, max_length=256)
     # Accepted only at the value that changes nothing (what clients send by default).
-    n: int | None = Field(None, ge=1, le=1, description="Choices per request: 1 only.")
-    frequency_penalty: float | None = Field(None, ge=0, le=0, description="0 only.")
-    presence_penalty: float | None = Field(None, ge=0, le=0, description="0 only.")
+    n: _int(1, 1) | None = Field(None, description="Choices per request: 1 only.")
+    frequency_penalty: float | None = Field(None, ge=0, le=0, allow_inf_nan=False, description="0 only.")
+    presence_penalty: float | None = Field(None, ge=0, le=0, allow_inf_nan=False, description="0 only.")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Empty only.")
-    logprobs: bool | None = Field(None, description="false only.")
-    response_format: dict[str, Any] | None = Field(None, description="{\"type\": \"text\"} only.")
-    top_logprobs: int | None = Field(None, ge=0, le=0, description="0 only.")
+    logprobs: Literal[False] | None = Field(None, description="false only.")
+    response_format: ResponseFormatText | None = Field(None, description="{\"type\": \"text\"} only.")
+    top_logprobs: _int(0, 0) | None = Field(None, description="0 only.")
     modalities: list[Literal["text"]] | None = Field(None, description="[\"text\"] only.")
     reasoning_effort: None = Field(None, description="Not supported: the models here do not reason apart.")
     # About the provider's storage and billing, not the reply: accepted, and nothing is stored.
@@ -218,62 +310,28 @@ class ChatCompletionRequest(BaseModel):
     service_tier: str | None = Field(None, max_length=100)
     prompt_cache_key: str | None = Field(None, max_length=1000)
     safety_identifier: str | None = Field(None, max_length=1000)
-    # hera's own.
-    max_steps: int | None = Field(None, ge=1, le=100, description="hera: steps at most (each a line of the chain of thought).")
     # allow_inf_nan: Python's JSON parser takes Infinity, which would pass ge=0 and then fail the reply.
     max_cloud_cost: float | None = Field(None, ge=0, allow_inf_nan=False, description="hera: cap on this request's cloud spend.")
 
-    @field_validator("logprobs")
+    @field_validator("logprobs", mode="before")
     @classmethod
-    def _no_logprobs(cls, v: bool | None) -> bool | None:
-        if v:
+    def _no_logprobs(cls, v: Any) -> Any:
+        if v is True:
             raise ValueError("this server does not return logprobs; send false or leave it out")
+        if v is not None and v is not False:  # Literal[False] alone takes 0, which equals False
+            raise ValueError("logprobs must be false (or left out)")
         return v
 
-    @field_validator("response_format")
+    @field_validator("response_format", mode="before")
     @classmethod
-    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _text_only(cls, v: Any) -> Any:
         if v is not None and v != {"type": "text"}:
             raise ValueError(f"only {{\"type\": \"text\"}} is supported, not {json.dumps(v)[:200]}")
         return v
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else v or []
-        if len(stops) > 16 or any(not s for s in stops):
-            raise ValueError("stop takes at most 16 non-empty strings")
-        return v
-
-    @model_validator(mode="after")
-    def _conversation(self) -> "ChatCompletionRequest":
-        if not any(m.role in ("user", "system", "developer", "tool") and m.text().strip() for m in self.messages):
-            raise ValueError("messages: the conversation has no non-empty user, system or tool message")
-        issued: dict[str, int] = {}
-        answered: set[str] = set()
-        for i, m in enumerate(self.messages):
-            for c in m.tool_calls or ():
-                if c.id in issued:
-                    raise ValueError(f"messages[{i}].tool_calls: id {c.id!r} was already issued in messages[{issued[c.id]}]")
-                issued[c.id] = i
-            if m.role == "tool":
-                if m.tool_call_id not in issued:
-                    raise ValueError(f"messages[{i}].tool_call_id: {m.tool_call_id!r} answers no tool call issued "
-                                     "before it in the conversation")
-                if m.tool_call_id in answered:
-                    raise ValueError(f"messages[{i}].tool_call_id: call {m.tool_call_id!r} is already answered")
-                answered.add(m.tool_call_id)
-        names = [t.function.name for t in self.tools or ()]
-        if len(set(names)) != len(names):
-            raise ValueError("tools: two tools have the same name")
-        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
-            raise ValueError(f"tool_choice: {self.tool_choice.function.name!r} is not one of the tools")
-        if self.tool_choice == "required" and not names:
-            raise ValueError("tool_choice: \"required\" needs tools")
-        return self
-
     def stop_strings(self) -> tuple[str, ...]:
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        stop = getattr(self, "stop", None)
+        return (stop,) if isinstance(stop, str) else tuple(stop or ())
 
     def max_output_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -284,23 +342,188 @@ class ChatCompletionRequest(BaseModel):
         return "\n\n".join(parts)
 
 
-class AgentRunRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _conversation(messages: list[ChatMessage], roles: tuple[str, ...], problem: str) -> list[ChatMessage]:
+    if not any(m.role in roles and nonblank(m.text()) for m in messages):
+        raise ValueError(problem)
+    return messages
 
-    question: str = Field(..., min_length=1, max_length=200_000, examples=["What is 2 + 3?"])
-    policy: str = Field("all-slm", min_length=1, max_length=200, description="Routing policy.")
-    max_steps: int | None = Field(None, ge=1, le=100)
+
+_AGENT_ROLES, _STEP_ROLES = ("user",), ("user", "system", "developer", "tool")
+
+
+class AgentChatCompletionRequest(_ChatCompletion):
+    """A model named after a routing policy (``hera``, ``all-llm``, ``random@0.3``...): hera's own
+    agent answers the user's question with its chain of thought, at the cluster's temperature. It
+    writes that chain itself, so tools, stop strings, a seed and top_p are not for it."""
+
+    model: str = Field(..., min_length=1, max_length=200, pattern=AGENT_MODEL, examples=["all-slm", "hera"],
+                       description="A routing policy (GET /v1/models), optionally <policy>@<value>.")
+    messages: list[Message] = Field(..., min_length=1, max_length=1000, json_schema_extra={"contains": _said(_AGENT_ROLES)},
+                                    examples=[[{"role": "user", "content": "What is 2 + 3?"}]],
+                                    description="At least one user message that is not blank.")
+    tools: None = None
+    tool_choice: Literal["none"] | None = None
+    stop: Annotated[list[str], Field(max_length=0)] | None = None
+    seed: None = None
+    top_p: None = None
+    max_steps: _Steps | None = Field(None, description="hera: steps at most (each a line of the chain of thought).")
+
+    @field_validator("tools", "tool_choice", "stop", "seed", "top_p", mode="before")
+    @classmethod
+    def _not_for_the_agent(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None or (info.field_name == "tool_choice" and v == "none") or (info.field_name == "stop" and v == []):
+            return v
+        model = info.data.get("model", "")
+        raise ValueError(f"{info.field_name}: model {model!r} runs hera's own agent, which writes its chain of thought "
+                         f"itself and cannot honour {info.field_name}")
+
+    @field_validator("messages")
+    @classmethod
+    def _a_question(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        return _conversation(v, _AGENT_ROLES, "hera's own agent needs a non-empty user message to answer")
+
+
+class StepChatCompletionRequest(_ChatCompletion):
+    """``step:<policy>``: the call is one subtask of the caller's own agent (:mod:`hera_ray.serve.step_mode`),
+    answered by the model the policy places it on, tools and all."""
+
+    model: str = Field(..., min_length=1, max_length=200, pattern=STEP_MODEL, examples=["step:all-slm"],
+                       description="step:<policy> (GET /v1/models).")
+    messages: list[Message] = Field(..., min_length=1, max_length=1000, json_schema_extra={"contains": _said(_STEP_ROLES)},
+                                    examples=[[{"role": "user", "content": "What is 2 + 3?"}]],
+                                    description="At least one user, system, developer or tool message that is not blank.")
+    tools: list[ToolSpec] | None = Field(None, max_length=128)
+    #: The model chooses whether to call a tool: step mode cannot force one.
+    tool_choice: Literal["none", "auto"] | None = None
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None
+    seed: _int(0, 2**32 - 1) | None = None
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    max_steps: None = Field(None, description="Not for step mode: it runs one call.")
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _no_forced_call(cls, v: Any) -> Any:
+        if v == "required" or isinstance(v, dict):
+            raise ValueError("step mode lets the model choose (\"auto\") or not call tools (\"none\"); it cannot force a call")
+        return v
+
+    @field_validator("max_steps", mode="before")
+    @classmethod
+    def _one_call(cls, v: Any) -> Any:
+        if v is not None:
+            raise ValueError("step mode runs one call; max_steps is for hera's own agent")
+        return v
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops(cls, v: Any) -> Any:
+        stops = [v] if isinstance(v, str) else v if isinstance(v, list) else []
+        if len(stops) > 16 or any(s == "" for s in stops):
+            raise ValueError("stop takes at most 16 non-empty strings")
+        return v
+
+    @field_validator("messages")
+    @classmethod
+    def _something_said(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        return _conversation(v, _STEP_ROLES, "the conversation has no non-empty user, system, developer or tool message")
+
+
+def _chat_kind(v: Any) -> str:
+    model = v.get("model") if isinstance(v, dict) else getattr(v, "model", None)
+    return "step" if isinstance(model, str) and model.startswith(STEP_PREFIX) else "agent"
+
+
+#: OpenAI ``/v1/chat/completions``: the model name picks the kind. Every field OpenAI's API and the
+#: agent frameworks on it send is either honoured or, when this server cannot honour its value,
+#: refused with a 400 that names it: an unknown field, ``n`` above 1, penalties, ``logit_bias``,
+#: ``logprobs``, a ``response_format`` other than text.
+ChatCompletionRequest = Annotated[Union[Annotated[AgentChatCompletionRequest, Tag("agent")],
+                                        Annotated[StepChatCompletionRequest, Tag("step")]],
+                                  Discriminator(_chat_kind)]
+CHAT_COMPLETION_REQUEST: TypeAdapter = TypeAdapter(ChatCompletionRequest)
+#: The union's tags, which pydantic puts in an error's location (the ingress leaves them out).
+CHAT_KINDS = ("agent", "step")
+
+
+class AgentRunRequest(BaseModel):
+    model_config = _STRICT
+
+    question: str = Field(..., min_length=1, max_length=200_000, pattern=NONBLANK, examples=["What is 2 + 3?"],
+                          description="Not blank.")
+    policy: str = Field("all-slm", min_length=1, max_length=200, pattern=AGENT_MODEL,
+                        description="Routing policy (GET /v1/models), optionally <policy>@<value>.")
+    max_steps: _Steps | None = None
     max_cloud_cost: float | None = Field(None, ge=0, allow_inf_nan=False)
     request_id: str | None = Field(None, max_length=200)
 
-    @field_validator("question")
+    @field_validator("question", mode="before")
     @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
+    def _not_blank(cls, v: Any) -> Any:
+        if isinstance(v, str) and v and not nonblank(v):
             raise ValueError("question must not be blank")
         return v
 
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _not_step_mode(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.startswith(STEP_PREFIX):
+            raise ValueError(f"{v!r} is a step-mode model, for /v1/chat/completions; an agent run takes a routing policy")
+        return v
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: Any = None) -> dict:
+
+def check_limits(req: BaseModel, agent: Any) -> None:
+    """The cluster's own limits (``agent`` is its AgentConfig), as a 400 naming the setting. The
+    served schema states the same bounds (:func:`publish_limits`)."""
+    if isinstance(req, (AgentChatCompletionRequest, AgentRunRequest)):
+        if req.max_steps is not None and req.max_steps > agent.max_steps_limit:
+            raise InvalidRequest(f"max_steps {req.max_steps} exceeds this server's limit of {agent.max_steps_limit} "
+                                 "(agent.max_steps_limit)", param="max_steps")
+    if isinstance(req, AgentChatCompletionRequest):
+        if req.temperature is not None and req.temperature != agent.temperature:
+            raise InvalidRequest(f"temperature: hera's own agent runs at the cluster's temperature, {agent.temperature:g} "
+                                 f"(agent.temperature); got {req.temperature:g}", param="temperature")
+        caps = (agent.max_chain_tokens, "this server's chain cap of {} tokens (agent.max_chain_tokens)")
+    elif isinstance(req, StepChatCompletionRequest):
+        caps = (agent.step_max_tokens_limit, "this server's step-mode limit of {} (agent.step_max_tokens_limit)")
+    else:
+        return
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(req, name)
+        if value is not None and value > caps[0]:
+            raise InvalidRequest(f"{name}: {value} exceeds {caps[1].format(caps[0])}", param=name)
+
+
+def publish_limits(schemas: dict[str, Any], agent: Any) -> None:
+    """Write the cluster's limits (:func:`check_limits`) into the component ``schemas`` of its OpenAPI document."""
+
+    def bound(model: str, field: str, **keywords: Any) -> None:
+        prop = schemas[model]["properties"][field]
+        for branch in prop.get("anyOf", [prop]):
+            if branch.get("type") != "null":
+                branch.update(keywords)
+
+    for model in (AgentChatCompletionRequest.__name__, AgentRunRequest.__name__):
+        bound(model, "max_steps", maximum=agent.max_steps_limit)
+    bound(AgentChatCompletionRequest.__name__, "temperature", const=agent.temperature)
+    for field in ("max_tokens", "max_completion_tokens"):
+        bound(AgentChatCompletionRequest.__name__, field, maximum=min(32_768, agent.max_chain_tokens))
+        bound(StepChatCompletionRequest.__name__, field, maximum=min(32_768, agent.step_max_tokens_limit))
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(..., examples=["invalid_request_error"])
+    #: The request field at fault, when there is one.
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, so OpenAI SDKs raise a readable error."""
+
+    error: ErrorDetail
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error shape, so OpenAI SDKs raise a readable error."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -27,11 +27,12 @@ from typing import Any
 
 from hera_ray.agent.loop import TraceEntry
 from hera_ray.generation import GenerationParams
-from hera_ray.serve.protocol import ChatCompletionRequest, ChatMessage
+from hera_ray.serve.protocol import STEP_PREFIX, ChatMessage, StepChatCompletionRequest
 from hera_ray.tools import ParsedReply, parse_tool_calls
 
-STEP_PREFIX = "step:"
 SESSION_HEADER = "x-hera-session"
+#: The least positive 32-bit float.
+FLOAT32_LEAST = 1.401298464324817e-45
 #: Policies that need a whole chain (the cascade reviews the SLM's finished answer): no step mode.
 CHAIN_ONLY = ("cascade",)
 
@@ -41,7 +42,7 @@ def step_policy(model: str) -> str | None:
     return model[len(STEP_PREFIX):] if model.startswith(STEP_PREFIX) else None
 
 
-def session_id(req: ChatCompletionRequest, header: str | None, key_name: str | None = None) -> str:
+def session_id(req: StepChatCompletionRequest, header: str | None, key_name: str | None = None) -> str:
     """The agent run this call belongs to, under the caller's key: the header, else the conversation's
     opening (with ``user``)."""
     owner = key_name or "open"
@@ -56,19 +57,19 @@ def session_id(req: ChatCompletionRequest, header: str | None, key_name: str | N
     return f"{owner}:conv-{digest}"
 
 
-def position(req: ChatCompletionRequest) -> int:
+def position(req: StepChatCompletionRequest) -> int:
     """The call's index in its agent run: the assistant turns before it."""
     return sum(m.role == "assistant" for m in req.messages)
 
 
 def _as_step(m: ChatMessage) -> str:
     text = m.text().strip()
-    calls = [json.dumps({"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")})
-             for c in m.tool_calls or ()]
+    calls = [json.dumps({"name": c.function.name, "arguments": c.function.parsed_arguments()})
+             for c in m.calls()]
     return "\n".join([text] * bool(text) + calls) or "(empty)"
 
 
-def context(req: ChatCompletionRequest, placements: dict[int, str] | None = None) -> tuple[str, list[dict[str, Any]]]:
+def context(req: StepChatCompletionRequest, placements: dict[int, str] | None = None) -> tuple[str, list[dict[str, Any]]]:
     """(question, history) as the policy sees them: the first user message, then one step per message
     after it; an assistant turn's placement where this session placed it (``placements``, by position),
     else "cloud"."""
@@ -86,7 +87,7 @@ def context(req: ChatCompletionRequest, placements: dict[int, str] | None = None
     return question or "(no user message)", history
 
 
-def call_params(req: ChatCompletionRequest, max_tokens: int, temperature: float) -> GenerationParams:
+def call_params(req: StepChatCompletionRequest, max_tokens: int, temperature: float) -> GenerationParams:
     """The call as the engines take it: the conversation and tools as JSON for the chat template.
     ``tool_choice`` "none" leaves the tools out of the prompt."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools or ()] if req.tool_choice != "none" else []
@@ -95,13 +96,14 @@ def call_params(req: ChatCompletionRequest, max_tokens: int, temperature: float)
         tools=json.dumps(tools, ensure_ascii=False) if tools else "",
         max_tokens=req.max_output_tokens() or max_tokens,
         temperature=temperature if req.temperature is None else req.temperature,
-        top_p=req.top_p,
+        # The engines take top_p as a 32-bit float: a positive value below its least would arrive as 0.
+        top_p=None if req.top_p is None else max(req.top_p, FLOAT32_LEAST),
         seed=req.seed,
         stop=req.stop_strings(),
     )
 
 
-def parse_reply(req: ChatCompletionRequest, text: str) -> ParsedReply:
+def parse_reply(req: StepChatCompletionRequest, text: str) -> ParsedReply:
     names = [t.function.name for t in req.tools or ()] if req.tool_choice != "none" else []
     reply = parse_tool_calls(text, names)
     if req.parallel_tool_calls is False and len(reply.tool_calls) > 1:  # one call per turn, as asked
