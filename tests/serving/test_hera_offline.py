@@ -107,6 +107,16 @@ def test_train_a_tiny_profile_gives_adapters_that_load_and_predict(tiny_profile,
         assert manifest["dp_input"] == "context+slm" and manifest["estimators"]["dp"]["input"] == "context+slm"
         assert est.dp_text(QUESTION, [], "Add 12 and 7").endswith("SLM next: Add 12 and 7")
         assert -1.0 <= asyncio.run(est.similarity(predicted, "Add 12 and 7")) <= 1.0001
+        # Beyond value ranges: asked about a profiled request, SP_LLM's prediction of the LLM's first
+        # step is about that request: closer (SBERT) to the step the LLM wrote there than an
+        # unrelated sentence is.
+        from hera_ray.offline.profile import read_profile
+
+        first = read_profile(out)[0]
+        actual = first["all_llm"]["steps"][0]["subtask"]
+        guess = asyncio.run(est.predict_subtask("llm", SubtaskContext("p", first["question"], 0)))
+        unrelated = "The Eiffel Tower is in Paris and was finished in 1889."
+        assert asyncio.run(est.similarity(guess, actual)) > asyncio.run(est.similarity(unrelated, actual)), (guess, actual)
     finally:
         est.close()
     # Re-running with the same data and settings reuses every estimator (resume).
