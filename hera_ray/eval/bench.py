@@ -269,7 +269,8 @@ def cluster_meta(client) -> dict[str, Any]:
         estimators = None
     return {"cloud_model": health["cloud_model"], "edge_model": health["edge_model"], "estimators": estimators,
             "cloud_prices": health.get("cloud_prices"), "cloud_step_format": health.get("cloud_step_format"),
-            "agent": health.get("agent"), "generation_cache": health.get("generation_cache")}
+            "agent": health.get("agent"), "generation_cache": health.get("generation_cache"),
+            "policy_settings": health.get("policy_settings")}
 
 
 def run_bench(client, items: list, policies: list[str], store: RecordStore, max_steps: int,

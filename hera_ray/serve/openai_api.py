@@ -206,15 +206,42 @@ async def _hera_error(request: Request, exc: HeraError) -> JSONResponse:
     return response
 
 
+@api.exception_handler(UnicodeError)
+async def _not_text(request: Request, exc: UnicodeError) -> JSONResponse:
+    # JSON may escape a lone UTF-16 surrogate ("\ud800"); no engine can encode it as text.
+    return _json_error(400, f"the request holds text that is not valid Unicode (a lone surrogate?): {exc}")
+
+
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     response = _json_error(exc.status_code, str(exc.detail))
     response.headers.update(exc.headers or {})
     if exc.status_code == 405:  # Allow: every method of the path (Starlette names the first route's only)
-        methods = {m for route in request.app.router.routes if getattr(route, "methods", None)
-                   and route.matches(request.scope)[0] != Match.NONE for m in route.methods}
-        response.headers["Allow"] = ", ".join(sorted(methods))
+        response.headers["Allow"] = ", ".join(sorted(_methods_of(request.app.router.routes, request.scope)))
     return response
+
+
+def _methods_of(routes: Any, scope: Any) -> set[str]:
+    """The methods of every route whose path matches ``scope``'s, in included routers too (Serve's
+    class routes live in one)."""
+    methods: set[str] = set()
+    for route in routes:
+        if route.matches(scope)[0] == Match.NONE:
+            continue
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            methods |= _methods_of(inner.routes, scope)
+        elif getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return methods
+
+
+def _policy_settings(config: HeraConfig) -> dict[str, Any]:
+    """The settings that change what the routing policies decide, for a benchmark to record."""
+    hera = config.hera.model_dump(include={"threshold_base", "kappa_step", "tau_req", "tau_hybrid",
+                                           "routellm_threshold", "use_urc", "use_cd", "use_sd", "max_distance"})
+    verify = config.verify.model_dump(mode="json", exclude={"classifier"})
+    return {"hera": hera, "hera-verify": verify}
 
 
 def _bearer(request: Request) -> str:
@@ -458,7 +485,9 @@ class HeraIngress:
                              "agent": {"max_steps": a.max_steps, "max_tokens_per_step": a.max_tokens_per_step,
                                        "max_chain_tokens": a.max_chain_tokens, "temperature": a.temperature},
                              # An evaluation setting: engines answer repeated temperature-0 calls from this file.
-                             "generation_cache": str(self.config.cloud.generation_cache or "") or None})
+                             "generation_cache": str(self.config.cloud.generation_cache or "") or None,
+                             # The policies' operating points (what `hera-verify` and `hera` decide with).
+                             "policy_settings": _policy_settings(self.config)})
 
     @api.get("/v1/estimators", responses=_errors(*_KEYED, 404, s404="This cluster does not deploy the estimators."))
     async def estimators_manifest(self, request: Request) -> dict[str, Any]:

@@ -48,6 +48,9 @@ def test_bench_three_requests_gives_the_table_json_and_png_and_resumes(cluster, 
     # the settings a resumed run must match name the cluster's models and its estimators
     assert result["settings"]["cloud_model"] == "smollm2-as-cloud" and result["settings"]["edge_model"] == "smollm2-135m"
     assert result["settings"]["estimators"]
+    # The policies' operating points, so that runs under other settings are told apart (and not resumed into).
+    assert result["settings"]["policy_settings"]["hera-verify"]["keep"] == 0.7
+    assert result["settings"]["policy_settings"]["hera"]["threshold_base"] == pytest.approx(0.6)
     assert set(result["policies"]) == {"all-slm", "all-llm", "hera", "hera@0.9", "hybridllm", "random", "cascade"}
     for name, m in result["policies"].items():
         assert {"accuracy", "slm_share", "cost", "pgr", "apgr", "latency_p50_s", "overhead_share", "ci"} <= set(m)

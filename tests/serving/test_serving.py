@@ -149,7 +149,14 @@ def _post(cluster, path, **kw):
     ("empty messages", {"json": {"model": "all-slm", "messages": []}}, 400, "messages"),
     ("no user message", {"json": {"model": "all-slm", "messages": [{"role": "system", "content": "x"}]}}, 400, "user message"),
     ("bad role", {"json": {"model": "all-slm", "messages": [{"role": "wizard", "content": "x"}]}}, 400, "role"),
-    ("oversized body", {"content": b"x" * (5 * 1024 * 1024), "headers": {"content-type": "application/json"}}, 413, "limit"),
+    ("oversized body", {"content": b"x" * (5 * 1024 * 1024), "headers": {"content-type": "application/json"}}, 413,
+     f"the limit is {4 * 1024 * 1024}"),
+    # Under the cluster's 4 MiB ingress.max_body_bytes (the old fixed 1 MiB would have refused it): read, and refused as JSON.
+    ("body under the configured limit", {"content": b"x" * (2 * 1024 * 1024), "headers": {"content-type": "application/json"}},
+     400, "not valid JSON"),
+    # A lone UTF-16 surrogate is valid JSON but no text a model can read.
+    ("lone surrogate", {"content": b'{"model": "all-slm", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+                        "headers": {"content-type": "application/json"}}, 400, "Unicode"),
     ("bad key", {"json": {"model": "all-slm", "messages": [{"role": "user", "content": "hi"}]},
                  "headers": {"Authorization": "Bearer wrong"}}, 401, "API key"),
 ])
@@ -157,6 +164,12 @@ def test_bad_requests_get_a_4xx_with_a_message(cluster, case, kwargs, status, wo
     r = _post(cluster, "/v1/chat/completions", **kwargs)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
+
+
+def test_a_wrong_method_gets_405_with_every_allowed_method(cluster):
+    r = httpx.delete(f"{cluster.ingress_url}/v1/agent/runs", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST", (r.headers, r.text)
+    assert "Method Not Allowed" in r.json()["error"]["message"]
 
 
 def test_bad_agent_runs_are_refused(cluster):
