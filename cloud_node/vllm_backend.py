@@ -33,7 +33,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from cloud_node.backends import LLMBackend
 from hera_ray.config import CloudLLMConfig
 from hera_ray.errors import ConfigError, ContextLengthExceeded, HeraError, InvalidRequest, Unavailable
-from hera_ray.generation import LINE_END, GenerationParams, GenerationResult, validate_params
+from hera_ray.generation import LINE_END, GenerationParams, GenerationResult, candidate_segments, validate_params
 from hera_ray.models import resolve_model
 
 try:  # an already tokenised ("rendered") input: vLLM takes it as is, without its deprecated raw-prompt path
@@ -188,11 +188,17 @@ class VLLMBackend(LLMBackend):
         try:
             ids = self._prompt_ids(p)
             split = len(ids)
+            later: list[int] = []
             if p.candidate:  # the prompt text and the candidate tokenised together, as the model reads them
-                alone, ids = ids, self._prompt_ids(p, p.candidate)
+                segments = candidate_segments(p)
+                alone, ids = ids, self._prompt_ids(p, segments[0])
                 split = next((i for i, (a, b) in enumerate(zip(alone, ids)) if a != b), min(len(alone), len(ids)))
                 if split >= len(ids) or split == 0:
                     raise InvalidRequest("the candidate adds no token to the prompt (or there is no prompt to score it after)")
+                for segment in segments[1:]:  # each later segment on its own: every token belongs to one step
+                    seg_ids = list(self.tokenizer.encode(segment, add_special_tokens=False))
+                    ids += seg_ids
+                    later.append(len(seg_ids))
         except HeraError:
             raise
         except Exception as e:  # noqa: BLE001 - the chat template refused the messages (raise_exception, nothing to continue)
@@ -257,8 +263,9 @@ class VLLMBackend(LLMBackend):
         if p.candidate and finish == "score":
             # Note: vLLM does not read its prefix cache for a request that asks for prompt
             # log-probabilities, so on vLLM a check prefills the whole prompt (llama.cpp reuses its KV cache).
+            segments_n = [len(ids) - split - sum(later), *later] if p.candidate_splits else None
             return GenerationResult("", len(ids), 0, time.perf_counter() - t_submit, 0.0, t_submit - t_start, "score",
-                                    p.request_id, logprobs=logprobs, top_logprobs=tops or [])
+                                    p.request_id, logprobs=logprobs, top_logprobs=tops or [], segment_tokens=segments_n)
         if finish not in ("stop", "length"):
             raise Unavailable(f"vLLM ended the request without finishing it (finish_reason={finish!r})")
         t_end = time.perf_counter()

@@ -59,6 +59,7 @@ class EdgeWorkerServicer(edge_pb2_grpc.EdgeWorkerServicer):
             top_logprobs=r.top_logprobs or [],
             has_logprobs=r.logprobs is not None,
             cache_hit=r.cache_hit,
+            segment_tokens=r.segment_tokens or [],
         )
 
     @grpc_errors

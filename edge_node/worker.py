@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
 from hera_ray.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded, Unavailable
-from hera_ray.generation import LINE_END, GenerationParams, GenerationResult, validate_params
+from hera_ray.generation import LINE_END, GenerationParams, GenerationResult, candidate_segments, validate_params
 from hera_ray.gencache import GenerationCache
 from hera_ray.scheduler.nodes import NodeLoad
 
@@ -325,25 +325,35 @@ class EdgeWorker:
             return self._chat_format(p.messages, p.continue_final_message)
         return p.prompt
 
-    async def _prepare(self, p: GenerationParams) -> list[int]:
+    async def _prepare(self, p: GenerationParams) -> tuple[list[int], list[int]]:
+        """The request's tokens (prompt, then any candidate), and how many tokens each of a
+        candidate's later segments has (``candidate_splits``; tokenised apart from the rest)."""
         validate_params(p, self.n_ctx)
         if len(p.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequest(f"request_id is {len(p.request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
-        text = self._prompt_text(p) + p.candidate
+        segments = candidate_segments(p)
+        text = self._prompt_text(p) + (segments[0] if segments else "")
         loop = asyncio.get_running_loop()
         tokens = await loop.run_in_executor(self._tok_pool, lambda: self._tokenize(text.encode("utf-8"), True, True))
+        later: list[int] = []
+        for segment in segments[1:]:  # each later segment on its own: every token belongs to one step
+            ids = await loop.run_in_executor(self._tok_pool,
+                                             lambda s=segment: self._tokenize(s.encode("utf-8"), False, True))
+            tokens += ids
+            later.append(len(ids))
         if len(tokens) + p.max_tokens > self.n_ctx:
             raise ContextLengthExceeded(
                 f"the prompt is {len(tokens)} tokens and max_tokens is {p.max_tokens}: "
                 f"{len(tokens) + p.max_tokens} exceeds the context window of {self.n_ctx} tokens"
             )
-        return tokens
+        return tokens, later
 
     # -- generation ---------------------------------------------------------------------------
 
     async def _split_candidate(self, p: GenerationParams, tokens: list[int]) -> int:
         """Where the candidate's tokens start in ``tokens`` (prompt + candidate, tokenised together,
-        as the model reads them): after the longest prefix shared with the prompt's own tokens."""
+        as the model reads them): after the longest prefix shared with the prompt's own tokens.
+        (A candidate in segments: its first segment is tokenised with the prompt, the rest apart.)"""
         text = self._prompt_text(p)
         loop = asyncio.get_running_loop()
         alone = await loop.run_in_executor(self._tok_pool, lambda: self._tokenize(text.encode("utf-8"), True, True))
@@ -359,10 +369,12 @@ class EdgeWorker:
     async def generate(self, p: GenerationParams, on_delta: Callable[[str], None] | None = None) -> GenerationResult:
         if self.draining:
             raise Unavailable("this edge node is draining and takes no new work; send to another node")
-        tokens = await self._prepare(p)
+        tokens, later = await self._prepare(p)
         split = await self._split_candidate(p, tokens) if p.candidate else 0
+        if later and len(tokens) - split - sum(later) <= 0:
+            raise InvalidRequest("the candidate's first segment adds no token to the prompt")
         if self.cache is None:
-            return await self._run(p, tokens, split, on_delta)
+            return await self._run(p, tokens, split, on_delta, later)
         import llama_cpp
 
         key = self.cache.key(p, {"n_ctx": self.n_ctx, "llama_cpp": llama_cpp.__version__, "split": split}, tokens)
@@ -371,11 +383,11 @@ class EdgeWorker:
             if on_delta is not None and hit.text:  # a stream gets the stored text as one delta
                 on_delta(hit.text)
             return hit
-        result = await self._run(p, tokens, split, on_delta)
+        result = await self._run(p, tokens, split, on_delta, later)
         return await asyncio.to_thread(self.cache.put, key, result) if key else result
 
     async def _run(self, p: GenerationParams, tokens: list[int], split: int,
-                   on_delta: Callable[[str], None] | None) -> GenerationResult:
+                   on_delta: Callable[[str], None] | None, later: list[int] = ()) -> GenerationResult:
         if self._in_flight + self._queued >= len(self.slots) + self.max_queue:
             raise Overloaded(
                 f"edge node queue is full ({self._in_flight} in flight, {self._queued} queued); retry later or elsewhere"
@@ -413,8 +425,9 @@ class EdgeWorker:
             raise
         if p.candidate:  # scored, not generated: the candidate's tokens are prompt tokens
             logprobs, tops, seconds = out
+            segments = [len(tokens) - split - sum(later), *later] if p.candidate_splits else None
             return GenerationResult("", len(tokens), 0, seconds, 0.0, queue_s, "score", p.request_id,
-                                    logprobs=logprobs, top_logprobs=tops)
+                                    logprobs=logprobs, top_logprobs=tops, segment_tokens=segments)
         text, n, ttft, decode, finish, stop_reason, logprobs = out
         s = self._stats
         s.completed += 1

@@ -73,6 +73,8 @@ class GenerationCache:
             return None
         request = p.to_dict()
         request.pop("request_id", None)
+        if not request.get("candidate_splits"):  # added later: a request without splits keeps its old key
+            request.pop("candidate_splits", None)
         if tokens is not None:
             request.pop("messages", None)
             request.pop("prompt", None)

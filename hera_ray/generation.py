@@ -18,6 +18,8 @@ STOP_UNKNOWN = "<unknown>"
 #: ``stop_reason`` when ``stop_at_line_end`` ended the generation.
 LINE_END = "\n"
 MAX_STOP_STRINGS = 16
+#: A scored candidate's segments at most (``GenerationParams.candidate_splits``).
+MAX_CANDIDATE_SEGMENTS = 64
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ class GenerationParams:
     #: reuses its KV cache for the prompt; vLLM does not read its prefix cache for such a request, so
     #: there the whole prompt is prefilled again.)
     candidate: str = ""
+    #: With ``candidate``: where its 2nd, 3rd, ... segments begin (offsets into it, rising). Several
+    #: steps scored in one prefill: the first segment is tokenised with the prompt (as a lone
+    #: candidate is), each later one on its own, so that every token belongs to one segment and the
+    #: caller can split the scores per step (``GenerationResult.segment_tokens``).
+    candidate_splits: tuple[int, ...] = ()
     #: Instead of ``messages``: the conversation as a JSON array of OpenAI-style message objects
     #: (``role``, ``content``; an assistant's ``tool_calls`` with ``arguments`` as objects; a tool
     #: message's ``tool_call_id``), for the model's chat template. A string, so that the request
@@ -97,6 +104,8 @@ class GenerationResult:
     top_logprobs: list[float] | None = None
     #: The engine answered from its generation cache (:mod:`hera_ray.gencache`), not by running the model.
     cache_hit: bool = False
+    #: A candidate scored in segments (``candidate_splits``): how many of ``logprobs`` belong to each.
+    segment_tokens: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,7 +115,16 @@ def params_from_dict(d: dict[str, Any]) -> GenerationParams:
     d = dict(d)
     d["messages"] = tuple(tuple(m) for m in d.get("messages", ()))
     d["stop"] = tuple(d.get("stop", ()))
+    d["candidate_splits"] = tuple(d.get("candidate_splits", ()))
     return GenerationParams(**d)
+
+
+def candidate_segments(p: GenerationParams) -> list[str]:
+    """``candidate`` cut at ``candidate_splits`` (one segment without splits; none without a candidate)."""
+    if not p.candidate:
+        return []
+    edges = (0, *p.candidate_splits, len(p.candidate))
+    return [p.candidate[a:b] for a, b in zip(edges, edges[1:])]
 
 
 def validate_params(p: GenerationParams, n_ctx: int | None = None) -> None:
@@ -122,6 +140,16 @@ def validate_params(p: GenerationParams, n_ctx: int | None = None) -> None:
         raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
     if p.top_k is not None and p.top_k < 0:
         raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}")
+    if p.candidate_splits:
+        if not p.candidate:
+            raise InvalidRequest("candidate_splits splits a candidate: give the candidate too")
+        if len(p.candidate_splits) >= MAX_CANDIDATE_SEGMENTS:
+            raise InvalidRequest(f"candidate_splits makes at most {MAX_CANDIDATE_SEGMENTS} segments, "
+                                 f"got {len(p.candidate_splits) + 1}")
+        edges = (0, *p.candidate_splits, len(p.candidate))
+        if any(b <= a for a, b in zip(edges, edges[1:])):
+            raise InvalidRequest(f"candidate_splits must rise strictly inside the candidate (0 < split < "
+                                 f"{len(p.candidate)}), got {list(p.candidate_splits)}")
     if len(p.stop) > MAX_STOP_STRINGS or any(not s for s in p.stop):
         raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
     if sum(map(bool, (p.prompt, p.messages, p.chat))) > 1:

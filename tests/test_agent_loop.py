@@ -340,3 +340,143 @@ def test_step_mode_calls_of_a_session_reuse_the_prompt_a_provider_caches():
     assert first.cached_prompt_tokens == 0
     assert second.cached_prompt_tokens == first.prompt_tokens  # the conversation so far was the last call's prompt
     assert other.cached_prompt_tokens == 0  # another session: nothing cached for it
+
+
+class ScoredLines:
+    """Stand-in pair for hera-verify's batched checks. The edge writes ``script[i]`` at chain
+    position i (so it writes the same step again after a rewrite), with log-probabilities that make
+    every step borderline; the cloud rewrites position i as "fixed i", and scores a candidate word
+    by word (a "token" a word): a word holding "WRONG" scores far below the LLM's own choice. A
+    candidate in segments (candidate_splits) gets per-segment counts, as the engines return them."""
+
+    def __init__(self, script):
+        self.script, self.calls, self.on_step = list(script), [], []
+
+    @staticmethod
+    def position(params):
+        chain = params.messages[-1][1] if params.continue_final_message else ""
+        return chain.count("\n")
+
+    async def edge(self, address, params):
+        i = self.position(params)
+        self.calls.append(("edge", i, params))
+        last = i == len(self.script) - 1
+        return GenerationResult(self.script[i], 10 + i, 4, 0.01, 0.02, 0.0, "stop", stop_reason="" if last else "\n",
+                                logprobs=[-1.0] * 4)
+
+    async def cloud(self, params):
+        from hera_ray.generation import candidate_segments
+
+        i = self.position(params)
+        if not params.candidate:
+            self.calls.append(("write", i, params))
+            last = i == len(self.script) - 1
+            text = "Answer: fixed" if last else f"fixed {i}\n"
+            return GenerationResult(text, 10 + i, 4, 0.01, 0.02, 0.0, "stop", stop_reason="" if last else "\n")
+        self.calls.append(("check", i, params))
+        words = [s.split() or [s] for s in candidate_segments(params)]
+        lps = [-3.0 if "WRONG" in w else -0.1 for seg in words for w in seg]
+        return GenerationResult("", 10 + i + len(lps), 0, 0.01, 0.0, 0.0, "score", logprobs=lps,
+                                top_logprobs=[-0.1] * len(lps),
+                                segment_tokens=[len(seg) for seg in words] if params.candidate_splits else None)
+
+
+SCRIPT = ["a = 1\n", "b = WRONG + 1\n", "c = 3\n", "d = 4\n", "e = WRONG + 1\n", "Answer: 5"]
+
+
+def _verify_agent(executor, check_batch):
+    from hera_ray.policy.verify import VerifyConfig, VerifyPolicy
+
+    table = NodeTable()
+    table.register(NodeSpec("e0", "127.0.0.1:1", "slm", 2048, 1, 0, FREE), "t")
+    verify = VerifyPolicy(VerifyConfig(keep=0.9, confidence_keep=1.01, check_batch=check_batch))  # all borderline
+    router = Router(table, build_policies(verify=verify), "slm", "llm", PriceSheet.flat(2.0))
+    return Agent(RouterScheduler(router), executor, AgentConfig(max_steps=20)), router
+
+
+def _run_verify(check_batch):
+    executor = ScoredLines(SCRIPT)
+    agent, router = _verify_agent(executor, check_batch)
+    run = asyncio.run(agent.run("q", "hera-verify", on_step=executor.on_step.append))
+    return run, executor, router
+
+
+def test_batched_checks_decide_every_step_as_one_check_each_does_in_fewer_prefills():
+    one, one_calls, _ = _run_verify(1)
+    batched, calls, router = _run_verify(3)
+    # The same chain and the same decision for every step it holds.
+    want = ["a = 1\n", "fixed 1\n", "c = 3\n", "d = 4\n", "fixed 4\n", "Answer: 5"]
+    assert [t.output for t in one.trace] == want and one.chain == batched.chain == "".join(want)
+    kept = [t for t in batched.trace if not t.discarded]
+    assert [(t.stage, t.placement, t.output) for t in kept] == [(t.stage, t.placement, t.output) for t in one.trace]
+    assert [t.scores["llm_score"] for t in kept] == pytest.approx([t.scores["llm_score"] for t in one.trace])
+    assert [t.rejected_output for t in kept] == ["", "b = WRONG + 1\n", "", "", "e = WRONG + 1\n", ""]
+    assert batched.answer == one.answer == "5" and batched.finished
+    # Three prefills instead of six: steps 0-2 (2 discarded: written after the rejected step 1), 2-4, 5.
+    checks = [(i, p) for side, i, p in calls.calls if side == "check"]
+    assert len([c for c in one_calls.calls if c[0] == "check"]) == 6
+    assert [i for i, _p in checks] == [0, 2, 5]
+    assert [len(p.candidate_splits) for _i, p in checks] == [2, 2, 0]
+    assert checks[0][1].candidate == "a = 1\nb = WRONG + 1\nc = 3\n" and checks[0][1].candidate_splits == (6, 20)
+    (dropped,) = [t for t in batched.trace if t.discarded]
+    assert (dropped.index, dropped.output, dropped.placement) == (2, "c = 3\n", "edge")
+    # Each check is billed once, on the first step it scored; every cost is in the run's total.
+    assert [t.check_steps for t in batched.trace] == [3, 0, 0, 3, 0, 0, 1]
+    assert sum(t.check_cost > 0 for t in batched.trace) == 3
+    assert batched.cost == pytest.approx(sum(t.cost + t.speculative_cost + t.check_cost for t in batched.trace))
+    assert batched.usage["cloud_cost"] == pytest.approx(sum(t.cost + t.check_cost for t in batched.trace
+                                                             if t.placement == "cloud" or t.check_cost))
+    # A streaming client sees the final chain only, each step once it is decided.
+    assert [t.output for t in calls.on_step] == want and not any(t.discarded for t in calls.on_step)
+    assert router.outstanding["e0"] == 0
+    # The rewrite after a batched check reads the prompt the check left in the LLM's cache.
+    rewrite = next(t for t in kept if t.stage == "llm-rewrite")
+    assert rewrite.cached_prompt_tokens == rewrite.prompt_tokens > 0
+
+
+def test_held_steps_are_decided_before_the_llm_writes_after_them():
+    """A policy that sends a step straight to the LLM while checks are held: they run first, and a
+    rejection there means the step is asked for again at its new place."""
+    from hera_ray.policy.base import Decision, Placement
+    from hera_ray.policy.verify import VerifyConfig, VerifyPolicy
+
+    class CloudAtTwo(VerifyPolicy):
+        async def decide(self, ctx):
+            if ctx.index == 2 and ctx.slm_candidate is None:
+                return Decision(Placement.CLOUD, "llm")
+            return await super().decide(ctx)
+
+    executor = ScoredLines(SCRIPT)
+    table = NodeTable()
+    table.register(NodeSpec("e0", "127.0.0.1:1", "slm", 2048, 1, 0, FREE), "t")
+    policy = CloudAtTwo(VerifyConfig(keep=0.9, confidence_keep=1.01, check_batch=3))
+    router = Router(table, build_policies(verify=policy), "slm", "llm", PriceSheet.flat(2.0))
+    agent = Agent(RouterScheduler(router), executor, AgentConfig(max_steps=20))
+    run = asyncio.run(agent.run("q", "hera-verify"))
+    sides = [(side, i) for side, i, _p in executor.calls]
+    # Steps 0 and 1 held; step 2 is the LLM's: the check of 0-1 runs first and rejects step 1.
+    assert sides[:4] == [("edge", 0), ("edge", 1), ("check", 0), ("write", 1)]
+    assert sides[4] == ("write", 2)  # then the LLM writes step 2 after the rewritten step 1
+    assert [t.output for t in run.trace[:3]] == ["a = 1\n", "fixed 1\n", "fixed 2\n"]
+    assert [t.stage for t in run.trace[:3]] == ["llm-check", "llm-rewrite", "llm"]
+    assert router.outstanding["e0"] == 0
+
+
+def test_a_batch_the_cloud_cannot_score_is_rewritten_from_its_first_step():
+    class NoScores(ScoredLines):
+        async def cloud(self, params):
+            if params.candidate:
+                from hera_ray.errors import InvalidRequest
+
+                self.calls.append(("check", self.position(params), params))
+                raise InvalidRequest("the OpenAI-compatible endpoint behind 'llm' cannot score a candidate")
+            return await super().cloud(params)
+
+    executor = NoScores(SCRIPT[:3])
+    agent, _ = _verify_agent(executor, 2)
+    run = asyncio.run(agent.run("q", "hera-verify"))
+    kept = [t for t in run.trace if not t.discarded]
+    assert [(t.stage, t.fallback, t.output) for t in kept] == [("llm-rewrite", "no-check", "fixed 0\n"),
+                                                               ("llm-rewrite", "no-check", "fixed 1\n"),
+                                                               ("llm-rewrite", "no-check", "Answer: fixed")]
+    assert all("cannot score a candidate" in t.check_error for t in kept)

@@ -184,6 +184,26 @@ def test_token_logprobs_and_a_scored_candidate_agree_and_leave_the_cache_usable(
     assert again.text == first.text
 
 
+def test_steps_scored_in_one_prefill_get_the_scores_each_would_get_alone(edge):
+    """A batched check (candidate_splits): one prefill, the scores split per step, the first step's
+    the same as a check of it alone, each later one tokenised on its own."""
+    prompt = "Count on: 1, 2, 3,"
+    steps = [" 4, 5,\n", " 6, 7,\n", " eight banana"]
+    splits = [len(steps[0]), len(steps[0]) + len(steps[1])]
+    both = run(generate(edge.address, prompt=prompt, max_tokens=0, candidate="".join(steps), candidate_splits=splits))
+    assert both.finish_reason == "score" and len(both.segment_tokens) == 3
+    assert sum(both.segment_tokens) == len(both.logprobs) == len(both.top_logprobs)
+    alone = run(generate(edge.address, prompt=prompt, max_tokens=0, candidate=steps[0]))
+    n0 = both.segment_tokens[0]
+    assert n0 == len(alone.logprobs) and not alone.segment_tokens  # one segment: no counts
+    assert both.logprobs[:n0] == pytest.approx(alone.logprobs, abs=1e-3)
+    # Each step's own scores: the model continues the count readily, not with a fruit.
+    means = []
+    for a, n in zip([0, n0, n0 + both.segment_tokens[1]], both.segment_tokens):
+        means.append(sum(both.logprobs[a:a + n]) / n)
+    assert means[2] < min(means[:2]) - 1.0, means
+
+
 def test_scoring_refuses_what_it_cannot_score(edge):
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         run(generate(edge.address, prompt="Hello", max_tokens=-1, candidate=" world"))
@@ -191,3 +211,10 @@ def test_scoring_refuses_what_it_cannot_score(edge):
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         run(generate(edge.address, prompt="Hello", max_tokens=0, candidate="x" * 5000))
     assert exc.value.code() == grpc.StatusCode.OUT_OF_RANGE and "context window" in exc.value.details()
+    for splits, words in (([3, 2], "rise strictly"), ([0], "rise strictly"), ([6], "rise strictly")):
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            run(generate(edge.address, prompt="Hello", max_tokens=0, candidate=" world", candidate_splits=splits))
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in exc.value.details(), splits
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        run(generate(edge.address, prompt="Hello", max_tokens=4, candidate_splits=[1]))
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "give the candidate" in exc.value.details()

@@ -147,3 +147,38 @@ def test_hera_verify_checks_slm_steps_on_the_llm_and_rewrites_and_costs_the_reje
     assert run.cost == pytest.approx(sum(t.cost + t.speculative_cost + t.check_cost for t in run.trace))
     checks = [p for side, p in executor.calls if side == "cloud" and p.candidate]
     assert len(checks) == len(run.trace) and all(p.max_tokens == 0 for p in checks)
+
+
+def test_batched_checks_on_the_real_pair_keep_the_decisions_in_fewer_prefills(llm, slm):
+    """verify.check_batch 3: the SLM writes on while up to three steps wait for the LLM's check, and
+    one prefill scores them all. Every kept step is decided as a check of it alone decides it (the
+    same chain as check_batch 1), with fewer prefills; a step written after a rejected one is
+    discarded, and every call is billed."""
+    from hera_ray.policy.verify import REWRITTEN, VerifyConfig, VerifyPolicy
+
+    runs = {}
+    for batch in (1, 3):
+        policy = VerifyPolicy(VerifyConfig(keep=1.0, confidence_keep=1.01, llm_accept=0.9, check_batch=batch))
+        agent, executor = make_agent(cold(slm), cold(llm), [policy])
+        runs[batch] = asyncio.run(agent.run(QUESTIONS[1], "hera-verify")), executor
+    (one, one_exec), (three, three_exec) = runs[1], runs[3]
+    kept = [t for t in three.trace if not t.discarded]
+    scores = [(round(a.scores.get("llm_score", -1), 3), round(b.scores.get("llm_score", -1), 3))
+              for a, b in zip(one.trace, kept)]
+    assert three.chain == one.chain, scores
+    assert [(t.stage, t.placement) for t in kept] == [(t.stage, t.placement) for t in one.trace], scores
+    # The first step of each batch is scored exactly as alone; the later ones in one longer prefill.
+    for a, b in zip(one.trace, kept):
+        assert b.scores["llm_score"] == pytest.approx(a.scores["llm_score"], abs=0.05)
+    checks = [p for side, p in three_exec.calls if side == "cloud" and p.candidate]
+    one_checks = [p for side, p in one_exec.calls if side == "cloud" and p.candidate]
+    assert len(one_checks) == len(one.trace) > len(checks)
+    assert max(len(p.candidate_splits) for p in checks) == 2  # three steps in one prefill
+    # Written after a rejected step in its batch: discarded, the chain went on from the rewrite.
+    for i, t in enumerate(three.trace):
+        if t.discarded:
+            assert any(u.stage == REWRITTEN and not u.discarded for u in three.trace[:i])
+    assert sum(t.check_steps for t in three.trace) >= len(kept)  # every kept step was scored (some twice)
+    assert three.cost == pytest.approx(sum(t.cost + t.speculative_cost + t.check_cost for t in three.trace))
+    checks_cost = lambda run: sum(t.check_cost for t in run.trace)  # noqa: E731
+    assert checks_cost(three) < checks_cost(one)

@@ -80,6 +80,10 @@ class TraceEntry:
     check_cost: float = 0.0
     check_s: float = 0.0
     check_error: str = ""
+    #: Steps that check scored in its one prefill: 1, this step alone; more, a batched check
+    #: (``verify.check_batch``), billed here, on the first of them; 0 on the others it scored (their
+    #: ``scores`` hold their own ``llm_score``) and on a step no check read.
+    check_steps: int = 0
     #: The SLM's step the policy discarded (the LLM wrote this one instead), if any.
     rejected_output: str = ""
     #: The SLM's token log-probabilities of the step it wrote first, when the policy judged that step
@@ -89,8 +93,9 @@ class TraceEntry:
     #: engine answered from its generation cache (an evaluation setting: hera_ray/gencache.py).
     engine_calls: int = 0
     cache_hits: int = 0
-    #: A cascade escalated after this step's chain: the LLM answered the request again from the
-    #: start, and this step's text is not in the final chain (its cost still counts).
+    #: This step's text is not in the final chain (its cost still counts): a cascade escalated after
+    #: it (the LLM answered the request again from the start), or a batched check rejected an earlier
+    #: step that this one was written after (the LLM rewrote that step; the chain went on from there).
     discarded: bool = False
 
 
@@ -167,6 +172,20 @@ class _Check:
     cost: float = 0.0
     seconds: float = 0.0
     error: str = ""
+    steps: int = 0
+
+
+@dataclass
+class _Held:
+    """A borderline SLM step kept for now: its LLM check waits for a batch (``check_batch``)."""
+
+    entry: TraceEntry
+    #: Its place in the chain (``state.steps``).
+    position: int
+    #: The request as the policy judged it with the SLM's step, and its ``verify`` decision.
+    spec: dict[str, Any]
+    route: dict[str, Any]
+    max_tokens: int
 
 
 @dataclass
@@ -191,6 +210,10 @@ class _RunState:
     chain_logprobs: list[float] = field(default_factory=list)
     #: A review escalated the request: the LLM's answer is under way (its steps' request ids say so).
     escalated: bool = False
+    #: Borderline steps whose LLM check waits for a batch, oldest first; the steps written since are
+    #: not sent to ``on_step`` until the check has decided them (a rejection discards them).
+    held: list[_Held] = field(default_factory=list)
+    unsent: list[TraceEntry] = field(default_factory=list)
 
 
 class Agent:
@@ -272,25 +295,61 @@ class Agent:
                      on_step: Callable[[TraceEntry], Awaitable[None] | None] | None) -> None:
         """Write the chain step by step until the model ends it or a cap does."""
         run = state.run
-        for index in range(steps):
+        while len(state.steps) < steps:
             budget = state.chain_cap - state.chain_tokens
             if budget <= 0:
                 break
-            entry, step = await self._step(state, index, min(budget, self.config.max_tokens_per_step), max_cloud_cost)
+            out = await self._step(state, len(state.steps), min(budget, self.config.max_tokens_per_step), max_cloud_cost)
+            if out is None:  # held checks ran first and rewrote a step: the chain goes on from there
+                await self._emit(state, on_step)
+                if self._ended(state):
+                    break
+                continue
+            entry, step = out
             run.trace.append(entry)
             state.steps.append(step)
             state.chain_tokens += entry.completion_tokens
-            if on_step is not None:
-                maybe = on_step(entry)
-                if maybe is not None:
-                    await maybe
-            if step.end or (entry.completion_tokens == 0 and not step.text):
+            state.unsent.append(entry)
+            ended = step.end or (entry.completion_tokens == 0 and not step.text)
+            if state.held and (ended or len(state.held) >= state.held[0].route.get("check_batch", 1)
+                               or len(state.steps) >= steps or state.chain_tokens >= state.chain_cap):
+                if await self._flush(state, max_cloud_cost):
+                    ended = self._ended(state)
+            if not state.held:
+                await self._emit(state, on_step)
+            if ended:
                 break  # the model ended its message (or wrote nothing more: asking again would loop)
+        if state.held:  # not reached: every way out of the loop above checks what is held first
+            await self._flush(state, max_cloud_cost)
+            await self._emit(state, on_step)
+
+    @staticmethod
+    def _ended(state: _RunState) -> bool:
+        """The chain's last step ends it (the model ended its message, or wrote nothing)."""
+        if not state.steps:
+            return False
+        last = state.steps[-1]
+        entry = next(t for t in reversed(state.run.trace) if not t.discarded)
+        return last.end or (entry.completion_tokens == 0 and not last.text)
+
+    @staticmethod
+    async def _emit(state: _RunState, on_step: Callable[[TraceEntry], Awaitable[None] | None] | None) -> None:
+        """Send the steps decided so far to ``on_step``, in order (a discarded one is not sent)."""
+        unsent, state.unsent = state.unsent, []
+        if on_step is None:
+            return
+        for entry in unsent:
+            if entry.discarded:
+                continue
+            maybe = on_step(entry)
+            if maybe is not None:
+                await maybe
 
     async def _review(self, state: _RunState, max_cloud_cost: float | None) -> bool:
         """Ask the policy about the finished chain (a cascade's check); True: answer again on the LLM."""
         run = state.run
-        history = [{"subtask": t.subtask, "output": t.output, "placement": t.placement} for t in run.trace]
+        history = [{"subtask": t.subtask, "output": t.output, "placement": t.placement}
+                   for t in run.trace if not t.discarded]
         route = await self._route({"request_id": run.request_id, "policy": run.policy, "index": len(state.steps),
                                    "question": run.question, "history": history, "exclude_nodes": [],
                                    "chain_logprobs": state.chain_logprobs}, max_cloud_cost)
@@ -303,13 +362,15 @@ class Agent:
         return escalated
 
     def _params(self, state: _RunState, index: int, max_tokens: int, fmt: StepFormat,
-                logprobs: bool = False, candidate: str = "") -> GenerationParams:
+                logprobs: bool = False, candidate: str = "", splits: tuple[int, ...] = ()) -> GenerationParams:
+        """The call for step ``index`` (the chain before it is the prompt); with ``candidate``, the
+        check that scores it (``splits``: a batched check's segments, one per step)."""
         run = state.run
         if state.call is not None:  # step mode: the caller's call as it stands (a check scores after its prompt)
             return replace(state.call, max_tokens=0 if candidate else max_tokens, stop_at_line_end=False,
                            request_id=f"{run.request_id}:{index}" + (":check" if candidate else ""),
                            logprobs=logprobs, candidate=candidate)
-        chain = chain_text(state.steps)
+        chain = chain_text(state.steps[:index])
         return GenerationParams(
             messages=step_messages(run.question, chain, fmt),
             continue_final_message=continues(fmt, chain),
@@ -319,16 +380,21 @@ class Agent:
             request_id=f"{run.request_id}:{index}" + (":escalated" if state.escalated else "") + (":check" if candidate else ""),
             logprobs=logprobs,
             candidate=candidate,
+            candidate_splits=splits,
         )
 
     def _format(self, route: dict[str, Any]) -> StepFormat:
         return StepFormat.CONTINUE if route["placement"] == "edge" else self.cloud_step_format
 
     async def _step(self, state: _RunState, index: int, max_tokens: int,
-                    max_cloud_cost: float | None) -> tuple[TraceEntry, Step]:
+                    max_cloud_cost: float | None) -> tuple[TraceEntry, Step] | None:
+        """Decide, run (and, for hera-verify, check) step ``index``; its trace entry and step. None:
+        the steps held for a batched check had to be decided first, and one was rewritten (the chain
+        is shorter now: ask again for its next step)."""
         run = state.run
         history = state.history if state.history is not None else [
-            {"subtask": t.subtask, "output": t.output, "placement": t.placement} for t in run.trace]
+            {"subtask": t.subtask, "output": t.output, "placement": t.placement} for t in run.trace
+            if not t.discarded]
         request = {"request_id": run.request_id, "policy": run.policy, "index": index, "question": run.question,
                    "history": history, "exclude_nodes": []}
         if state.session is not None:
@@ -341,11 +407,17 @@ class Agent:
         check = _Check()
         rejected = ""
         calls0, hits0 = state.engine_calls, state.cache_hits
+        hold: dict[str, Any] | None = None
         while True:
             route = await self._route(request, max_cloud_cost)
             decision_s += route["decision_s"]
             fmt = self._format(route)
             speculate = route["stage"] == SPECULATE and route["placement"] == "edge"
+            if state.held and not speculate and await self._flush(state, max_cloud_cost):
+                # Held steps must be decided before another model writes after them; one was rewritten.
+                if route["placement"] == "edge":
+                    await self.scheduler.report({**_report_base(run, route), "ok": True, "release_only": True})
+                return None
             params = self._params(state, index, max_tokens, fmt,
                                   logprobs=bool(route.get("logprobs")) and route["placement"] == "edge")
             t_gen = time.perf_counter()
@@ -380,12 +452,19 @@ class Agent:
                 final = await self._route(spec, max_cloud_cost)
                 decision_s += final["decision_s"]
                 scores = {**scores, **final["scores"]}
-                if final["stage"] == VERIFY and final["placement"] == "cloud":
+                if (final["stage"] == VERIFY and final["placement"] == "cloud" and final.get("check_batch", 1) > 1
+                        and state.call is None):
+                    # Borderline, checked in a batch: kept for now, the SLM writes on (see _flush).
+                    hold = final
+                    final = {**final, "placement": "edge"}
+                elif final["stage"] == VERIFY and final["placement"] == "cloud":
                     # Borderline: the LLM scores the step in one prefill, then the policy decides.
                     final = await self._check(state, index, max_tokens, step, spec, final, check, failures, max_cloud_cost)
                     decision_s += final["decision_s"]
                     scores = {**scores, **final["scores"]}
-                if final["placement"] == "edge":  # accepted: the step already ran; release the second node pick
+                if hold is not None:  # the verify route picked no node: nothing to release
+                    route = {**final, "node_id": route["node_id"], "model": route["model"]}
+                elif final["placement"] == "edge":  # accepted: the step already ran; release the second node pick
                     await self.scheduler.report({**_report_base(run, final), "ok": True, "release_only": True})
                     route = {**final, "node_id": route["node_id"], "model": route["model"]}
                 else:  # rejected: the LLM writes this step, and the SLM's time was spent for nothing
@@ -411,9 +490,11 @@ class Agent:
                 speculative_s=speculative_s, speculative_cost=speculative_cost, failures=failures, cached_prompt_tokens=cached,
                 uncached_prompt_tokens=result.prompt_tokens - cached, boundary=step.boundary, step_format=fmt.value,
                 check_prompt_tokens=check.prompt_tokens, check_cached_prompt_tokens=check.cached, check_cost=check.cost,
-                check_s=check.seconds, check_error=check.error, rejected_output=rejected, slm_logprobs=slm_logprobs,
-                engine_calls=state.engine_calls - calls0, cache_hits=state.cache_hits - hits0,
+                check_s=check.seconds, check_error=check.error, check_steps=check.steps, rejected_output=rejected,
+                slm_logprobs=slm_logprobs, engine_calls=state.engine_calls - calls0, cache_hits=state.cache_hits - hits0,
             )
+            if hold is not None:
+                state.held.append(_Held(entry, index, spec, hold, max_tokens))
             return entry, step
 
     async def _check(self, state: _RunState, index: int, max_tokens: int, step: Step, spec: dict[str, Any],
@@ -432,9 +513,109 @@ class Agent:
             check.error, check.seconds = e.message, time.perf_counter() - t0
             return {**route, "stage": "llm-rewrite", "fallback": "no-check", "decision_s": 0.0, "scores": {}}
         check.seconds = time.perf_counter() - t0
-        check.prompt_tokens = result.prompt_tokens
+        check.prompt_tokens, check.steps = result.prompt_tokens, 1
         return await self._route({**spec, "llm_logprobs": result.logprobs or [],
                                   "llm_top_logprobs": result.top_logprobs or []}, max_cloud_cost)
+
+    async def _flush(self, state: _RunState, max_cloud_cost: float | None) -> bool:
+        """Check the held steps: the LLM scores them in one prefill (each step a segment of the
+        candidate), then the policy decides each in order, as a check of it alone would. The first
+        it rejects the LLM rewrites, and the steps written after it are discarded. True when a step
+        was rewritten (the chain changed after its last held step's position)."""
+        held, state.held = state.held, []
+        if not held:
+            return False
+        run = state.run
+        first, last = held[0].position, held[-1].position
+        texts = [s.text + s.boundary for s in state.steps[first:last + 1]]
+        # Each step's segment ends where its checked text does (a step's trailing indentation opens
+        # the next one's segment): held steps are never blank, so each segment has text.
+        candidate, ends, offset = checked_text("".join(texts)), [], 0
+        for text in texts:
+            ends.append(offset + len(checked_text(text)))
+            offset += len(text)
+        ends[-1] = len(candidate)
+        splits = tuple(sorted(set(e for e in ends[:-1] if 0 < e < len(candidate))))
+        owner = held[0].entry  # the check is billed on the first held step's entry
+        route = held[0].route
+        params = self._params(state, first, 0, self._format(route), candidate=candidate, splits=splits)
+        failures: list[str] = []
+        t0 = time.perf_counter()
+        calls0, hits0 = state.engine_calls, state.cache_hits
+        try:
+            result, owner.check_cost, owner.check_cached_prompt_tokens = await self._execute(state, route, params, failures)
+        except InvalidRequest as e:  # the backend cannot score (an OpenAI endpoint): the LLM rewrites the first
+            owner.check_error, owner.check_s = e.message, time.perf_counter() - t0
+            owner.failures += failures
+            h = held[0]
+            verdict = {**h.route, "stage": "llm-rewrite", "fallback": "no-check", "decision_s": 0.0, "scores": {}}
+            await self._rewrite(state, h, verdict)
+            return True
+        owner.check_s = time.perf_counter() - t0
+        owner.check_prompt_tokens, owner.check_steps = result.prompt_tokens, len(held)
+        owner.failures += failures
+        owner.latency_s += owner.check_s
+        owner.engine_calls += state.engine_calls - calls0
+        owner.cache_hits += state.cache_hits - hits0
+        bounds = (0, *splits, len(candidate))
+        lps, tops = list(result.logprobs or []), list(result.top_logprobs or [])
+        counts = result.segment_tokens if splits else [len(lps)]  # one segment: the engine sends no counts
+        counts = counts or []
+        if len(counts) != len(bounds) - 1 or sum(counts) != len(lps):
+            raise HeraError(f"the cloud backend scored {len(lps)} token(s) in "
+                            f"{len(counts)} segment(s) where {len(bounds) - 1} were sent")
+        starts = [0]
+        for n in counts:
+            starts.append(starts[-1] + n)
+        for h in held:
+            k = bounds.index(ends[h.position - first]) - 1  # the segment that ends where this step's checked text does
+            a, b = starts[k], starts[k + 1]
+            verdict = await self._route({**h.spec, "llm_logprobs": lps[a:b], "llm_top_logprobs": tops[a:b]},
+                                        max_cloud_cost)
+            h.entry.decision_s += verdict["decision_s"]
+            h.entry.scores = {**h.entry.scores, **verdict["scores"]}
+            h.entry.fallback = verdict["fallback"] or h.entry.fallback
+            if verdict["placement"] == "edge":  # kept: release the node the decision picked
+                h.entry.stage = verdict["stage"]
+                await self.scheduler.report({**_report_base(run, verdict), "ok": True, "release_only": True})
+                continue
+            await self._rewrite(state, h, verdict)
+            return True
+        return False
+
+    async def _rewrite(self, state: _RunState, h: _Held, verdict: dict[str, Any]) -> None:
+        """The LLM writes held step ``h`` anew (``verdict``: the policy's rewrite decision); the steps
+        written after it leave the chain (their trace entries are marked discarded)."""
+        run = state.run
+        after = False
+        for t in run.trace:
+            after = after or t is h.entry
+            if after and t is not h.entry:
+                t.discarded = True
+        del state.steps[h.position:]
+        fmt = self._format(verdict)
+        params = self._params(state, h.position, h.max_tokens, fmt)
+        failures: list[str] = []
+        calls0, hits0 = state.engine_calls, state.cache_hits
+        t_gen = time.perf_counter()
+        result, cost, cached = await self._execute(state, verdict, params, failures)
+        generation_s = time.perf_counter() - t_gen
+        step = make_step(result.text, result.finish_reason, result.stop_reason)
+        e = h.entry
+        e.speculative_s, e.speculative_cost, e.rejected_output = e.generation_s, e.cost, e.output
+        e.subtask, e.output, e.boundary = step.text.strip(), step.text, step.boundary
+        e.placement, e.node, e.model, e.stage = verdict["placement"], verdict["node_id"], verdict["model"], verdict["stage"]
+        e.fallback = verdict["fallback"]
+        e.prompt_tokens, e.completion_tokens = result.prompt_tokens, result.completion_tokens
+        e.tokens, e.cost = result.prompt_tokens + result.completion_tokens, cost
+        e.cached_prompt_tokens, e.uncached_prompt_tokens = cached, result.prompt_tokens - cached
+        e.generation_s, e.model_s, e.finish_reason = generation_s, result.ttft_s + result.decode_s, result.finish_reason
+        e.step_format, e.failures, e.retries = fmt.value, [*e.failures, *failures], e.retries + len(failures)
+        e.latency_s += generation_s
+        e.engine_calls += state.engine_calls - calls0
+        e.cache_hits += state.cache_hits - hits0
+        state.steps.append(step)
+        state.chain_tokens = sum(t.completion_tokens for t in run.trace if not t.discarded)
 
     async def _route(self, request: dict[str, Any], max_cloud_cost: float | None) -> dict[str, Any]:
         """Ask the scheduler; the route's ``decision_s`` is the whole call as the agent waited for it

@@ -63,6 +63,11 @@ class Decision:
     #: (``SubtaskContext.chain_logprobs``): a cascade's check. CLOUD then means "answer again on the
     #: LLM from the start" (the chain so far is discarded), EDGE "keep the answer".
     review: bool = False
+    #: A ``verify`` decision (hera-verify): the agent may hold the LLM's check of this step until this
+    #: many borderline steps wait (the SLM writing on after them), then score them all in one prefill
+    #: and ask again about each in order. The first step the LLM rejects is rewritten and the steps
+    #: written after it are discarded, so each step is decided as a check of it alone would decide it.
+    check_batch: int = 1
 
 
 class Policy(abc.ABC):

@@ -20,6 +20,11 @@ nearly free), and the question becomes whether to keep what it wrote:
    itself: one bar for both kinds of evidence): kept (``llm-check``).
    Else the LLM writes the step itself (``llm-rewrite``) from its cached prefix.
    Below ``reject_below`` P(good), the check is skipped and the LLM rewrites at once.
+   With ``check_batch`` above 1 the SLM writes on while up to that many borderline steps wait, and
+   the LLM scores them all in one prefill (the way speculative decoding verifies a draft's tokens,
+   at step level); each is then decided as above, in order, and the first one rejected is rewritten
+   (the steps written after it are discarded). The decisions are the same; the LLM re-reads the
+   prompt once per batch instead of once per step.
 
 A blank line (a paragraph break) is kept as it is (stage ``blank``); an empty step (the SLM wrote
 nothing) is the LLM's to write.
@@ -68,6 +73,8 @@ class VerifyConfig:
     llm_accept: float | None = None
     #: P(good) under which the LLM rewrites without checking (0: always check first).
     reject_below: float = 0.0
+    #: Borderline steps scored in one LLM prefill at most (``Decision.check_batch``; 1: each at once).
+    check_batch: int = 1
 
 
 def geo_mean_prob(logprobs: Sequence[float] | None) -> float:
@@ -240,4 +247,4 @@ class VerifyPolicy(Policy):
             return Decision(Placement.EDGE, KEPT_BY_CLASSIFIER if self.classifier is not None else KEPT_BY_CONFIDENCE, scores)
         if p < c.reject_below:
             return Decision(Placement.CLOUD, REWRITTEN, scores)
-        return Decision(Placement.CLOUD, VERIFY, scores)
+        return Decision(Placement.CLOUD, VERIFY, scores, check_batch=c.check_batch)

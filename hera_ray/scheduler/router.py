@@ -93,6 +93,8 @@ class Route:
     logprobs: bool = False
     #: The policy wants to review the finished chain (Decision.review).
     review: bool = False
+    #: A ``verify`` decision: borderline steps the agent may score in one LLM prefill (Decision.check_batch).
+    check_batch: int = 1
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -240,7 +242,8 @@ class Router:
         else:
             route = Route(placement, decision.stage, decision.scores, "cloud", "", self.cloud_model,
                           self.cloud_prices.model_dump(), fallback)
-        return replace(route, decision_s=time.perf_counter() - t0, logprobs=decision.logprobs, review=decision.review)
+        return replace(route, decision_s=time.perf_counter() - t0, logprobs=decision.logprobs, review=decision.review,
+                       check_batch=decision.check_batch)
 
     #: Requests or sessions whose node is remembered at most (the oldest are forgotten).
     MAX_AFFINITY = 10_000
