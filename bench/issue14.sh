@@ -35,11 +35,13 @@ if want train; then
 fi
 if want calibrate; then $PY bench/verify_calibration.py || status=1; fi
 if want dev; then
-  # serve the new bundled set, with the generation cache
-  $HERA down >/dev/null 2>&1; $HERA up --local-edges 1 ${GEN_CACHE:+--generation-cache "$GEN_CACHE"} || exit 1
-  $HERA bench --dataset gsm8k,mbpp --split dev --n "$DEV_N" --out bench/results/dev14 \
-    --policies hera-verify,hera,hybridllm,random,all-slm,all-llm \
-    --verify-sweep "${VERIFY_SWEEP:-0.8,0.9}" --hera-sweep "" --hybrid-sweep "" --random-sweep "" --no-ablations || status=1
+  # serve the new bundled set, with the generation cache; DEV_CONFIG: a settings file for the
+  # cluster (a tuning run: its own DEV_OUT), e.g. bench/results/dev14b/hera.yaml
+  $HERA down >/dev/null 2>&1
+  $HERA up --local-edges 1 ${DEV_CONFIG:+--config "$DEV_CONFIG"} ${GEN_CACHE:+--generation-cache "$GEN_CACHE"} || exit 1
+  $HERA bench --dataset gsm8k,mbpp --split dev --n "$DEV_N" --out "${DEV_OUT:-bench/results/dev14}" \
+    --policies "${DEV_POLICIES:-hera-verify,hera,hybridllm,random,all-slm,all-llm}" \
+    --verify-sweep "${VERIFY_SWEEP-0.8,0.9}" --hera-sweep "" --hybrid-sweep "" --random-sweep "" --no-ablations || status=1
 fi
 if want overhead; then  # timing: on a cluster without the generation cache
   $HERA down >/dev/null 2>&1; $HERA up --local-edges 1 && $PY bench/hera_overhead.py --questions 4 || status=1

@@ -58,6 +58,20 @@ def test_generate_greedy(backend):
     assert run(backend.generate(p)).text == r.text
 
 
+def test_a_candidate_in_segments_is_scored_in_one_request_with_counts_per_segment(backend):
+    """hera-verify's batched check on vLLM: the first segment scored as a lone candidate is, each
+    later one tokenised on its own, the counts per segment returned."""
+    prompt = "Count on: 1, 2, 3,"
+    steps = [" 4, 5,\n", " 6, 7,\n", " eight banana"]
+    splits = (len(steps[0]), len(steps[0]) + len(steps[1]))
+    both = run(backend.generate(GenerationParams(prompt=prompt, candidate="".join(steps), candidate_splits=splits)))
+    alone = run(backend.generate(GenerationParams(prompt=prompt, candidate=steps[0])))
+    assert both.finish_reason == "score" and len(both.segment_tokens) == 3 and alone.segment_tokens is None
+    assert sum(both.segment_tokens) == len(both.logprobs) == len(both.top_logprobs)
+    n0 = both.segment_tokens[0]
+    assert n0 == len(alone.logprobs) and both.logprobs[:n0] == pytest.approx(alone.logprobs, abs=1e-2)
+
+
 def test_stream_deltas_join_to_unary_text(backend):
     p = GenerationParams(messages=QUESTION, max_tokens=MAX_TOKENS, temperature=0.0)
     unary = run(backend.generate(p))
