@@ -53,7 +53,6 @@ class Cluster:
         #: Edges restarted by a fault serve the model the scheduler places work on.
         self.edge_model = self.health().get("edge_model") or "qwen2.5-coder-0.5b"
         self.pool = ThreadPoolExecutor(8)
-        self.requests: list = []
 
     def health(self) -> dict:
         try:
@@ -75,27 +74,23 @@ class Cluster:
 
     def in_flight_request(self, policy: str, tag: str):
         """A request that is running while the fault happens (its future); it must be answered."""
-        future = self.pool.submit(httpx.post, f"{self.url}/v1/agent/runs", timeout=900,
-                                  json={"question": QUESTION, "policy": policy, "request_id": tag})
-        self.requests.append(future)
-        return future
+        return self.pool.submit(httpx.post, f"{self.url}/v1/agent/runs", timeout=900,
+                                json={"question": QUESTION, "policy": policy, "request_id": tag})
 
     def busy_edge(self, timeout_s: float = 300) -> int:
         """The index of the edge node generating a step now (the one request in flight is on it)."""
         import grpc
 
-        from hera_ray.wire import edge_pb2, edge_pb2_grpc
+        from hera_ray.wire import edge_load
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for i, address in enumerate(self.state.edge_addresses):
                 try:
-                    with grpc.insecure_channel(address) as channel:
-                        info = edge_pb2_grpc.EdgeWorkerStub(channel).Info(edge_pb2.InfoRequest(), timeout=2)
+                    if edge_load(address).in_flight > 0:
+                        return i
                 except grpc.RpcError:
                     continue
-                if info.load.in_flight > 0:
-                    return i
             time.sleep(0.02)
         raise TimeoutError(f"no edge node started the request's step within {timeout_s:.0f}s")
 

@@ -173,7 +173,7 @@ async def run(args) -> dict:
         "policy": args.policy, "concurrency": args.concurrency, "duration_s": args.duration,
         "cloud_model": health.get("cloud_model"), "edge_nodes": health.get("nodes_up"),
         "max_concurrent_runs": health.get("max_concurrent_runs"),
-        "sent": sent, "outcomes": outcomes, "outcomes_add_up": unaccounted == 0, **outcomes,
+        "sent": sent, "outcomes": outcomes, "outcomes_add_up": unaccounted == 0,
         "duplicates": duplicates, "throttled_429": load_.throttled,
         "completed_share": round(outcomes["completed"] / sent, 3) if sent else 0.0,
         # Per minute of the run: requests offered (distinct, not counting their 429 retries), admitted

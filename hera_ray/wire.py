@@ -222,6 +222,15 @@ def error_from_rpc(e: grpc.RpcError, where: str) -> HeraError:
     return cls(f"{where}: {code.name}: {e.details()}")
 
 
+def edge_load(address: str, timeout_s: float = 2.0, token: str | None = None) -> NodeLoad:
+    """An edge node's load as it reports it now (its ``Info``), by address; a blocking call, for
+    tools and tests (the scheduler reads the heartbeats instead). Raises grpc.RpcError."""
+    with grpc.insecure_channel(address) as channel:
+        info = edge_pb2_grpc.EdgeWorkerStub(channel).Info(edge_pb2.InfoRequest(), timeout=timeout_s,
+                                                           metadata=auth_metadata(token) or None)
+    return load_from_pb(info.load)
+
+
 def load_to_pb(load: NodeLoad) -> "edge_pb2.NodeLoad":
     return edge_pb2.NodeLoad(in_flight=load.in_flight, queued=load.queued, tokens_per_s=load.tokens_per_s,
                              completed=load.completed, tokens_generated=load.tokens_generated)

@@ -59,6 +59,12 @@ def test_info_reports_model_and_load(edge):
     reply = run(info())
     assert (reply.model, reply.n_ctx, reply.slots) == ("smollm2-135m", 512, 1)
     assert reply.load.completed >= 0 and not reply.draining
+    # What tools read by address (bench/faults.py, the fault tests): the same load, after one more step.
+    from hera_ray.wire import edge_load
+
+    run(generate(edge.address, prompt="Hello", max_tokens=2))
+    load = edge_load(edge.address)
+    assert load.in_flight == 0 and load.completed == reply.load.completed + 1
 
 
 BAD_INPUTS = [

@@ -133,6 +133,11 @@ class ChatMessage(BaseModel):
 
     name: str | None = Field(None, max_length=200)
 
+    @field_validator("content", mode="before", check_fields=False)  # each role's class declares its content
+    @classmethod
+    def _text_parts_only(cls, v: Any) -> Any:
+        return _only_text_parts(v)
+
     def text(self) -> str:
         """The content as one string (text parts joined)."""
         content = getattr(self, "content", None)
@@ -153,11 +158,6 @@ class ChatMessage(BaseModel):
 
 class _Authored(ChatMessage):
     content: Content
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_parts_only(cls, v: Any) -> Any:
-        return _only_text_parts(v)
 
 
 class SystemMessage(_Authored):
@@ -180,11 +180,6 @@ class AssistantMessage(ChatMessage):
     refusal: str | None = None
     #: An earlier turn's audio reference: accepted in the history, not sent to the models (text only).
     audio: dict[str, Any] | None = None
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_parts_only(cls, v: Any) -> Any:
-        return _only_text_parts(v)
 
     def calls(self) -> list[ToolCall]:
         return self.tool_calls or []

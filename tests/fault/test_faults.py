@@ -16,11 +16,10 @@ import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import grpc
 import httpx
 import pytest
 
-from hera_ray.wire import edge_pb2, edge_pb2_grpc
+from hera_ray.wire import edge_load
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -50,9 +49,7 @@ def answered(futures: dict[str, Future]) -> dict[str, dict]:
 
 
 def in_flight(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
-        info = edge_pb2_grpc.EdgeWorkerStub(channel).Info(edge_pb2.InfoRequest(), timeout=2)
-    return info.load.in_flight
+    return edge_load(address).in_flight
 
 
 def wait_busy_edge(cluster, timeout_s: float = 120):
