@@ -15,6 +15,8 @@ class HeraError(Exception):
     grpc_code: str = "INTERNAL"
     #: HTTP status code for the ingress.
     http_status: int = 500
+    #: OpenAI's error ``code`` for it, where OpenAI has one (SDKs and agent frameworks branch on it).
+    error_code: str | None = None
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
@@ -35,6 +37,7 @@ class ContextLengthExceeded(InvalidRequest):
     that an edge's refusal reaches the caller as this (a model with a larger window may take it)."""
 
     grpc_code = "OUT_OF_RANGE"
+    error_code = "context_length_exceeded"
 
 
 class ModelNotFound(HeraError):

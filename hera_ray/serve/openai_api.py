@@ -132,9 +132,9 @@ def published_openapi(app: FastAPI = api, agent=None, keys_required: bool | None
 api.openapi = published_openapi  # type: ignore[method-assign]
 
 
-def _json_error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"), param),
-                        status_code=status)
+def _json_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+                                   param, code), status_code=status)
 
 
 def cloud_step_format(cloud) -> StepFormat:
@@ -200,7 +200,7 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
 
 @api.exception_handler(HeraError)
 async def _hera_error(request: Request, exc: HeraError) -> JSONResponse:
-    response = _json_error(exc.http_status, exc.message, getattr(exc, "param", None))
+    response = _json_error(exc.http_status, exc.message, getattr(exc, "param", None), exc.error_code)
     if isinstance(exc, RateLimited):  # whole seconds, rounded up: the header takes no fraction
         response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     return response

@@ -327,6 +327,13 @@ def test_step_mode_refuses_what_it_cannot_honour_by_name(cluster):
         body = {"model": "step:all-slm", "messages": [{"role": "user", "content": "hi"}], **fields}
         r = _post(cluster, "/v1/chat/completions", json=body)
         assert r.status_code == 400 and param in r.json()["error"]["message"], (fields, r.text)
+    # A conversation longer than every model's window (the edges', then the cloud's 8192): OpenAI's
+    # code for it, which SDKs branch on, and a message that names the window.
+    body = {"model": "step:all-slm", "messages": [{"role": "user", "content": "word " * 12_000}], "max_tokens": 16}
+    r = _post(cluster, "/v1/chat/completions", json=body)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded", r.text
+    assert "context window of 8192 tokens" in error["message"], r.text
     # Not models step mode serves (nor GET /v1/models lists): a 404, as for any unknown model.
     for model, words in (("step:gpt-9", "gpt-9"), ("step:cascade", "chain")):
         r = _post(cluster, "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
