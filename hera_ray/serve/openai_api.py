@@ -186,8 +186,24 @@ class BodyLimitMiddleware:
 api.add_middleware(BodyLimitMiddleware)
 
 
+def _unauthenticated(request: Request) -> JSONResponse | None:
+    """The 401 for a request without a valid key, where this ingress needs one; else None. The
+    handlers of malformed requests ask first, so that the key is checked before the body or the
+    query, as OpenAI's API answers (FastAPI validates those before a route's code runs)."""
+    keys = getattr(_this_ingress(), "keys", None)
+    if keys is None or not keys.required or request.url.path == "/healthz":
+        return None
+    try:
+        keys.authenticate(_bearer(request))
+    except HeraError as e:
+        return _json_error(e.http_status, e.message)
+    return None
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if (refused := _unauthenticated(request)) is not None:
+        return refused
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
         return _json_error(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
@@ -208,6 +224,8 @@ async def _hera_error(request: Request, exc: HeraError) -> JSONResponse:
 
 @api.exception_handler(UnicodeError)
 async def _not_text(request: Request, exc: UnicodeError) -> JSONResponse:
+    if (refused := _unauthenticated(request)) is not None:
+        return refused
     # JSON may escape a lone UTF-16 surrogate ("\ud800"); no engine can encode it as text.
     return _json_error(400, f"the request holds text that is not valid Unicode (a lone surrogate?): {exc}")
 

@@ -51,6 +51,18 @@ def test_wrong_and_missing_keys_get_401(cluster):
     assert r.status_code == 401, r.text
     r = _run(cluster, "wrong-key", policy="all-slm", max_steps=1)
     assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    # The key is checked first: a request without one is a 401 whatever else is wrong with it
+    # (a bad body, a bad query), as OpenAI's API answers; with a key, the same request is a 400.
+    bad = [("post", "/v1/chat/completions", {"json": {"model": "all-slm", "messages": []}}),
+           ("post", "/v1/agent/runs", {"json": {"question": 5}}),
+           ("post", "/v1/agent/runs", {"content": b"{not json", "headers": {"Content-Type": "application/json"}}),
+           ("get", "/v1/agent/runs?limit=zero", {})]
+    for method, path, kwargs in bad:
+        headers = kwargs.pop("headers", {})
+        for key, status in ((None, 401), ("wrong-key", 401), (OPEN_KEY, 400)):
+            auth = {"Authorization": f"Bearer {key}"} if key else {}
+            r = httpx.request(method, f"{cluster.ingress_url}{path}", headers={**headers, **auth}, timeout=60, **kwargs)
+            assert r.status_code == status, (method, path, key, r.text)
 
 
 def test_the_env_key_still_works_as_default(cluster):
