@@ -349,8 +349,10 @@ class ScoredLines:
     by word (a "token" a word): a word holding "WRONG" scores far below the LLM's own choice. A
     candidate in segments (candidate_splits) gets per-segment counts, as the engines return them."""
 
-    def __init__(self, script):
+    def __init__(self, script, wrong_logprob=-1.0):
         self.script, self.calls, self.on_step = list(script), [], []
+        #: The SLM's token log-probability on a line holding "WRONG" (others: -1.0).
+        self.wrong_logprob = wrong_logprob
 
     @staticmethod
     def position(params):
@@ -361,8 +363,9 @@ class ScoredLines:
         i = self.position(params)
         self.calls.append(("edge", i, params))
         last = i == len(self.script) - 1
+        lp = self.wrong_logprob if "WRONG" in self.script[i] else -1.0
         return GenerationResult(self.script[i], 10 + i, 4, 0.01, 0.02, 0.0, "stop", stop_reason="" if last else "\n",
-                                logprobs=[-1.0] * 4)
+                                logprobs=[lp] * 4)
 
     async def cloud(self, params):
         from hera_ray.generation import candidate_segments
@@ -384,12 +387,13 @@ class ScoredLines:
 SCRIPT = ["a = 1\n", "b = WRONG + 1\n", "c = 3\n", "d = 4\n", "e = WRONG + 1\n", "Answer: 5"]
 
 
-def _verify_agent(executor, check_batch):
+def _verify_agent(executor, check_batch, batch_above=0.0):
     from hera_ray.policy.verify import VerifyConfig, VerifyPolicy
 
     table = NodeTable()
     table.register(NodeSpec("e0", "127.0.0.1:1", "slm", 2048, 1, 0, FREE), "t")
-    verify = VerifyPolicy(VerifyConfig(keep=0.9, confidence_keep=1.01, check_batch=check_batch))  # all borderline
+    verify = VerifyPolicy(VerifyConfig(keep=0.9, confidence_keep=1.01, check_batch=check_batch,  # all borderline
+                                       batch_above=batch_above))
     router = Router(table, build_policies(verify=verify), "slm", "llm", PriceSheet.flat(2.0))
     return Agent(RouterScheduler(router), executor, AgentConfig(max_steps=20)), router
 
@@ -480,3 +484,17 @@ def test_a_batch_the_cloud_cannot_score_is_rewritten_from_its_first_step():
                                                                ("llm-rewrite", "no-check", "fixed 1\n"),
                                                                ("llm-rewrite", "no-check", "Answer: fixed")]
     assert all("cannot score a candidate" in t.check_error for t in kept)
+
+
+def test_a_step_likely_to_be_rejected_closes_its_batch_so_nothing_is_written_after_it():
+    """batch_above: a borderline step under it in P(good) (here the SLM's confidence: 0.05 on the
+    WRONG lines, 0.37 on the others) is checked at once, with the steps waiting before it."""
+    executor = ScoredLines(SCRIPT, wrong_logprob=-3.0)
+    agent, router = _verify_agent(executor, 3, batch_above=0.2)
+    run = asyncio.run(agent.run("q", "hera-verify"))
+    assert run.chain == "a = 1\nfixed 1\nc = 3\nd = 4\nfixed 4\nAnswer: 5"
+    checks = [(i, len(p.candidate_splits)) for side, i, p in executor.calls if side == "check"]
+    assert checks == [(0, 1), (2, 2), (5, 0)]  # steps 0-1 (closed by 1), 2-4 (closed by 4 and the cap), 5
+    assert not any(t.discarded for t in run.trace) and len(run.trace) == 6
+    assert [t.check_steps for t in run.trace] == [2, 0, 3, 0, 0, 1]
+    assert router.outstanding["e0"] == 0

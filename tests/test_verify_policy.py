@@ -56,6 +56,16 @@ def test_a_borderline_step_goes_to_the_llm_to_be_scored():
     assert d.scores["p_good"] < 0.6
 
 
+def test_a_borderline_step_may_wait_for_a_batched_check_unless_it_is_likely_rejected():
+    policy = VerifyPolicy(VerifyConfig(keep=0.6, confidence_keep=0.99, check_batch=3, batch_above=0.3),
+                          by_mean_logprob(at=-0.5))
+    assert decide(policy, ctx(slm=(-0.6, -0.6))).check_batch == 3  # P(good) 0.40: may wait
+    d = decide(policy, ctx(slm=(-0.9, -0.9)))  # P(good) 0.17: checked at once, closing its batch
+    assert (d.stage, d.check_batch) == (VERIFY, 1) and d.scores["p_good"] < 0.3
+    assert decide(VerifyPolicy(VerifyConfig(keep=0.6, confidence_keep=0.99), by_mean_logprob()),
+                  ctx(slm=(-0.6, -0.6))).check_batch == 1  # the default: each step at once
+
+
 def test_the_llm_keeps_a_step_it_scores_well_and_rewrites_one_it_does_not():
     policy = VerifyPolicy(VerifyConfig(llm_accept=0.5), by_mean_logprob())
     # A line: its last token (the re-tokenised line end) does not count: exp(mean(0, -0.1)) = 0.95.

@@ -311,7 +311,7 @@ class Agent:
             state.chain_tokens += entry.completion_tokens
             state.unsent.append(entry)
             ended = step.end or (entry.completion_tokens == 0 and not step.text)
-            if state.held and (ended or len(state.held) >= state.held[0].route.get("check_batch", 1)
+            if state.held and (ended or len(state.held) >= state.held[-1].route.get("check_batch", 1)
                                or len(state.steps) >= steps or state.chain_tokens >= state.chain_cap):
                 if await self._flush(state, max_cloud_cost):
                     ended = self._ended(state)
@@ -452,9 +452,10 @@ class Agent:
                 final = await self._route(spec, max_cloud_cost)
                 decision_s += final["decision_s"]
                 scores = {**scores, **final["scores"]}
-                if (final["stage"] == VERIFY and final["placement"] == "cloud" and final.get("check_batch", 1) > 1
-                        and state.call is None):
-                    # Borderline, checked in a batch: kept for now, the SLM writes on (see _flush).
+                if (final["stage"] == VERIFY and final["placement"] == "cloud" and state.call is None
+                        and (final.get("check_batch", 1) > 1 or state.held)):
+                    # Borderline, checked in a batch: kept for now, the SLM writes on (see _flush). A
+                    # step that may not wait (check_batch 1) joins the steps waiting and closes the batch.
                     hold = final
                     final = {**final, "placement": "edge"}
                 elif final["stage"] == VERIFY and final["placement"] == "cloud":

@@ -24,7 +24,8 @@ nearly free), and the question becomes whether to keep what it wrote:
    the LLM scores them all in one prefill (the way speculative decoding verifies a draft's tokens,
    at step level); each is then decided as above, in order, and the first one rejected is rewritten
    (the steps written after it are discarded). The decisions are the same; the LLM re-reads the
-   prompt once per batch instead of once per step.
+   prompt once per batch instead of once per step. A step under ``batch_above`` P(good), likely to
+   be rejected, closes its batch: nothing is written after it to be discarded.
 
 A blank line (a paragraph break) is kept as it is (stage ``blank``); an empty step (the SLM wrote
 nothing) is the LLM's to write.
@@ -75,6 +76,10 @@ class VerifyConfig:
     reject_below: float = 0.0
     #: Borderline steps scored in one LLM prefill at most (``Decision.check_batch``; 1: each at once).
     check_batch: int = 1
+    #: P(good) under which a borderline step closes its batch: it is checked at once, with the steps
+    #: waiting before it (the LLM is likely to reject it, and the SLM steps written after a rejected
+    #: step are discarded). 0: every borderline step may wait.
+    batch_above: float = 0.0
 
 
 def geo_mean_prob(logprobs: Sequence[float] | None) -> float:
@@ -247,4 +252,4 @@ class VerifyPolicy(Policy):
             return Decision(Placement.EDGE, KEPT_BY_CLASSIFIER if self.classifier is not None else KEPT_BY_CONFIDENCE, scores)
         if p < c.reject_below:
             return Decision(Placement.CLOUD, REWRITTEN, scores)
-        return Decision(Placement.CLOUD, VERIFY, scores, check_batch=c.check_batch)
+        return Decision(Placement.CLOUD, VERIFY, scores, check_batch=c.check_batch if p >= c.batch_above else 1)

@@ -100,7 +100,7 @@ def _verify_policy(cfg: HeraConfig) -> dict[str, Any]:
             "hera-verify: the OpenAI backend cannot score a step, so every step its confidence or classifier does not "
             "keep is rewritten by the LLM (trace: check_error); serve the cloud model with llama_cpp or vllm to check steps")
     config = VerifyConfig(keep=v.keep, confidence_keep=v.confidence_keep, llm_accept=v.llm_accept, reject_below=v.reject_below,
-                          check_batch=v.check_batch)
+                          check_batch=v.check_batch, batch_above=v.batch_above)
     return {"verify": VerifyPolicy(config, classifier)}
 
 
