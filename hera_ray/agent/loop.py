@@ -310,7 +310,7 @@ class Agent:
             state.steps.append(step)
             state.chain_tokens += entry.completion_tokens
             state.unsent.append(entry)
-            ended = step.end or (entry.completion_tokens == 0 and not step.text)
+            ended = self._ended(state)
             if state.held and (ended or len(state.held) >= state.held[-1].route.get("check_batch", 1)
                                or len(state.steps) >= steps or state.chain_tokens >= state.chain_cap):
                 if await self._flush(state, max_cloud_cost):
@@ -319,9 +319,6 @@ class Agent:
                 await self._emit(state, on_step)
             if ended:
                 break  # the model ended its message (or wrote nothing more: asking again would loop)
-        if state.held:  # not reached: every way out of the loop above checks what is held first
-            await self._flush(state, max_cloud_cost)
-            await self._emit(state, on_step)
 
     @staticmethod
     def _ended(state: _RunState) -> bool:
@@ -560,8 +557,7 @@ class Agent:
         owner.cache_hits += state.cache_hits - hits0
         bounds = (0, *splits, len(candidate))
         lps, tops = list(result.logprobs or []), list(result.top_logprobs or [])
-        counts = result.segment_tokens if splits else [len(lps)]  # one segment: the engine sends no counts
-        counts = counts or []
+        counts = (result.segment_tokens or []) if splits else [len(lps)]  # one segment: the engine sends no counts
         if len(counts) != len(bounds) - 1 or sum(counts) != len(lps):
             raise HeraError(f"the cloud backend scored {len(lps)} token(s) in "
                             f"{len(counts)} segment(s) where {len(bounds) - 1} were sent")
