@@ -24,6 +24,7 @@ import itertools
 import threading
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, AsyncIterator, Callable
 
 from vllm import AsyncEngineArgs, SamplingParams, TokensPrompt
@@ -33,7 +34,8 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from cloud_node.backends import LLMBackend
 from hera_ray.config import CloudLLMConfig
 from hera_ray.errors import ConfigError, ContextLengthExceeded, HeraError, InvalidRequest, Unavailable
-from hera_ray.generation import LINE_END, GenerationParams, GenerationResult, candidate_segments, validate_params
+from hera_ray.generation import (LINE_END, GenerationParams, GenerationResult, candidate_segments, first_rejected,
+                                 validate_params)
 from hera_ray.models import resolve_model
 
 try:  # an already tokenised ("rendered") input: vLLM takes it as is, without its deprecated raw-prompt path
@@ -182,11 +184,33 @@ class VLLMBackend(LLMBackend):
             kw["top_k"] = p.top_k  # 0 means no top-k cut, as in vLLM
         return SamplingParams(**kw)
 
-    async def _produce(self, p: GenerationParams, emit: Callable[[str], None]) -> GenerationResult:
-        """Run one request on the engine loop; emit text deltas; return the result."""
+    async def _check_and_write(self, p: GenerationParams, emit: Callable[[str], None]) -> GenerationResult:
+        """``rewrite_below``: score the candidate, then write from the first segment under the bar,
+        as two engine requests in one call (vLLM has no way to drop the rest of a request's prompt
+        and decode on; the second request's prompt is the first's prefix, which vLLM's prefix cache
+        may serve). Billed as one call: the prompt and candidate read once, the new text written."""
+        scored = await self._produce(replace(p, rewrite_below=(), max_tokens=0), emit)
+        lps, tops = scored.logprobs or [], scored.top_logprobs or []
+        k = first_rejected(p, lps, tops, scored.segment_tokens or [len(lps)])
+        if k is None:
+            return scored
+        segments = candidate_segments(p)
+        prefix = self._prompt_ids(p) if k == 0 else self._prompt_ids(p, segments[0]) + [
+            t for seg in segments[1:k] for t in self.tokenizer.encode(seg, add_special_tokens=False)]
+        written = await self._produce(replace(p, candidate="", candidate_splits=(), rewrite_below=()), emit, prefix)
+        return replace(written, prompt_tokens=scored.prompt_tokens, ttft_s=scored.ttft_s + written.ttft_s,
+                       queue_s=scored.queue_s + written.queue_s, logprobs=scored.logprobs,
+                       top_logprobs=scored.top_logprobs, segment_tokens=scored.segment_tokens, rewritten_segment=k)
+
+    async def _produce(self, p: GenerationParams, emit: Callable[[str], None],
+                       prompt_ids: list[int] | None = None) -> GenerationResult:
+        """Run one request on the engine loop; emit text deltas; return the result. ``prompt_ids``:
+        the prompt as tokens already (a check's rewrite writes after part of what it scored)."""
+        if p.candidate and p.rewrite_below:
+            return await self._check_and_write(p, emit)
         t_start = time.perf_counter()
         try:
-            ids = self._prompt_ids(p)
+            ids = self._prompt_ids(p) if prompt_ids is None else list(prompt_ids)
             split = len(ids)
             later: list[int] = []
             if p.candidate:  # the prompt text and the candidate tokenised together, as the model reads them

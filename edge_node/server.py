@@ -60,6 +60,7 @@ class EdgeWorkerServicer(edge_pb2_grpc.EdgeWorkerServicer):
             has_logprobs=r.logprobs is not None,
             cache_hit=r.cache_hit,
             segment_tokens=r.segment_tokens or [],
+            rewritten_segment=r.rewritten_segment,
         )
 
     @grpc_errors

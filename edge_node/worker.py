@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
 from hera_ray.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded, Unavailable
-from hera_ray.generation import LINE_END, GenerationParams, GenerationResult, candidate_segments, validate_params
+from hera_ray.generation import (LINE_END, GenerationParams, GenerationResult, candidate_segments, first_rejected,
+                                 validate_params)
 from hera_ray.gencache import GenerationCache
 from hera_ray.scheduler.nodes import NodeLoad
 
@@ -243,6 +244,22 @@ class LlamaSlot:
         llm._requires_eval = False
         return logprobs, tops, time.perf_counter() - t0
 
+    def check_and_write(self, tokens: list[int], split: int, counts: list[int], alone: list[int],
+                        p: GenerationParams, on_delta: Callable[[str], None] | None, cancelled: threading.Event):
+        """Score the candidate (``tokens[split:]``, ``counts`` tokens per segment) after the prompt;
+        at the first segment under ``p.rewrite_below``, write from where it began, over the same KV
+        cache (generation reuses the common prefix: only the last kept token is decoded again).
+        Returns (log-probabilities, top log-probabilities, scoring seconds, the segment rewritten or
+        None, :meth:`run`'s tuple or None)."""
+        logprobs, tops, seconds = self.score(tokens[:split], tokens[split:])
+        k = first_rejected(p, logprobs, tops, counts)
+        if k is None:
+            return logprobs, tops, seconds, None, None
+        # The first segment was tokenised with the prompt: write after the prompt's own tokens, as a
+        # request that ends there would; a later one begins after the segments before it.
+        prefix = list(alone) if k == 0 else tokens[: split + sum(counts[:k])]
+        return logprobs, tops, seconds, k, self.run(prefix, p, on_delta, cancelled)
+
 
 @dataclass
 class _Stats:
@@ -350,9 +367,10 @@ class EdgeWorker:
 
     # -- generation ---------------------------------------------------------------------------
 
-    async def _split_candidate(self, p: GenerationParams, tokens: list[int]) -> int:
+    async def _split_candidate(self, p: GenerationParams, tokens: list[int]) -> tuple[int, list[int]]:
         """Where the candidate's tokens start in ``tokens`` (prompt + candidate, tokenised together,
-        as the model reads them): after the longest prefix shared with the prompt's own tokens.
+        as the model reads them): after the longest prefix shared with the prompt's own tokens; and
+        the prompt's own tokens (where a check that rewrites its first segment writes from).
         (A candidate in segments: its first segment is tokenised with the prompt, the rest apart.)"""
         text = self._prompt_text(p)
         loop = asyncio.get_running_loop()
@@ -364,17 +382,17 @@ class EdgeWorker:
             n += 1
         if n >= len(tokens) or n == 0:
             raise InvalidRequest("the candidate adds no token to the prompt (or there is no prompt to score it after)")
-        return n
+        return n, alone
 
     async def generate(self, p: GenerationParams, on_delta: Callable[[str], None] | None = None) -> GenerationResult:
         if self.draining:
             raise Unavailable("this edge node is draining and takes no new work; send to another node")
         tokens, later = await self._prepare(p)
-        split = await self._split_candidate(p, tokens) if p.candidate else 0
+        split, alone = await self._split_candidate(p, tokens) if p.candidate else (0, [])
         if later and len(tokens) - split - sum(later) <= 0:
             raise InvalidRequest("the candidate's first segment adds no token to the prompt")
         if self.cache is None:
-            return await self._run(p, tokens, split, on_delta, later)
+            return await self._run(p, tokens, split, on_delta, later, alone)
         import llama_cpp
 
         key = self.cache.key(p, {"n_ctx": self.n_ctx, "llama_cpp": llama_cpp.__version__, "split": split}, tokens)
@@ -383,11 +401,12 @@ class EdgeWorker:
             if on_delta is not None and hit.text:  # a stream gets the stored text as one delta
                 on_delta(hit.text)
             return hit
-        result = await self._run(p, tokens, split, on_delta, later)
+        result = await self._run(p, tokens, split, on_delta, later, alone)
         return await asyncio.to_thread(self.cache.put, key, result) if key else result
 
     async def _run(self, p: GenerationParams, tokens: list[int], split: int,
-                   on_delta: Callable[[str], None] | None, later: list[int] = ()) -> GenerationResult:
+                   on_delta: Callable[[str], None] | None, later: list[int] = (),
+                   alone: list[int] = ()) -> GenerationResult:
         if self._in_flight + self._queued >= len(self.slots) + self.max_queue:
             raise Overloaded(
                 f"edge node queue is full ({self._in_flight} in flight, {self._queued} queued); retry later or elsewhere"
@@ -407,7 +426,11 @@ class EdgeWorker:
         queue_s = time.perf_counter() - t_queue
         self._in_flight += 1
         cancelled = threading.Event()
-        if p.candidate:
+        counts = [len(tokens) - split - sum(later), *later]
+        if p.candidate and p.rewrite_below:
+            fut = loop.run_in_executor(self._gen_pool, slot.check_and_write, tokens, split, counts, alone, p,
+                                       on_delta, cancelled)
+        elif p.candidate:
             fut = loop.run_in_executor(self._gen_pool, slot.score, tokens[:split], tokens[split:])
         else:
             fut = loop.run_in_executor(self._gen_pool, slot.run, tokens, p, on_delta, cancelled)
@@ -423,20 +446,34 @@ class EdgeWorker:
         except asyncio.CancelledError:
             cancelled.set()  # the client went away: stop decoding at the next token
             raise
+        segments = counts if p.candidate_splits else None
+        if p.candidate and p.rewrite_below:  # checked, and written where the check failed
+            logprobs, tops, seconds, k, written = out
+            if k is None:
+                return GenerationResult("", len(tokens), 0, seconds, 0.0, queue_s, "score", p.request_id,
+                                        logprobs=logprobs, top_logprobs=tops, segment_tokens=segments)
+            text, n, ttft, decode, finish, stop_reason, _ = written
+            self._count(n, decode)
+            return GenerationResult(text, len(tokens), n, seconds + ttft, decode, queue_s, finish, p.request_id,
+                                    stop_reason, logprobs=logprobs, top_logprobs=tops, segment_tokens=segments,
+                                    rewritten_segment=k)
         if p.candidate:  # scored, not generated: the candidate's tokens are prompt tokens
             logprobs, tops, seconds = out
-            segments = [len(tokens) - split - sum(later), *later] if p.candidate_splits else None
             return GenerationResult("", len(tokens), 0, seconds, 0.0, queue_s, "score", p.request_id,
                                     logprobs=logprobs, top_logprobs=tops, segment_tokens=segments)
         text, n, ttft, decode, finish, stop_reason, logprobs = out
+        self._count(n, decode)
+        return GenerationResult(text, len(tokens), n, ttft, decode, queue_s, finish, p.request_id, stop_reason,
+                                logprobs=logprobs)
+
+    def _count(self, n: int, decode: float) -> None:
+        """A generation finished: count it, and its decode speed."""
         s = self._stats
         s.completed += 1
         s.tokens_generated += n
         if n > 1 and decode > 0:
             rate = (n - 1) / decode
             s.tokens_per_s = rate if s.tokens_per_s == 0 else EWMA_ALPHA * rate + (1 - EWMA_ALPHA) * s.tokens_per_s
-        return GenerationResult(text, len(tokens), n, ttft, decode, queue_s, finish, p.request_id, stop_reason,
-                                logprobs=logprobs)
 
     async def stream(self, p: GenerationParams) -> AsyncIterator[str | GenerationResult]:
         """Yield text deltas as they are decoded, then the GenerationResult."""

@@ -313,6 +313,7 @@ class VerifySettings(BaseModel):
     llm_accept: float | None = Field(None, ge=0, le=1, description="LLM step score (geometric mean of p(token)/p(top token)) at which the LLM keeps the SLM's step; below it the LLM rewrites the step. Default: the knob, keep (one bar for both kinds of evidence).")
     reject_below: float = Field(0.0, ge=0, le=1, description="P(good) under which the LLM rewrites the step without scoring it first (0: always score first).")
     batch_above: float = Field(0.0, ge=0, le=1, description="P(good) under which a borderline step closes its batch of checks (checked at once with the steps waiting before it): the LLM is likely to reject it, and the SLM steps written after a rejected step are discarded. 0: every borderline step may wait.")
+    check_writes: bool = Field(True, description="The LLM's check writes in place of the step it rejects, in the same call: one read of the prompt for the check and the rewrite (llama.cpp: over one KV cache; vLLM: a second request over its prefix cache). Off: the rewrite is a second call, which reads the prompt again (billed as cached input).")
     check_batch: int = Field(1, ge=1, le=16, description="Borderline steps the LLM scores in one prefill at most: the SLM writes on while up to this many wait for their check (1: each step is checked before the next is written). The same per-step decisions; fewer prompt re-reads on the cloud; a rejection discards the SLM steps written after it.")
 
 

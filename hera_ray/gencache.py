@@ -75,6 +75,8 @@ class GenerationCache:
         request.pop("request_id", None)
         if not request.get("candidate_splits"):  # added later: a request without splits keeps its old key
             request.pop("candidate_splits", None)
+        if not request.get("rewrite_below"):  # likewise
+            request.pop("rewrite_below", None)
         if tokens is not None:
             request.pop("messages", None)
             request.pop("prompt", None)

@@ -6,8 +6,9 @@ not depend on the model. Plain dataclasses: no Ray, no torch, no grpc.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from hera_ray.errors import ContextLengthExceeded, InvalidRequest
 
@@ -63,6 +64,16 @@ class GenerationParams:
     #: candidate is), each later one on its own, so that every token belongs to one segment and the
     #: caller can split the scores per step (``GenerationResult.segment_tokens``).
     candidate_splits: tuple[int, ...] = ()
+    #: With ``candidate`` and ``max_tokens`` > 0: check, then write, in one call. One bar per
+    #: segment (or one for all; 0: the segment is kept whatever it scores). The model scores each
+    #: segment (:func:`segment_score`); at the first that scores under its bar, it drops that
+    #: segment and the ones after it from its context and writes in their place, from where the
+    #: segment began, as it would for a prompt that ended there (the stop settings apply). When
+    #: every segment clears its bar, nothing is written. The prompt and the candidate are read once
+    #: (prompt tokens); the new text is the completion (``GenerationResult.rewritten_segment`` says
+    #: which segment it replaces). SpecReason's and RSD's check-then-rewrite, over one KV cache,
+    #: without a second request that reads the prompt again. Empty: score only.
+    rewrite_below: tuple[float, ...] = ()
     #: Instead of ``messages``: the conversation as a JSON array of OpenAI-style message objects
     #: (``role``, ``content``; an assistant's ``tool_calls`` with ``arguments`` as objects; a tool
     #: message's ``tool_call_id``), for the model's chat template. A string, so that the request
@@ -106,6 +117,9 @@ class GenerationResult:
     cache_hit: bool = False
     #: A candidate scored in segments (``candidate_splits``): how many of ``logprobs`` belong to each.
     segment_tokens: list[int] | None = None
+    #: A check that may write (``rewrite_below``): the segment the model scored under the bar and
+    #: wrote in place of (``text``); None when every segment cleared it and nothing was written.
+    rewritten_segment: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +130,7 @@ def params_from_dict(d: dict[str, Any]) -> GenerationParams:
     d["messages"] = tuple(tuple(m) for m in d.get("messages", ()))
     d["stop"] = tuple(d.get("stop", ()))
     d["candidate_splits"] = tuple(d.get("candidate_splits", ()))
+    d["rewrite_below"] = tuple(d.get("rewrite_below", ()))
     return GenerationParams(**d)
 
 
@@ -125,6 +140,43 @@ def candidate_segments(p: GenerationParams) -> list[str]:
         return []
     edges = (0, *p.candidate_splits, len(p.candidate))
     return [p.candidate[a:b] for a, b in zip(edges, edges[1:])]
+
+
+def segment_score(logprobs: Sequence[float] | None, top_logprobs: Sequence[float] | None,
+                  line_end: bool = True) -> float:
+    """How much a model stands behind a segment it scored: exp(mean(log p(token) - log p(top token)));
+    1.0 where it would have written exactly these tokens. 0 without scores.
+
+    With ``line_end`` (the segment ends with a newline) its last token is left out, unless it is the
+    only one: a step is cut right after the token holding its newline, and the text re-tokenised
+    for scoring ends in a piece the model would not write alone (it writes "):\n" and the next
+    line's indentation as one token, so the shorter "):\n" scores low even when the model agrees
+    with every character before it). A segment that ended the message, or was cut by its token
+    cap, is scored whole: its last token is real text (the last digit of an answer)."""
+    if not logprobs:
+        return 0.0
+    tops = list(top_logprobs or ())
+    if len(tops) != len(logprobs):
+        tops = [0.0] * len(logprobs)  # no top choice known: plain token probabilities
+    pairs = list(zip(logprobs, tops))
+    if line_end and len(pairs) > 1:
+        pairs = pairs[:-1]
+    return math.exp(sum(min(0.0, lp - top) for lp, top in pairs) / len(pairs))
+
+
+def first_rejected(p: GenerationParams, logprobs: Sequence[float], top_logprobs: Sequence[float],
+                   counts: Sequence[int]) -> int | None:
+    """The first of ``p``'s candidate segments (``counts``: its tokens in each) whose
+    :func:`segment_score` is under its bar (``p.rewrite_below``); None when all clear theirs."""
+    segments = candidate_segments(p)
+    bars = p.rewrite_below if len(p.rewrite_below) > 1 else p.rewrite_below * len(segments)
+    start = 0
+    for k, (segment, n, bar) in enumerate(zip(segments, counts, bars)):
+        if bar > 0 and segment_score(logprobs[start:start + n], top_logprobs[start:start + n],
+                                     segment.endswith("\n")) < bar:
+            return k
+        start += n
+    return None
 
 
 def validate_params(p: GenerationParams, n_ctx: int | None = None) -> None:
@@ -150,6 +202,15 @@ def validate_params(p: GenerationParams, n_ctx: int | None = None) -> None:
         if any(b <= a for a, b in zip(edges, edges[1:])):
             raise InvalidRequest(f"candidate_splits must rise strictly inside the candidate (0 < split < "
                                  f"{len(p.candidate)}), got {list(p.candidate_splits)}")
+    if p.rewrite_below:
+        if not p.candidate or p.max_tokens == 0:
+            raise InvalidRequest("rewrite_below writes in place of a candidate's rejected segment: give the candidate "
+                                 "and max_tokens > 0")
+        n = len(p.candidate_splits) + 1
+        if len(p.rewrite_below) not in (1, n):
+            raise InvalidRequest(f"rewrite_below takes one bar, or one per segment ({n}), got {len(p.rewrite_below)}")
+        if not all(0.0 <= b <= 1.0 for b in p.rewrite_below):
+            raise InvalidRequest(f"rewrite_below's bars must be in [0, 1], got {list(p.rewrite_below)}")
     if len(p.stop) > MAX_STOP_STRINGS or any(not s for s in p.stop):
         raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
     if sum(map(bool, (p.prompt, p.messages, p.chat))) > 1:

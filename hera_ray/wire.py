@@ -165,7 +165,7 @@ def params_to_pb(p: GenerationParams) -> "edge_pb2.GenerateRequest":
         request_id=p.request_id, model=p.model, prompt=p.prompt, max_tokens=p.max_tokens,
         temperature=p.temperature, stop=list(p.stop), continue_final_message=p.continue_final_message,
         stop_at_line_end=p.stop_at_line_end, logprobs=p.logprobs, candidate=p.candidate, chat=p.chat, tools=p.tools,
-        candidate_splits=list(p.candidate_splits))
+        candidate_splits=list(p.candidate_splits), rewrite_below=list(p.rewrite_below))
     for role, content in p.messages:
         request.messages.add(role=role, content=content)
     if p.top_p is not None:
@@ -194,6 +194,7 @@ def params_from_pb(r: "edge_pb2.GenerateRequest") -> GenerationParams:
         logprobs=r.logprobs,
         candidate=r.candidate,
         candidate_splits=tuple(r.candidate_splits),
+        rewrite_below=tuple(r.rewrite_below),
         chat=r.chat,
         tools=r.tools,
     )
@@ -205,7 +206,8 @@ def result_from_pb(r: "edge_pb2.GenerateResponse") -> GenerationResult:
                             finish_reason=r.finish_reason, request_id=r.request_id, stop_reason=r.stop_reason,
                             logprobs=list(r.logprobs) if r.has_logprobs else None,
                             top_logprobs=list(r.top_logprobs) if r.has_logprobs and r.top_logprobs else None,
-                            cache_hit=r.cache_hit, segment_tokens=list(r.segment_tokens) or None)
+                            cache_hit=r.cache_hit, segment_tokens=list(r.segment_tokens) or None,
+                            rewritten_segment=r.rewritten_segment if r.HasField("rewritten_segment") else None)
 
 
 # A failed call to an edge node, as the caller should treat it: retry elsewhere, or give up.

@@ -4,6 +4,7 @@ what the trace records, and speculative SSE keeping or discarding the SLM's step
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -347,7 +348,9 @@ class ScoredLines:
     position i (so it writes the same step again after a rewrite), with log-probabilities that make
     every step borderline; the cloud rewrites position i as "fixed i", and scores a candidate word
     by word (a "token" a word): a word holding "WRONG" scores far below the LLM's own choice. A
-    candidate in segments (candidate_splits) gets per-segment counts, as the engines return them."""
+    candidate in segments (candidate_splits) gets per-segment counts, as the engines return them,
+    and a check that may write (rewrite_below) writes in place of the first segment under its bar,
+    as the engines do."""
 
     def __init__(self, script, wrong_logprob=-1.0):
         self.script, self.calls, self.on_step = list(script), [], []
@@ -379,28 +382,41 @@ class ScoredLines:
         self.calls.append(("check", i, params))
         words = [s.split() or [s] for s in candidate_segments(params)]
         lps = [-3.0 if "WRONG" in w else -0.1 for seg in words for w in seg]
-        return GenerationResult("", 10 + i + len(lps), 0, 0.01, 0.0, 0.0, "score", logprobs=lps,
-                                top_logprobs=[-0.1] * len(lps),
-                                segment_tokens=[len(seg) for seg in words] if params.candidate_splits else None)
+        counts = [len(seg) for seg in words]
+        scored = GenerationResult("", 10 + i + len(lps), 0, 0.01, 0.0, 0.0, "score", logprobs=lps,
+                                  top_logprobs=[-0.1] * len(lps), segment_tokens=counts if params.candidate_splits else None)
+        k = self.rewrites_at(params, lps, counts)
+        if k is None:
+            return scored
+        j = i + k  # each step is one segment
+        last = j == len(self.script) - 1
+        return replace(scored, text="Answer: fixed" if last else f"fixed {j}\n", completion_tokens=4,
+                       finish_reason="stop", stop_reason="" if last else "\n", rewritten_segment=k)
+
+    @staticmethod
+    def rewrites_at(params, lps, counts):
+        from hera_ray.generation import first_rejected
+
+        return first_rejected(params, lps, [-0.1] * len(lps), counts) if params.rewrite_below else None
 
 
 SCRIPT = ["a = 1\n", "b = WRONG + 1\n", "c = 3\n", "d = 4\n", "e = WRONG + 1\n", "Answer: 5"]
 
 
-def _verify_agent(executor, check_batch, batch_above=0.0):
+def _verify_agent(executor, check_batch, batch_above=0.0, check_writes=False):
     from hera_ray.policy.verify import VerifyConfig, VerifyPolicy
 
     table = NodeTable()
     table.register(NodeSpec("e0", "127.0.0.1:1", "slm", 2048, 1, 0, FREE), "t")
     verify = VerifyPolicy(VerifyConfig(keep=0.9, confidence_keep=1.01, check_batch=check_batch,  # all borderline
-                                       batch_above=batch_above))
+                                       batch_above=batch_above, check_writes=check_writes))
     router = Router(table, build_policies(verify=verify), "slm", "llm", PriceSheet.flat(2.0))
     return Agent(RouterScheduler(router), executor, AgentConfig(max_steps=20)), router
 
 
-def _run_verify(check_batch):
-    executor = ScoredLines(SCRIPT)
-    agent, router = _verify_agent(executor, check_batch)
+def _run_verify(check_batch, check_writes=False, executor=None):
+    executor = executor or ScoredLines(SCRIPT)
+    agent, router = _verify_agent(executor, check_batch, check_writes=check_writes)
     run = asyncio.run(agent.run("q", "hera-verify", on_step=executor.on_step.append))
     return run, executor, router
 
@@ -453,7 +469,7 @@ def test_held_steps_are_decided_before_the_llm_writes_after_them():
     executor = ScoredLines(SCRIPT)
     table = NodeTable()
     table.register(NodeSpec("e0", "127.0.0.1:1", "slm", 2048, 1, 0, FREE), "t")
-    policy = CloudAtTwo(VerifyConfig(keep=0.9, confidence_keep=1.01, check_batch=3))
+    policy = CloudAtTwo(VerifyConfig(keep=0.9, confidence_keep=1.01, check_batch=3, check_writes=False))
     router = Router(table, build_policies(verify=policy), "slm", "llm", PriceSheet.flat(2.0))
     agent = Agent(RouterScheduler(router), executor, AgentConfig(max_steps=20))
     run = asyncio.run(agent.run("q", "hera-verify"))
@@ -498,3 +514,54 @@ def test_a_step_likely_to_be_rejected_closes_its_batch_so_nothing_is_written_aft
     assert not any(t.discarded for t in run.trace) and len(run.trace) == 6
     assert [t.check_steps for t in run.trace] == [2, 0, 3, 0, 0, 1]
     assert router.outstanding["e0"] == 0
+
+
+@pytest.mark.parametrize("check_batch", [1, 3])
+def test_a_check_that_writes_decides_as_two_calls_do_and_reads_the_prompt_once(check_batch):
+    """check_writes: the LLM writes the rejected step in the check's own call (rewrite_below). The
+    chain, every decision and its scores are those of a check followed by a rewrite call; no
+    rewrite call is made, and the rewritten step is billed its output tokens only (the check's
+    call read the prompt)."""
+    two, two_calls, _ = _run_verify(check_batch)
+    one, calls, router = _run_verify(check_batch, check_writes=True)
+    assert one.chain == two.chain == "a = 1\nfixed 1\nc = 3\nd = 4\nfixed 4\nAnswer: 5"
+    kept = [t for t in one.trace if not t.discarded]
+    want = [t for t in two.trace if not t.discarded]
+    assert [(t.stage, t.output, t.rejected_output) for t in kept] == [(t.stage, t.output, t.rejected_output) for t in want]
+    assert [t.scores for t in kept] == [t.scores for t in want]
+    assert [side for side, _i, _p in two_calls.calls].count("write") == 2
+    assert [side for side, _i, _p in calls.calls].count("write") == 0  # written by the checks
+    assert sum(t.engine_calls for t in one.trace) == sum(t.engine_calls for t in two.trace) - 2
+    checks = [p for side, _i, p in calls.calls if side == "check"]
+    assert all(p.max_tokens > 0 and p.stop_at_line_end and p.rewrite_below for p in checks)
+    for rewrite in (t for t in kept if t.stage == "llm-rewrite"):
+        assert (rewrite.prompt_tokens, rewrite.completion_tokens) == (0, 4)
+        assert rewrite.cost == pytest.approx(4 * 2.0 / 1e3)  # flat $2 per thousand tokens
+    # Cheaper than the two calls by the rewrites' prompt re-reads, and every cost is in the total.
+    saved = sum(t.prompt_tokens for t in want if t.stage == "llm-rewrite") * 2.0 / 1e3
+    assert one.cost == pytest.approx(two.cost - saved)
+    assert one.cost == pytest.approx(sum(t.cost + t.speculative_cost + t.check_cost for t in one.trace))
+    assert router.outstanding["e0"] == 0
+    # What the check's call wrote stays in the LLM's cache for the next check, less the steps it dropped.
+    later = next(t for t in kept if t.index > 1 and t.check_steps)
+    assert later.check_cached_prompt_tokens > 0
+
+
+def test_an_engine_that_writes_where_the_policy_keeps_the_step_is_billed_with_the_check():
+    """The policy, asked again with the check's scores, decides: when the engine wrote in place of a
+    step the policy keeps (an engine whose rule differs), what it wrote is dropped, billed as part
+    of the check, and the step the policy rejects is written by a second call."""
+    class WritesTooEarly(ScoredLines):
+        @staticmethod
+        def rewrites_at(params, lps, counts):
+            return 0 if params.rewrite_below else None  # always the first segment
+
+    run, calls, _ = _run_verify(3, check_writes=True, executor=WritesTooEarly(SCRIPT))
+    two, _, _ = _run_verify(3)
+    assert run.chain == two.chain == "a = 1\nfixed 1\nc = 3\nd = 4\nfixed 4\nAnswer: 5"
+    kept = [t for t in run.trace if not t.discarded]
+    assert [t.stage for t in kept] == [t.stage for t in two.trace if not t.discarded]
+    assert [side for side, _i, _p in calls.calls].count("write") == 2  # the real rewrites, second calls
+    extra = 3 * 4 * 2.0 / 1e3  # each check wrote over its first step (0, 2, 5: kept) for nothing: 4 tokens
+    assert run.cost == pytest.approx(two.cost + extra)
+    assert run.cost == pytest.approx(sum(t.cost + t.speculative_cost + t.check_cost for t in run.trace))

@@ -210,6 +210,33 @@ def test_steps_scored_in_one_prefill_get_the_scores_each_would_get_alone(edge):
     assert means[2] < min(means[:2]) - 1.0, means
 
 
+def test_a_check_that_writes_writes_what_a_call_from_the_rejected_step_would(edge):
+    """rewrite_below: the check scores every segment and writes in place of the first under its
+    bar, over the same KV cache, in one call: the scores are those of a check alone, and the text
+    is what a call whose prompt ends before the rejected segment writes."""
+    prompt = "Count on: 1, 2, 3,"
+    steps = [" 4, 5,\n", " 6, 7,\n", " eight banana"]
+    splits = [len(steps[0]), len(steps[0]) + len(steps[1])]
+    scored = run(generate(edge.address, prompt=prompt, max_tokens=0, candidate="".join(steps), candidate_splits=splits))
+    # A bar only on the last step (the first two, kept already, are not judged): the fruit is rejected.
+    wrote = run(generate(edge.address, prompt=prompt, max_tokens=6, candidate="".join(steps), candidate_splits=splits,
+                         rewrite_below=[0.0, 0.0, 0.99]))
+    assert wrote.HasField("rewritten_segment") and wrote.rewritten_segment == 2
+    assert wrote.text and 0 < wrote.completion_tokens <= 6 and wrote.finish_reason in ("stop", "length")
+    assert wrote.logprobs == pytest.approx(scored.logprobs, abs=1e-3) and list(wrote.segment_tokens) == list(scored.segment_tokens)
+    assert wrote.prompt_tokens == scored.prompt_tokens  # the prompt and every segment read once
+    # Rejected at its first segment: exactly what a call with the prompt alone writes.
+    bad = " banana, apple,\n"
+    first = run(generate(edge.address, prompt=prompt, max_tokens=6, candidate=bad, rewrite_below=[0.99]))
+    plain = run(generate(edge.address, prompt=prompt, max_tokens=6))
+    assert first.rewritten_segment == 0 and first.text == plain.text
+    assert first.completion_tokens == plain.completion_tokens
+    # Every segment clears its bar: nothing is written, as a plain check.
+    kept = run(generate(edge.address, prompt=prompt, max_tokens=6, candidate=steps[0], rewrite_below=[1e-6]))
+    assert not kept.HasField("rewritten_segment") and kept.text == "" and kept.finish_reason == "score"
+    assert kept.completion_tokens == 0
+
+
 def test_scoring_refuses_what_it_cannot_score(edge):
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         run(generate(edge.address, prompt="Hello", max_tokens=-1, candidate=" world"))
@@ -224,3 +251,10 @@ def test_scoring_refuses_what_it_cannot_score(edge):
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         run(generate(edge.address, prompt="Hello", max_tokens=4, candidate_splits=[1]))
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "give the candidate" in exc.value.details()
+    for fields, words in ((dict(max_tokens=4, rewrite_below=[0.5]), "give the candidate"),
+                          (dict(max_tokens=0, candidate=" world", rewrite_below=[0.5]), "max_tokens > 0"),
+                          (dict(max_tokens=4, candidate=" world", rewrite_below=[0.5, 0.5]), "one per segment"),
+                          (dict(max_tokens=4, candidate=" world", rewrite_below=[1.5]), "in [0, 1]")):
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            run(generate(edge.address, prompt="Hello", **fields))
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in exc.value.details(), fields

@@ -122,7 +122,7 @@ def test_hera_verify_checks_slm_steps_on_the_llm_and_rewrites_and_costs_the_reje
     the LLM's rewrite, whose prompt the check left in the cache."""
     from hera_ray.policy.verify import KEPT_BY_LLM, REWRITTEN, VerifyConfig, VerifyPolicy
 
-    policy = VerifyPolicy(VerifyConfig(keep=1.0, confidence_keep=1.01, llm_accept=0.9))
+    policy = VerifyPolicy(VerifyConfig(keep=1.0, confidence_keep=1.01, llm_accept=0.9, check_writes=False))
     agent, executor = make_agent(slm, llm, [policy])
     run = asyncio.run(agent.run(QUESTIONS[1], "hera-verify"))
     stages = [t.stage for t in run.trace]
@@ -158,7 +158,8 @@ def test_batched_checks_on_the_real_pair_keep_the_decisions_in_fewer_prefills(ll
 
     runs = {}
     for batch in (1, 3):
-        policy = VerifyPolicy(VerifyConfig(keep=1.0, confidence_keep=1.01, llm_accept=0.9, check_batch=batch))
+        policy = VerifyPolicy(VerifyConfig(keep=1.0, confidence_keep=1.01, llm_accept=0.9, check_batch=batch,
+                                           check_writes=False))
         agent, executor = make_agent(cold(slm), cold(llm), [policy])
         runs[batch] = asyncio.run(agent.run(QUESTIONS[1], "hera-verify")), executor
     (one, one_exec), (three, three_exec) = runs[1], runs[3]
@@ -182,3 +183,33 @@ def test_batched_checks_on_the_real_pair_keep_the_decisions_in_fewer_prefills(ll
     assert three.cost == pytest.approx(sum(t.cost + t.speculative_cost + t.check_cost for t in three.trace))
     checks_cost = lambda run: sum(t.check_cost for t in run.trace)  # noqa: E731
     assert checks_cost(three) < checks_cost(one)
+
+
+@pytest.mark.parametrize("check_batch", [1, 3])
+def test_a_check_that_writes_on_the_real_pair_keeps_the_decisions_and_reads_the_prompt_once(llm, slm, check_batch):
+    """verify.check_writes: llama.cpp scores the steps and, at the first it rejects, writes the
+    replacement over the same KV cache, in the check's own call. The same decisions and chain as a
+    check followed by a rewrite call; no rewrite call; the rewritten steps billed for their output
+    only, so the run costs less."""
+    from hera_ray.policy.verify import REWRITTEN, VerifyConfig, VerifyPolicy
+
+    runs = {}
+    for writes in (False, True):
+        policy = VerifyPolicy(VerifyConfig(keep=1.0, confidence_keep=1.01, llm_accept=0.9, check_batch=check_batch,
+                                           check_writes=writes))
+        agent, executor = make_agent(cold(slm), cold(llm), [policy])
+        runs[writes] = asyncio.run(agent.run(QUESTIONS[1], "hera-verify")), executor
+    (two, two_exec), (one, one_exec) = runs[False], runs[True]
+    kept = [t for t in one.trace if not t.discarded]
+    want = [t for t in two.trace if not t.discarded]
+    assert [(t.stage, t.placement) for t in kept] == [(t.stage, t.placement) for t in want]
+    assert one.chain == two.chain
+    rewrites = [t for t in kept if t.stage == REWRITTEN]
+    assert rewrites, "the strict bar should make the LLM reject a step"
+    writes = [p for side, p in one_exec.calls if side == "cloud" and not p.candidate]
+    assert not writes and [p for side, p in two_exec.calls if side == "cloud" and not p.candidate]
+    for t in rewrites:
+        assert t.prompt_tokens == 0 and t.completion_tokens > 0 and t.output
+        assert t.cost == pytest.approx(cost(TokenCounts(0, 0, t.completion_tokens), DEFAULT_CLOUD_PRICES))
+    assert one.cost == pytest.approx(sum(t.cost + t.speculative_cost + t.check_cost for t in one.trace))
+    assert one.cost < two.cost

@@ -173,6 +173,10 @@ class _Check:
     seconds: float = 0.0
     error: str = ""
     steps: int = 0
+    #: The check's own call wrote the step in place of the SLM's (``rewrite_below``), and what that
+    #: writing cost (its completion tokens).
+    written: GenerationResult | None = None
+    write_cost: float = 0.0
 
 
 @dataclass
@@ -359,25 +363,29 @@ class Agent:
         return escalated
 
     def _params(self, state: _RunState, index: int, max_tokens: int, fmt: StepFormat,
-                logprobs: bool = False, candidate: str = "", splits: tuple[int, ...] = ()) -> GenerationParams:
+                logprobs: bool = False, candidate: str = "", splits: tuple[int, ...] = (),
+                rewrite_below: tuple[float, ...] = ()) -> GenerationParams:
         """The call for step ``index`` (the chain before it is the prompt); with ``candidate``, the
-        check that scores it (``splits``: a batched check's segments, one per step)."""
+        check that scores it (``splits``: a batched check's segments, one per step; ``rewrite_below``:
+        the check writes in place of the first step under its bar, as the step's own call would)."""
         run = state.run
+        scores_only = bool(candidate) and not rewrite_below
         if state.call is not None:  # step mode: the caller's call as it stands (a check scores after its prompt)
-            return replace(state.call, max_tokens=0 if candidate else max_tokens, stop_at_line_end=False,
+            return replace(state.call, max_tokens=0 if scores_only else max_tokens, stop_at_line_end=False,
                            request_id=f"{run.request_id}:{index}" + (":check" if candidate else ""),
-                           logprobs=logprobs, candidate=candidate)
+                           logprobs=logprobs, candidate=candidate, rewrite_below=rewrite_below)
         chain = chain_text(state.steps[:index])
         return GenerationParams(
             messages=step_messages(run.question, chain, fmt),
             continue_final_message=continues(fmt, chain),
-            max_tokens=0 if candidate else max_tokens,
+            max_tokens=0 if scores_only else max_tokens,
             temperature=self.config.temperature,
-            stop_at_line_end=not candidate,
+            stop_at_line_end=not scores_only,
             request_id=f"{run.request_id}:{index}" + (":escalated" if state.escalated else "") + (":check" if candidate else ""),
             logprobs=logprobs,
             candidate=candidate,
             candidate_splits=splits,
+            rewrite_below=rewrite_below,
         )
 
     def _format(self, route: dict[str, Any]) -> StepFormat:
@@ -469,10 +477,14 @@ class Agent:
                     speculative_s, speculative_cost = generation_s, cost
                     rejected = step.text
                     fmt = self._format(final)
-                    params = self._params(state, index, max_tokens, fmt)
-                    t_gen = time.perf_counter()
-                    result, cost, cached = await self._execute(state, final, params, failures)
-                    generation_s = time.perf_counter() - t_gen
+                    if check.written is not None:  # the check's own call wrote it (and read the prompt)
+                        result = replace(check.written, prompt_tokens=0, logprobs=None, top_logprobs=None)
+                        cost, cached, generation_s = check.write_cost, 0, 0.0
+                    else:
+                        params = self._params(state, index, max_tokens, fmt)
+                        t_gen = time.perf_counter()
+                        result, cost, cached = await self._execute(state, final, params, failures)
+                        generation_s = time.perf_counter() - t_gen
                     step = make_step(result.text, result.finish_reason, result.stop_reason)
                     route = final
             if route.get("review"):
@@ -503,7 +515,8 @@ class Agent:
         cannot score (an OpenAI endpoint) leaves the step to the LLM to rewrite."""
         fmt = self._format(route)
         candidate = checked_text(step.text + step.boundary)  # what the chain would hold, less trailing indentation
-        params = self._params(state, index, max_tokens, fmt, candidate=candidate)
+        bar = route.get("rewrite_below", 0.0)
+        params = self._params(state, index, max_tokens, fmt, candidate=candidate, rewrite_below=(bar,) if bar else ())
         t0 = time.perf_counter()
         try:
             result, check.cost, check.cached = await self._execute(state, route, params, failures)
@@ -512,8 +525,14 @@ class Agent:
             return {**route, "stage": "llm-rewrite", "fallback": "no-check", "decision_s": 0.0, "scores": {}}
         check.seconds = time.perf_counter() - t0
         check.prompt_tokens, check.steps = result.prompt_tokens, 1
-        return await self._route({**spec, "llm_logprobs": result.logprobs or [],
-                                  "llm_top_logprobs": result.top_logprobs or []}, max_cloud_cost)
+        verdict = await self._route({**spec, "llm_logprobs": result.logprobs or [],
+                                     "llm_top_logprobs": result.top_logprobs or []}, max_cloud_cost)
+        if result.rewritten_segment is not None:
+            if verdict["placement"] != "edge":  # rejected, and already written in the check's call
+                check.written, check.write_cost = result, await self._bill_write(state, verdict, result)
+            else:  # the engine wrote where the policy kept the step: written for nothing, billed with the check
+                check.cost += await self._bill_write(state, route, result, check=True)
+        return verdict
 
     async def _flush(self, state: _RunState, max_cloud_cost: float | None) -> bool:
         """Check the held steps: the LLM scores them in one prefill (each step a segment of the
@@ -534,9 +553,18 @@ class Agent:
             offset += len(text)
         ends[-1] = len(candidate)
         splits = tuple(sorted(set(e for e in ends[:-1] if 0 < e < len(candidate))))
+        bounds = (0, *splits, len(candidate))
+        segment = {h.position: bounds.index(ends[h.position - first]) - 1 for h in held}  # the segment that ends
+        # where the held step's checked text does. The check may write in place of the first held step
+        # under its bar (the steps between them, kept already, are not judged), up to the smallest of
+        # their token caps (a later step's is smaller when the chain's cap is near).
+        bars = [0.0] * (len(bounds) - 1)
+        for h in held:
+            bars[segment[h.position]] = h.route.get("rewrite_below", 0.0)
         owner = held[0].entry  # the check is billed on the first held step's entry
         route = held[0].route
-        params = self._params(state, first, 0, self._format(route), candidate=candidate, splits=splits)
+        params = self._params(state, first, min(h.max_tokens for h in held), self._format(route), candidate=candidate,
+                              splits=splits, rewrite_below=tuple(bars) if any(bars) else ())
         failures: list[str] = []
         t0 = time.perf_counter()
         calls0, hits0 = state.engine_calls, state.cache_hits
@@ -555,7 +583,6 @@ class Agent:
         owner.latency_s += owner.check_s
         owner.engine_calls += state.engine_calls - calls0
         owner.cache_hits += state.cache_hits - hits0
-        bounds = (0, *splits, len(candidate))
         lps, tops = list(result.logprobs or []), list(result.top_logprobs or [])
         counts = (result.segment_tokens or []) if splits else [len(lps)]  # one segment: the engine sends no counts
         if len(counts) != len(bounds) - 1 or sum(counts) != len(lps):
@@ -564,8 +591,9 @@ class Agent:
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)
+        rejected: tuple[_Held, dict[str, Any]] | None = None
         for h in held:
-            k = bounds.index(ends[h.position - first]) - 1  # the segment that ends where this step's checked text does
+            k = segment[h.position]
             a, b = starts[k], starts[k + 1]
             verdict = await self._route({**h.spec, "llm_logprobs": lps[a:b], "llm_top_logprobs": tops[a:b]},
                                         max_cloud_cost)
@@ -576,13 +604,25 @@ class Agent:
                 h.entry.stage = verdict["stage"]
                 await self.scheduler.report({**_report_base(run, verdict), "ok": True, "release_only": True})
                 continue
-            await self._rewrite(state, h, verdict)
-            return True
-        return False
+            rejected = (h, verdict)
+            break
+        written = None
+        if result.rewritten_segment is not None:
+            if (rejected is not None and segment[rejected[0].position] == result.rewritten_segment
+                    and not (result.finish_reason == "length" and result.completion_tokens < rejected[0].max_tokens)):
+                written = result  # (cut by the smaller cap of a later step: written again with its own)
+            else:  # the engine wrote where the policy kept the step: written for nothing, billed with the check
+                owner.check_cost += await self._bill_write(state, route, result, check=True)
+        if rejected is None:
+            return False
+        await self._rewrite(state, *rejected, written=written, after_checked=segment[rejected[0].position] > 0)
+        return True
 
-    async def _rewrite(self, state: _RunState, h: _Held, verdict: dict[str, Any]) -> None:
-        """The LLM writes held step ``h`` anew (``verdict``: the policy's rewrite decision); the steps
-        written after it leave the chain (their trace entries are marked discarded)."""
+    async def _rewrite(self, state: _RunState, h: _Held, verdict: dict[str, Any],
+                       written: GenerationResult | None = None, after_checked: bool = False) -> None:
+        """The LLM writes held step ``h`` anew (``verdict``: the policy's rewrite decision), or the
+        check's own call has (``written``; ``after_checked``: after another step it checked); the
+        steps written after it leave the chain (their trace entries are marked discarded)."""
         run = state.run
         after = False
         for t in run.trace:
@@ -591,21 +631,35 @@ class Agent:
                 t.discarded = True
         del state.steps[h.position:]
         fmt = self._format(verdict)
-        params = self._params(state, h.position, h.max_tokens, fmt)
         failures: list[str] = []
         calls0, hits0 = state.engine_calls, state.cache_hits
-        t_gen = time.perf_counter()
-        result, cost, cached = await self._execute(state, verdict, params, failures)
-        generation_s = time.perf_counter() - t_gen
+        if written is not None:
+            # The check wrote after the checked text of the step before (less the next line's
+            # indentation it carried, which the new step writes itself): that step now ends there.
+            if after_checked:
+                prev = state.steps[h.position - 1]
+                kept = checked_text(prev.text + prev.boundary)
+                if kept != prev.text + prev.boundary:
+                    state.steps[h.position - 1] = replace(prev, text=kept, boundary="")
+                    entry = [t for t in run.trace if not t.discarded][h.position - 1]
+                    entry.output, entry.subtask = kept, kept.strip()
+            result, generation_s = written, 0.0
+            cost, cached = await self._bill_write(state, verdict, written), 0
+        else:
+            params = self._params(state, h.position, h.max_tokens, fmt)
+            t_gen = time.perf_counter()
+            result, cost, cached = await self._execute(state, verdict, params, failures)
+            generation_s = time.perf_counter() - t_gen
         step = make_step(result.text, result.finish_reason, result.stop_reason)
         e = h.entry
         e.speculative_s, e.speculative_cost, e.rejected_output = e.generation_s, e.cost, e.output
         e.subtask, e.output, e.boundary = step.text.strip(), step.text, step.boundary
         e.placement, e.node, e.model, e.stage = verdict["placement"], verdict["node_id"], verdict["model"], verdict["stage"]
         e.fallback = verdict["fallback"]
-        e.prompt_tokens, e.completion_tokens = result.prompt_tokens, result.completion_tokens
-        e.tokens, e.cost = result.prompt_tokens + result.completion_tokens, cost
-        e.cached_prompt_tokens, e.uncached_prompt_tokens = cached, result.prompt_tokens - cached
+        prompt = 0 if written is not None else result.prompt_tokens  # the check's call read the prompt
+        e.prompt_tokens, e.completion_tokens = prompt, result.completion_tokens
+        e.tokens, e.cost = prompt + result.completion_tokens, cost
+        e.cached_prompt_tokens, e.uncached_prompt_tokens = cached, prompt - cached
         e.generation_s, e.model_s, e.finish_reason = generation_s, result.ttft_s + result.decode_s, result.finish_reason
         e.step_format, e.failures, e.retries = fmt.value, [*e.failures, *failures], e.retries + len(failures)
         e.latency_s += generation_s
@@ -656,11 +710,23 @@ class Agent:
         state.engine_calls += 1
         state.cache_hits += int(result.cache_hit)
         cached = _cached_prompt_tokens(state, route, params, result)
+        # A check that wrote (rewrite_below) bills its reading here; the writing is billed to the step
+        # it wrote (_bill_write), once the policy has said which step that is.
+        wrote = result.rewritten_segment is not None
         cost = await self.scheduler.report({**_report_base(run, route), "prompt_tokens": result.prompt_tokens,
                                             "cached_prompt_tokens": cached,
-                                            "completion_tokens": result.completion_tokens, "ok": True,
+                                            "completion_tokens": 0 if wrote else result.completion_tokens, "ok": True,
                                             "check": bool(params.candidate)})
         return result, cost, cached
+
+    async def _bill_write(self, state: _RunState, route: dict[str, Any], result: GenerationResult,
+                          check: bool = False) -> float:
+        """Report what a check's own call wrote (its completion tokens; its prompt was billed with
+        the check) as a step of ``route``'s side, or, with ``check``, as part of the check (the
+        policy kept the step the engine wrote in place of); returns its cost."""
+        return await self.scheduler.report({**_report_base(state.run, route), "prompt_tokens": 0,
+                                            "cached_prompt_tokens": 0, "completion_tokens": result.completion_tokens,
+                                            "ok": True, "check": check})
 
 
 def _cached_prompt_tokens(state: _RunState, route: dict[str, Any], params: GenerationParams,
@@ -691,12 +757,19 @@ def _cached_prompt_tokens(state: _RunState, route: dict[str, Any], params: Gener
     elif chain is not None and previous is not None and previous.chain.startswith(chain):
         # This prompt is a prefix of the previous one (the LLM rewrites a step it just scored).
         cached = min(previous.prompt_tokens, result.prompt_tokens)
-    if chain is not None and params.candidate:  # a scored candidate stays in the cache after the prompt
-        chain += params.candidate
+    held = result.prompt_tokens
+    if chain is not None and params.candidate:  # a scored candidate stays in the cache after the prompt,
+        k = result.rewritten_segment  # up to the segment the model wrote in place of (what it wrote is output)
+        if k is None:
+            chain += params.candidate
+        else:
+            bounds = (0, *params.candidate_splits, len(params.candidate))
+            chain += params.candidate[:bounds[k]]
+            held -= sum((result.segment_tokens or [len(result.logprobs or ())])[k:])
     if chain is None:  # a closed turn: the next call cannot extend this one
         state.last_call.pop(side, None)
     else:
-        state.last_call[side] = _LastCall(chain, result.prompt_tokens)
+        state.last_call[side] = _LastCall(chain, held)
     return cached
 
 

@@ -68,6 +68,10 @@ class Decision:
     #: and ask again about each in order. The first step the LLM rejects is rewritten and the steps
     #: written after it are discarded, so each step is decided as a check of it alone would decide it.
     check_batch: int = 1
+    #: A ``verify`` decision: the LLM may write in the check's own call (``GenerationParams.rewrite_below``)
+    #: in place of the first step it scores under this bar, which the policy, asked again with the
+    #: scores, would reject (its rewrite bar). 0: the check only scores; a rewrite is a second call.
+    rewrite_below: float = 0.0
 
 
 class Policy(abc.ABC):

@@ -25,7 +25,9 @@ nearly free), and the question becomes whether to keep what it wrote:
    at step level); each is then decided as above, in order, and the first one rejected is rewritten
    (the steps written after it are discarded). The decisions are the same; the LLM re-reads the
    prompt once per batch instead of once per step. A step under ``batch_above`` P(good), likely to
-   be rejected, closes its batch: nothing is written after it to be discarded.
+   be rejected, closes its batch: nothing is written after it to be discarded. With
+   ``check_writes`` (the default) the check's own call writes in place of the first step it scores
+   under ``llm_accept``: the LLM reads the prompt once for the check and the rewrite.
 
 A blank line (a paragraph break) is kept as it is (stage ``blank``); an empty step (the SLM wrote
 nothing) is the LLM's to write.
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from hera_ray.errors import ConfigError
+from hera_ray.generation import segment_score
 from hera_ray.policy.base import SPECULATE, Decision, Placement, Policy, SubtaskContext
 
 #: A decision's stage that means "score the SLM's step on the LLM (one prefill), then ask again
@@ -80,6 +83,9 @@ class VerifyConfig:
     #: waiting before it (the LLM is likely to reject it, and the SLM steps written after a rejected
     #: step are discarded). 0: every borderline step may wait.
     batch_above: float = 0.0
+    #: The check writes in place of the step it rejects, in the same call (``Decision.rewrite_below``):
+    #: the prompt is read once for both.
+    check_writes: bool = True
 
 
 def geo_mean_prob(logprobs: Sequence[float] | None) -> float:
@@ -89,26 +95,9 @@ def geo_mean_prob(logprobs: Sequence[float] | None) -> float:
     return math.exp(sum(logprobs) / len(logprobs))
 
 
-def llm_step_score(logprobs: Sequence[float] | None, top_logprobs: Sequence[float] | None,
-                   line_end: bool = True) -> float:
-    """How much the LLM stands behind a step it scored: exp(mean(log p(token) - log p(top token)));
-    1.0 where the LLM would have written exactly these tokens. 0 without scores.
-
-    With ``line_end`` (the step ends with a newline) its last token is left out, unless it is the
-    only one: the step was cut right after the token holding its newline, and the text re-tokenised
-    for scoring ends in a piece the model would not write alone (it writes "):\n" and the next
-    line's indentation as one token, so the shorter "):\n" scores low even when the model agrees
-    with every character before it). A step that ended the message, or was cut by its token cap,
-    is scored whole: its last token is real text (the last digit of an answer)."""
-    if not logprobs:
-        return 0.0
-    tops = list(top_logprobs or ())
-    if len(tops) != len(logprobs):
-        tops = [0.0] * len(logprobs)  # no top choice known: plain token probabilities
-    pairs = list(zip(logprobs, tops))
-    if line_end and len(pairs) > 1:
-        pairs = pairs[:-1]
-    return math.exp(sum(min(0.0, lp - top) for lp, top in pairs) / len(pairs))
+#: How much the LLM stands behind a step it scored (1.0: it would have written exactly these
+#: tokens); the engines use the same rule for a check that may write (``rewrite_below``).
+llm_step_score = segment_score
 
 
 def ends_line(step: str | None) -> bool:
@@ -252,4 +241,5 @@ class VerifyPolicy(Policy):
             return Decision(Placement.EDGE, KEPT_BY_CLASSIFIER if self.classifier is not None else KEPT_BY_CONFIDENCE, scores)
         if p < c.reject_below:
             return Decision(Placement.CLOUD, REWRITTEN, scores)
-        return Decision(Placement.CLOUD, VERIFY, scores, check_batch=c.check_batch if p >= c.batch_above else 1)
+        return Decision(Placement.CLOUD, VERIFY, scores, check_batch=c.check_batch if p >= c.batch_above else 1,
+                        rewrite_below=self.llm_accept if c.check_writes else 0.0)

@@ -29,6 +29,8 @@ from hera_ray.scheduler.router import RouteRequest, Router, SubtaskReport
 from hera_ray.store import KeyCharge, LedgerRow, Store, run_row
 from hera_ray.tls import check as check_tls
 
+log = logging.getLogger(__name__)
+
 SCHEDULER_NAME = "SubtaskScheduler"
 #: How far back a (re)started scheduler reads the charges and open requests it may be asked about again.
 RECENT_S = 3600.0
@@ -100,7 +102,7 @@ def _verify_policy(cfg: HeraConfig) -> dict[str, Any]:
             "hera-verify: the OpenAI backend cannot score a step, so every step its confidence or classifier does not "
             "keep is rewritten by the LLM (trace: check_error); serve the cloud model with llama_cpp or vllm to check steps")
     config = VerifyConfig(keep=v.keep, confidence_keep=v.confidence_keep, llm_accept=v.llm_accept, reject_below=v.reject_below,
-                          check_batch=v.check_batch, batch_above=v.batch_above)
+                          check_batch=v.check_batch, batch_above=v.batch_above, check_writes=v.check_writes)
     return {"verify": VerifyPolicy(config, classifier)}
 
 

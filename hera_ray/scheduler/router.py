@@ -95,6 +95,8 @@ class Route:
     review: bool = False
     #: A ``verify`` decision: borderline steps the agent may score in one LLM prefill (Decision.check_batch).
     check_batch: int = 1
+    #: A ``verify`` decision: the check may write in place of a step under this bar (Decision.rewrite_below).
+    rewrite_below: float = 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -243,7 +245,7 @@ class Router:
             route = Route(placement, decision.stage, decision.scores, "cloud", "", self.cloud_model,
                           self.cloud_prices.model_dump(), fallback)
         return replace(route, decision_s=time.perf_counter() - t0, logprobs=decision.logprobs, review=decision.review,
-                       check_batch=decision.check_batch)
+                       check_batch=decision.check_batch, rewrite_below=decision.rewrite_below)
 
     #: Requests or sessions whose node is remembered at most (the oldest are forgotten).
     MAX_AFFINITY = 10_000

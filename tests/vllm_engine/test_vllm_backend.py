@@ -72,6 +72,21 @@ def test_a_candidate_in_segments_is_scored_in_one_request_with_counts_per_segmen
     assert n0 == len(alone.logprobs) and both.logprobs[:n0] == pytest.approx(alone.logprobs, abs=1e-2)
 
 
+def test_a_check_that_writes_writes_what_a_call_from_the_rejected_step_would(backend):
+    """rewrite_below on vLLM: the scores of a plain check, and at the first segment under its bar
+    the text a call whose prompt ends before that segment writes; one call, the prompt read once."""
+    prompt = "Count on: 1, 2, 3,"
+    steps = [" banana, apple,\n", " 6, 7,\n"]
+    splits = (len(steps[0]),)
+    scored = run(backend.generate(GenerationParams(prompt=prompt, candidate="".join(steps), candidate_splits=splits)))
+    wrote = run(backend.generate(GenerationParams(prompt=prompt, candidate="".join(steps), candidate_splits=splits,
+                                                  max_tokens=6, rewrite_below=(0.99, 0.0))))
+    plain = run(backend.generate(GenerationParams(prompt=prompt, max_tokens=6)))
+    assert wrote.rewritten_segment == 0 and wrote.text == plain.text
+    assert wrote.prompt_tokens == scored.prompt_tokens and wrote.completion_tokens == plain.completion_tokens
+    assert wrote.logprobs == pytest.approx(scored.logprobs, abs=1e-2) and wrote.segment_tokens == scored.segment_tokens
+
+
 def test_stream_deltas_join_to_unary_text(backend):
     p = GenerationParams(messages=QUESTION, max_tokens=MAX_TOKENS, temperature=0.0)
     unary = run(backend.generate(p))
