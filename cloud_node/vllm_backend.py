@@ -197,8 +197,10 @@ class VLLMBackend(LLMBackend):
         segments = candidate_segments(p)
         prefix = self._prompt_ids(p) if k == 0 else self._prompt_ids(p, segments[0]) + [
             t for seg in segments[1:k] for t in self.tokenizer.encode(seg, add_special_tokens=False)]
-        written = await self._produce(replace(p, candidate="", candidate_splits=(), rewrite_below=()), emit, prefix)
-        return replace(written, prompt_tokens=scored.prompt_tokens, ttft_s=scored.ttft_s + written.ttft_s,
+        cap = max(1, min(p.max_tokens, self.n_ctx - len(prefix)))  # a write cut at the window ends "length"
+        written = await self._produce(replace(p, candidate="", candidate_splits=(), rewrite_below=(), max_tokens=cap),
+                                      emit, prefix)
+        return replace(written, prompt_tokens=scored.prompt_tokens,  # ttft_s, decode_s: the writing's own
                        queue_s=scored.queue_s + written.queue_s, logprobs=scored.logprobs,
                        top_logprobs=scored.top_logprobs, segment_tokens=scored.segment_tokens, rewritten_segment=k)
 

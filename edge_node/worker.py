@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
@@ -258,6 +258,9 @@ class LlamaSlot:
         # The first segment was tokenised with the prompt: write after the prompt's own tokens, as a
         # request that ends there would; a later one begins after the segments before it.
         prefix = list(alone) if k == 0 else tokens[: split + sum(counts[:k])]
+        # Up to the context window: a write cut short there ends "length" (the caller's own call
+        # for the step gets the window's error).
+        p = replace(p, max_tokens=max(1, min(p.max_tokens, self.n_ctx - len(prefix))))
         return logprobs, tops, seconds, k, self.run(prefix, p, on_delta, cancelled)
 
 
@@ -358,7 +361,8 @@ class EdgeWorker:
                                              lambda s=segment: self._tokenize(s.encode("utf-8"), False, True))
             tokens += ids
             later.append(len(ids))
-        if len(tokens) + p.max_tokens > self.n_ctx:
+        # A check that may write reads the whole candidate, and writes (capped to the window) after part of it.
+        if len(tokens) + (0 if p.rewrite_below else p.max_tokens) > self.n_ctx:
             raise ContextLengthExceeded(
                 f"the prompt is {len(tokens)} tokens and max_tokens is {p.max_tokens}: "
                 f"{len(tokens) + p.max_tokens} exceeds the context window of {self.n_ctx} tokens"
@@ -454,7 +458,8 @@ class EdgeWorker:
                                         logprobs=logprobs, top_logprobs=tops, segment_tokens=segments)
             text, n, ttft, decode, finish, stop_reason, _ = written
             self._count(n, decode)
-            return GenerationResult(text, len(tokens), n, seconds + ttft, decode, queue_s, finish, p.request_id,
+            # ttft_s and decode_s are the writing's own (the scoring before it is the check's time).
+            return GenerationResult(text, len(tokens), n, ttft, decode, queue_s, finish, p.request_id,
                                     stop_reason, logprobs=logprobs, top_logprobs=tops, segment_tokens=segments,
                                     rewritten_segment=k)
         if p.candidate:  # scored, not generated: the candidate's tokens are prompt tokens

@@ -542,9 +542,25 @@ def test_a_check_that_writes_decides_as_two_calls_do_and_reads_the_prompt_once(c
     assert one.cost == pytest.approx(two.cost - saved)
     assert one.cost == pytest.approx(sum(t.cost + t.speculative_cost + t.check_cost for t in one.trace))
     assert router.outstanding["e0"] == 0
-    # What the check's call wrote stays in the LLM's cache for the next check, less the steps it dropped.
+    # What the check's call read stays in the LLM's cache for the next check, less the steps it
+    # dropped: one check at a time, the prompt before step 1 (10 + 1 tokens); in a batch, that and
+    # step 0's 3 scored words (10 + 0 + 11 read, less step 1's 5 and step 2's 3).
     later = next(t for t in kept if t.index > 1 and t.check_steps)
-    assert later.check_cached_prompt_tokens > 0
+    assert later.check_cached_prompt_tokens == {1: 11, 3: 13}[check_batch]
+
+
+def test_a_check_that_writes_after_a_step_that_carried_the_next_line_s_indentation_ends_that_step_at_its_newline():
+    """A step can end with a newline token that holds the next line's indentation; the check scores
+    it without that indentation (it opens the next step's segment), and a rewrite of the next step
+    written in the check's call begins after the newline: the step before now ends there, and the
+    new step brings its own indentation."""
+    script = ["def f(x):\n    ", "return WRONG + 1\n", "Answer: 5"]
+    run, calls, _ = _run_verify(3, check_writes=True, executor=ScoredLines(script))
+    (check, *_rest) = [p for side, _i, p in calls.calls if side == "check"]
+    assert check.candidate == "def f(x):\n    return WRONG + 1\nAnswer: 5" and check.candidate_splits == (10, 31)
+    kept = [t for t in run.trace if not t.discarded]
+    assert [t.output for t in kept][:2] == ["def f(x):\n", "fixed 1\n"]
+    assert run.chain.startswith("def f(x):\nfixed 1\n")
 
 
 def test_an_engine_that_writes_where_the_policy_keeps_the_step_is_billed_with_the_check():

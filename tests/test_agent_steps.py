@@ -21,6 +21,14 @@ def test_a_line_end_ends_a_step_and_the_steps_join_into_what_the_model_wrote():
     assert chain_text([a, b, c]) == "First, 3 + 2 = 5.\n\nThen 5 * 2 = 10 apples.\nAnswer: 10"
 
 
+def test_a_newline_token_that_carries_the_next_line_s_indentation_ends_the_step_as_it_is():
+    """A tokenizer may hold a newline and the next line's indentation in one token: the step ends
+    with it, and no second newline is added."""
+    a = make_step("def f(x):\n    ", "stop", LINE_END)
+    assert a == Step("def f(x):\n    ", "", False)
+    assert chain_text([a, make_step("return x\n", "stop", LINE_END)]) == "def f(x):\n    return x\n"
+
+
 def test_a_backend_that_drops_the_newline_gets_it_back():
     assert make_step("3 + 2 = 5.", "stop", LINE_END) == Step("3 + 2 = 5.", STEP_BOUNDARY, False)
     assert chain_text([make_step("3 + 2 = 5.", "stop", LINE_END), make_step("Answer: 5", "stop", "")]) == \

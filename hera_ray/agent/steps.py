@@ -139,7 +139,7 @@ def make_step(text: str, finish_reason: str, stop_reason: str) -> Step:
         end = not text.strip() or read_answer(text)[0] is not None
         return Step(text, "" if end or text.endswith(LINE_END) else STEP_BOUNDARY, end)
     if stop_reason == LINE_END:
-        return Step(text, "" if text.endswith(LINE_END) else STEP_BOUNDARY, False)
+        return Step(text, "" if LINE_END in text else STEP_BOUNDARY, False)  # the newline token may carry indentation
     if stop_reason:  # another stop string the caller gave
         return Step(text, "", False)
     return Step(text, "", True)
