@@ -210,6 +210,17 @@ def test_code_wrong_solution_fails_with_assertion_error():
         Score(False, 0.0, 0.0, "AssertionError")
 
 
+def test_code_is_judged_by_the_item_s_tests_not_the_model_s_own():
+    """The model's own top-level test code (a wrong assert, a print, a __main__ block) is dropped
+    before the item's tests run, as EvalPlus's sanitizer does; its definitions stay."""
+    output = ("```python\nimport math\n\nOFFSET = 0\n\ndef add(a, b):\n    return a + b + OFFSET\n\n"
+              "assert add(2, 2) == 5  # the model's wrong guess\nprint(add(1, 2))\n"
+              "if __name__ == '__main__':\n    raise SystemExit(1)\n```")
+    assert score(code_item(), "", output).correct
+    wrong = "```python\ndef add(a, b):\n    return a - b\n\nassert add(2, 2) == 0\n```"
+    assert score(code_item(), "", wrong).detail == "AssertionError"  # the item's tests still fail it
+
+
 def test_code_syntax_error_fails():
     assert score(code_item(), "", "```python\ndef add(a, b) return a + b\n```").detail == "SyntaxError"
 

@@ -15,6 +15,7 @@ It never raises: odd input (None, bytes, junk) scores as incorrect with a ``deta
 
 from __future__ import annotations
 
+import ast
 import re
 import string
 from dataclasses import dataclass
@@ -313,6 +314,30 @@ def _unfenced_code(text: str, entry_point: str = "") -> str | None:
     return "\n".join(lines[start:end]).rstrip() + "\n"
 
 
+#: What :func:`sanitize_code` keeps of a program's top level.
+_DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign,
+                ast.AnnAssign)
+
+
+def sanitize_code(code: str) -> str:
+    """The program's definitions without its own top-level test code, as EvalPlus's sanitizer keeps
+    them (and the bigcode harness's MBPP stop words cut them): imports, functions, classes and
+    global assignments. A model's own asserts, prints and ``if __name__ == "__main__":`` block go:
+    they test the model's guess of the behaviour, not the function; the item's tests do that. Code
+    that does not parse (a HumanEval body completion, a broken program) is returned as it is."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return code
+    lines = code.splitlines(keepends=True)
+    kept = []
+    for node in tree.body:
+        if isinstance(node, _DEFINITIONS):
+            start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", ()))]) - 1
+            kept.append("".join(lines[start:node.end_lineno]).rstrip() + "\n")
+    return "\n".join(kept) if kept else code
+
+
 def _defines(code: str, name: str) -> bool:
     return re.search(rf"^\s*def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
 
@@ -333,13 +358,14 @@ def build_program(item: Item, code: str) -> str:
 
 
 def score_code(item: Item, answer: str, output: str = "", timeout_s: float = CODE_TIMEOUT_S) -> Score:
-    """pass@1: the extracted program with the item's tests exits 0 in the sandbox."""
+    """pass@1: the extracted program's definitions (:func:`sanitize_code`) with the item's tests
+    exit 0 in the sandbox."""
     from hera_ray.eval.sandbox import run_code
 
     code = extract_code(output, item.entry_point) or extract_code(answer, item.entry_point)
     if code is None:
         return _binary(False, "no code found")
-    result = run_code(build_program(item, code), timeout_s=timeout_s)
+    result = run_code(build_program(item, sanitize_code(code)), timeout_s=timeout_s)
     if result.ok:
         return _binary(True)
     return _binary(False, _failure(result))
