@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
 from hera_ray.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded, Unavailable
-from hera_ray.generation import (LINE_END, GenerationParams, GenerationResult, candidate_segments, first_rejected,
+from hera_ray.generation import (LINE_END, GenerationParams, GenerationResult, candidate_segments, rejects,
                                  validate_params)
 from hera_ray.gencache import GenerationCache
 from hera_ray.scheduler.nodes import NodeLoad
@@ -246,22 +246,31 @@ class LlamaSlot:
 
     def check_and_write(self, tokens: list[int], split: int, counts: list[int], alone: list[int],
                         p: GenerationParams, on_delta: Callable[[str], None] | None, cancelled: threading.Event):
-        """Score the candidate (``tokens[split:]``, ``counts`` tokens per segment) after the prompt;
-        at the first segment under ``p.rewrite_below``, write from where it began, over the same KV
-        cache (generation reuses the common prefix: only the last kept token is decoded again).
-        Returns (log-probabilities, top log-probabilities, scoring seconds, the segment rewritten or
-        None, :meth:`run`'s tuple or None)."""
-        logprobs, tops, seconds = self.score(tokens[:split], tokens[split:])
-        k = first_rejected(p, logprobs, tops, counts)
-        if k is None:
-            return logprobs, tops, seconds, None, None
-        # The first segment was tokenised with the prompt: write after the prompt's own tokens, as a
-        # request that ends there would; a later one begins after the segments before it.
-        prefix = list(alone) if k == 0 else tokens[: split + sum(counts[:k])]
-        # Up to the context window: a write cut short there ends "length" (the caller's own call
-        # for the step gets the window's error).
-        p = replace(p, max_tokens=max(1, min(p.max_tokens, self.n_ctx - len(prefix))))
-        return logprobs, tops, seconds, k, self.run(prefix, p, on_delta, cancelled)
+        """Read the candidate (``tokens[split:]``, ``counts`` tokens per segment) after the prompt,
+        a segment at a time over the KV cache the one before left; at the first under its bar
+        (``p.rewrite_below``) stop reading, and write from where it began (generation reuses the
+        common prefix: only the last kept token is decoded again). The segments after it are never
+        read: a rejection early in a long candidate costs only what was read up to it. Returns
+        (log-probabilities, top log-probabilities, scoring seconds, the segment rewritten or None,
+        the tokens read, :meth:`run`'s tuple or None)."""
+        logprobs: list[float] = []
+        tops: list[float] = []
+        seconds, start = 0.0, split
+        for k, n in enumerate(counts):
+            lps, tps, s = self.score(tokens[:start], tokens[start:start + n])
+            logprobs += lps
+            tops += tps
+            seconds += s
+            if rejects(p, k, lps, tps):
+                # The first segment was tokenised with the prompt: write after the prompt's own
+                # tokens, as a request that ends there would; a later one after the segments before it.
+                prefix = list(alone) if k == 0 else tokens[:start]
+                # Up to the context window: a write cut short there ends "length" (the caller's own
+                # call for the step gets the window's error).
+                p = replace(p, max_tokens=max(1, min(p.max_tokens, self.n_ctx - len(prefix))))
+                return logprobs, tops, seconds, k, start + n, self.run(prefix, p, on_delta, cancelled)
+            start += n
+        return logprobs, tops, seconds, None, len(tokens), None
 
 
 @dataclass
@@ -452,16 +461,17 @@ class EdgeWorker:
             raise
         segments = counts if p.candidate_splits else None
         if p.candidate and p.rewrite_below:  # checked, and written where the check failed
-            logprobs, tops, seconds, k, written = out
+            logprobs, tops, seconds, k, read, written = out
             if k is None:
                 return GenerationResult("", len(tokens), 0, seconds, 0.0, queue_s, "score", p.request_id,
                                         logprobs=logprobs, top_logprobs=tops, segment_tokens=segments)
             text, n, ttft, decode, finish, stop_reason, _ = written
             self._count(n, decode)
-            # ttft_s and decode_s are the writing's own (the scoring before it is the check's time).
-            return GenerationResult(text, len(tokens), n, ttft, decode, queue_s, finish, p.request_id,
-                                    stop_reason, logprobs=logprobs, top_logprobs=tops, segment_tokens=segments,
-                                    rewritten_segment=k)
+            # Prompt tokens: those read (up to the rejected segment); ttft_s and decode_s are the
+            # writing's own (the scoring before it is the check's time).
+            return GenerationResult(text, read, n, ttft, decode, queue_s, finish, p.request_id, stop_reason,
+                                    logprobs=logprobs, top_logprobs=tops, rewritten_segment=k,
+                                    segment_tokens=segments[:k + 1] if segments else None)
         if p.candidate:  # scored, not generated: the candidate's tokens are prompt tokens
             logprobs, tops, seconds = out
             return GenerationResult("", len(tokens), 0, seconds, 0.0, queue_s, "score", p.request_id,

@@ -71,7 +71,8 @@ class GenerationParams:
     #: segment began, as it would for a prompt that ended there (the stop settings apply). When
     #: every segment clears its bar, nothing is written. The prompt and the candidate are read once
     #: (prompt tokens); the new text is the completion (``GenerationResult.rewritten_segment`` says
-    #: which segment it replaces). SpecReason's and RSD's check-then-rewrite, over one KV cache,
+    #: which segment it replaces). An engine may stop reading at the rejected segment (llama.cpp
+    #: reads a segment at a time): the scores, ``segment_tokens`` and prompt tokens then end there. SpecReason's and RSD's check-then-rewrite, over one KV cache,
     #: without a second request that reads the prompt again. Empty: score only.
     rewrite_below: tuple[float, ...] = ()
     #: Instead of ``messages``: the conversation as a JSON array of OpenAI-style message objects
@@ -164,16 +165,21 @@ def segment_score(logprobs: Sequence[float] | None, top_logprobs: Sequence[float
     return math.exp(sum(min(0.0, lp - top) for lp, top in pairs) / len(pairs))
 
 
+def rejects(p: GenerationParams, k: int, logprobs: Sequence[float], top_logprobs: Sequence[float]) -> bool:
+    """Segment ``k`` of ``p``'s candidate, with these scores (its tokens'), is under its bar
+    (``p.rewrite_below``; a bar of 0 keeps it whatever it scores)."""
+    segment = candidate_segments(p)[k]
+    bar = p.rewrite_below[k] if len(p.rewrite_below) > 1 else p.rewrite_below[0]
+    return bar > 0 and segment_score(logprobs, top_logprobs, segment.endswith("\n")) < bar
+
+
 def first_rejected(p: GenerationParams, logprobs: Sequence[float], top_logprobs: Sequence[float],
                    counts: Sequence[int]) -> int | None:
-    """The first of ``p``'s candidate segments (``counts``: its tokens in each) whose
-    :func:`segment_score` is under its bar (``p.rewrite_below``); None when all clear theirs."""
-    segments = candidate_segments(p)
-    bars = p.rewrite_below if len(p.rewrite_below) > 1 else p.rewrite_below * len(segments)
+    """The first of ``p``'s candidate segments (``counts``: its tokens in each) under its bar
+    (:func:`rejects`); None when all clear theirs."""
     start = 0
-    for k, (segment, n, bar) in enumerate(zip(segments, counts, bars)):
-        if bar > 0 and segment_score(logprobs[start:start + n], top_logprobs[start:start + n],
-                                     segment.endswith("\n")) < bar:
+    for k, n in enumerate(counts):
+        if rejects(p, k, logprobs[start:start + n], top_logprobs[start:start + n]):
             return k
         start += n
     return None

@@ -350,7 +350,9 @@ class ScoredLines:
     by word (a "token" a word): a word holding "WRONG" scores far below the LLM's own choice. A
     candidate in segments (candidate_splits) gets per-segment counts, as the engines return them,
     and a check that may write (rewrite_below) writes in place of the first segment under its bar,
-    as the engines do."""
+    as the engines do, and stops reading there, as llama.cpp does (``stops_reading``)."""
+
+    stops_reading = True
 
     def __init__(self, script, wrong_logprob=-1.0):
         self.script, self.calls, self.on_step = list(script), [], []
@@ -390,6 +392,10 @@ class ScoredLines:
             return scored
         j = i + k  # each step is one segment
         last = j == len(self.script) - 1
+        if self.stops_reading:
+            n = sum(counts[:k + 1])
+            scored = replace(scored, prompt_tokens=10 + i + n, logprobs=lps[:n], top_logprobs=[-0.1] * n,
+                             segment_tokens=counts[:k + 1] if params.candidate_splits else None)
         return replace(scored, text="Answer: fixed" if last else f"fixed {j}\n", completion_tokens=4,
                        finish_reason="stop", stop_reason="" if last else "\n", rewritten_segment=k)
 
@@ -537,9 +543,13 @@ def test_a_check_that_writes_decides_as_two_calls_do_and_reads_the_prompt_once(c
     for rewrite in (t for t in kept if t.stage == "llm-rewrite"):
         assert (rewrite.prompt_tokens, rewrite.completion_tokens) == (0, 4)
         assert rewrite.cost == pytest.approx(4 * 2.0 / 1e3)  # flat $2 per thousand tokens
-    # Cheaper than the two calls by the rewrites' prompt re-reads, and every cost is in the total.
+    # Cheaper than the two calls by the rewrites' prompt re-reads (and, batched, by the steps after a
+    # rejected one, which are not read), and every cost is in the total.
     saved = sum(t.prompt_tokens for t in want if t.stage == "llm-rewrite") * 2.0 / 1e3
-    assert one.cost == pytest.approx(two.cost - saved)
+    unread = {1: 0, 3: 3}[check_batch]  # batched: step 2 (3 words), after the rejected step 1
+    assert one.cost == pytest.approx(two.cost - saved - unread * 2.0 / 1e3)
+    if check_batch == 3:  # the first check reads steps 0 and 1 (3 + 5 words), not step 2 (3)
+        assert (one.trace[0].check_prompt_tokens, two.trace[0].check_prompt_tokens) == (18, 21)
     assert one.cost == pytest.approx(sum(t.cost + t.speculative_cost + t.check_cost for t in one.trace))
     assert router.outstanding["e0"] == 0
     # What the check's call read stays in the LLM's cache for the next check, less the steps it
@@ -568,6 +578,8 @@ def test_an_engine_that_writes_where_the_policy_keeps_the_step_is_billed_with_th
     step the policy keeps (an engine whose rule differs), what it wrote is dropped, billed as part
     of the check, and the step the policy rejects is written by a second call."""
     class WritesTooEarly(ScoredLines):
+        stops_reading = False
+
         @staticmethod
         def rewrites_at(params, lps, counts):
             return 0 if params.rewrite_below else None  # always the first segment
@@ -581,3 +593,26 @@ def test_an_engine_that_writes_where_the_policy_keeps_the_step_is_billed_with_th
     extra = 3 * 4 * 2.0 / 1e3  # each check wrote over its first step (0, 2, 5: kept) for nothing: 4 tokens
     assert run.cost == pytest.approx(two.cost + extra)
     assert run.cost == pytest.approx(sum(t.cost + t.speculative_cost + t.check_cost for t in run.trace))
+
+
+def test_steps_an_engine_stopped_before_are_checked_by_a_call_of_their_own_when_the_policy_keeps_its_step():
+    """An engine that writes stops reading at the step it rejects. When the policy keeps that step
+    (an engine whose rule differs), the held steps after it were never scored: a check of their
+    own scores them, and the decisions and chain are those of the two-call checks."""
+    class WritesTooEarly(ScoredLines):
+        @staticmethod
+        def rewrites_at(params, lps, counts):
+            return 0 if params.rewrite_below else None  # always the first segment, and stops reading there
+
+    run, calls, router = _run_verify(3, check_writes=True, executor=WritesTooEarly(SCRIPT))
+    two, _, _ = _run_verify(3)
+    assert run.chain == two.chain == "a = 1\nfixed 1\nc = 3\nd = 4\nfixed 4\nAnswer: 5"
+    kept = [t for t in run.trace if not t.discarded]
+    assert [(t.stage, t.output) for t in kept] == [(t.stage, t.output) for t in two.trace if not t.discarded]
+    # Steps 0-2 checked; the engine read only step 0, which the policy keeps: 1-2 are checked anew,
+    # and there the engine's write of step 1 is the policy's rewrite.
+    checks = [(i, len(p.candidate_splits)) for side, i, p in calls.calls if side == "check"]
+    assert checks[:2] == [(0, 2), (1, 1)]
+    assert kept[1].stage == "llm-rewrite" and kept[1].prompt_tokens == 0  # written in the second check's call
+    assert run.cost == pytest.approx(sum(t.cost + t.speculative_cost + t.check_cost for t in run.trace))
+    assert router.outstanding["e0"] == 0

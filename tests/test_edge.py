@@ -233,6 +233,13 @@ def test_a_check_that_writes_writes_what_a_call_from_the_rejected_step_would(edg
     plain = run(generate(edge.address, prompt=prompt, max_tokens=6))
     assert first.rewritten_segment == 0 and first.text == plain.text
     assert first.completion_tokens == plain.completion_tokens
+    # It stops reading at the step it rejects: the steps after it are not read, nor billed.
+    whole = run(generate(edge.address, prompt=prompt, max_tokens=0, candidate=bad + steps[1], candidate_splits=[len(bad)]))
+    early = run(generate(edge.address, prompt=prompt, max_tokens=6, candidate=bad + steps[1], candidate_splits=[len(bad)],
+                         rewrite_below=[0.99]))
+    assert early.rewritten_segment == 0 and early.text == plain.text
+    assert list(early.segment_tokens) == [whole.segment_tokens[0]] and len(early.logprobs) == whole.segment_tokens[0]
+    assert early.prompt_tokens == whole.prompt_tokens - whole.segment_tokens[1]
     # Every segment clears its bar: nothing is written, as a plain check.
     kept = run(generate(edge.address, prompt=prompt, max_tokens=6, candidate=steps[0], rewrite_below=[1e-6]))
     assert not kept.HasField("rewritten_segment") and kept.text == "" and kept.finish_reason == "score"

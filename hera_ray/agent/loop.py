@@ -585,15 +585,21 @@ class Agent:
         owner.cache_hits += state.cache_hits - hits0
         lps, tops = list(result.logprobs or []), list(result.top_logprobs or [])
         counts = (result.segment_tokens or []) if splits else [len(lps)]  # one segment: the engine sends no counts
-        if len(counts) != len(bounds) - 1 or sum(counts) != len(lps):
+        # An engine that wrote may have stopped reading at the segment it wrote in place of.
+        read = (len(bounds) - 1,) if result.rewritten_segment is None else (len(bounds) - 1, result.rewritten_segment + 1)
+        if len(counts) not in read or sum(counts) != len(lps):
             raise HeraError(f"the cloud backend scored {len(lps)} token(s) in "
                             f"{len(counts)} segment(s) where {len(bounds) - 1} were sent")
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)
         rejected: tuple[_Held, dict[str, Any]] | None = None
-        for h in held:
+        unread: list[_Held] = []
+        for i, h in enumerate(held):
             k = segment[h.position]
+            if k >= len(counts):  # not read: the engine stopped at a step the policy then kept
+                unread = held[i:]
+                break
             a, b = starts[k], starts[k + 1]
             verdict = await self._route({**h.spec, "llm_logprobs": lps[a:b], "llm_top_logprobs": tops[a:b]},
                                         max_cloud_cost)
@@ -614,6 +620,9 @@ class Agent:
             else:  # the engine wrote where the policy kept the step: written for nothing, billed with the check
                 owner.check_cost += await self._bill_write(state, route, result, check=True)
         if rejected is None:
+            if unread:  # checked by a call of their own
+                state.held = unread
+                return await self._flush(state, max_cloud_cost)
             return False
         await self._rewrite(state, *rejected, written=written, after_checked=segment[rejected[0].position] > 0)
         return True
