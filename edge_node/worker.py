@@ -408,7 +408,10 @@ class EdgeWorker:
             return await self._run(p, tokens, split, on_delta, later, alone)
         import llama_cpp
 
-        key = self.cache.key(p, {"n_ctx": self.n_ctx, "llama_cpp": llama_cpp.__version__, "split": split}, tokens)
+        engine = {"n_ctx": self.n_ctx, "llama_cpp": llama_cpp.__version__, "split": split}
+        if p.rewrite_below:  # a check that writes reads up to the step it rejects (an earlier one read all)
+            engine["reads"] = "to-rejection"
+        key = self.cache.key(p, engine, tokens)
         # SQLite off the event loop: a slow disk must not stall other requests or the heartbeats.
         if (hit := await asyncio.to_thread(self.cache.get, key, p.request_id) if key else None) is not None:
             if on_delta is not None and hit.text:  # a stream gets the stored text as one delta
