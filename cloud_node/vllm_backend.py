@@ -194,9 +194,9 @@ class VLLMBackend(LLMBackend):
         k = first_rejected(p, lps, tops, scored.segment_tokens or [len(lps)])
         if k is None:
             return scored
-        segments = candidate_segments(p)
-        prefix = self._prompt_ids(p) if k == 0 else self._prompt_ids(p, segments[0]) + [
-            t for seg in segments[1:k] for t in self.tokenizer.encode(seg, add_special_tokens=False)]
+        # The prompt and the segments before the rejected one as one text, as the step's own call sends them.
+        bounds = (0, *p.candidate_splits)
+        prefix = self._prompt_ids(p, p.candidate[:bounds[k]])
         cap = max(1, min(p.max_tokens, self.n_ctx - len(prefix)))  # a write cut at the window ends "length"
         written = await self._produce(replace(p, candidate="", candidate_splits=(), rewrite_below=(), max_tokens=cap),
                                       emit, prefix)

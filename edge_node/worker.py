@@ -244,13 +244,14 @@ class LlamaSlot:
         llm._requires_eval = False
         return logprobs, tops, time.perf_counter() - t0
 
-    def check_and_write(self, tokens: list[int], split: int, counts: list[int], alone: list[int],
+    def check_and_write(self, tokens: list[int], split: int, counts: list[int], starts: list[list[int]],
                         p: GenerationParams, on_delta: Callable[[str], None] | None, cancelled: threading.Event):
         """Read the candidate (``tokens[split:]``, ``counts`` tokens per segment) after the prompt,
         a segment at a time over the KV cache the one before left; at the first under its bar
-        (``p.rewrite_below``) stop reading, and write from where it began (generation reuses the
-        common prefix: only the last kept token is decoded again). The segments after it are never
-        read: a rejection early in a long candidate costs only what was read up to it. Returns
+        (``p.rewrite_below``) stop reading, and write from where it began: after ``starts[k]``, the
+        tokens of the prompt and the segments before it as the step's own call would send them
+        (generation reuses the common prefix in the KV cache and decodes the rest). The segments
+        after it are never read: a rejection early in a long candidate costs what was read. Returns
         (log-probabilities, top log-probabilities, scoring seconds, the segment rewritten or None,
         the tokens read, :meth:`run`'s tuple or None)."""
         logprobs: list[float] = []
@@ -262,9 +263,7 @@ class LlamaSlot:
             tops += tps
             seconds += s
             if rejects(p, k, lps, tps):
-                # The first segment was tokenised with the prompt: write after the prompt's own
-                # tokens, as a request that ends there would; a later one after the segments before it.
-                prefix = list(alone) if k == 0 else tokens[:start]
+                prefix = list(starts[k])
                 # Up to the context window: a write cut short there ends "length" (the caller's own
                 # call for the step gets the window's error).
                 p = replace(p, max_tokens=max(1, min(p.max_tokens, self.n_ctx - len(prefix))))
@@ -404,25 +403,34 @@ class EdgeWorker:
         split, alone = await self._split_candidate(p, tokens) if p.candidate else (0, [])
         if later and len(tokens) - split - sum(later) <= 0:
             raise InvalidRequest("the candidate's first segment adds no token to the prompt")
+        starts = [alone]
+        if p.rewrite_below and p.candidate_splits:
+            # Where a write in place of segment k begins: the prompt and the segments before it,
+            # tokenised as one text, as the step's own call would send them (the KV cache the check
+            # filled serves their common prefix).
+            text, loop = self._prompt_text(p), asyncio.get_running_loop()
+            for b in p.candidate_splits:
+                starts.append(await loop.run_in_executor(
+                    self._tok_pool, lambda b=b: self._tokenize((text + p.candidate[:b]).encode("utf-8"), True, True)))
         if self.cache is None:
-            return await self._run(p, tokens, split, on_delta, later, alone)
+            return await self._run(p, tokens, split, on_delta, later, starts)
         import llama_cpp
 
         engine = {"n_ctx": self.n_ctx, "llama_cpp": llama_cpp.__version__, "split": split}
-        if p.rewrite_below:  # a check that writes reads up to the step it rejects (an earlier one read all)
-            engine["reads"] = "to-rejection"
+        if p.rewrite_below:  # a check that writes reads up to the step it rejects, and writes as the step's call
+            engine["reads"] = "to-rejection; writes after the prompt text"
         key = self.cache.key(p, engine, tokens)
         # SQLite off the event loop: a slow disk must not stall other requests or the heartbeats.
         if (hit := await asyncio.to_thread(self.cache.get, key, p.request_id) if key else None) is not None:
             if on_delta is not None and hit.text:  # a stream gets the stored text as one delta
                 on_delta(hit.text)
             return hit
-        result = await self._run(p, tokens, split, on_delta, later, alone)
+        result = await self._run(p, tokens, split, on_delta, later, starts)
         return await asyncio.to_thread(self.cache.put, key, result) if key else result
 
     async def _run(self, p: GenerationParams, tokens: list[int], split: int,
                    on_delta: Callable[[str], None] | None, later: list[int] = (),
-                   alone: list[int] = ()) -> GenerationResult:
+                   starts: list[list[int]] = ()) -> GenerationResult:
         if self._in_flight + self._queued >= len(self.slots) + self.max_queue:
             raise Overloaded(
                 f"edge node queue is full ({self._in_flight} in flight, {self._queued} queued); retry later or elsewhere"
@@ -444,7 +452,7 @@ class EdgeWorker:
         cancelled = threading.Event()
         counts = [len(tokens) - split - sum(later), *later]
         if p.candidate and p.rewrite_below:
-            fut = loop.run_in_executor(self._gen_pool, slot.check_and_write, tokens, split, counts, alone, p,
+            fut = loop.run_in_executor(self._gen_pool, slot.check_and_write, tokens, split, counts, starts, p,
                                        on_delta, cancelled)
         elif p.candidate:
             fut = loop.run_in_executor(self._gen_pool, slot.score, tokens[:split], tokens[split:])

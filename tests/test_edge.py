@@ -222,9 +222,12 @@ def test_a_check_that_writes_writes_what_a_call_from_the_rejected_step_would(edg
     wrote = run(generate(edge.address, prompt=prompt, max_tokens=6, candidate="".join(steps), candidate_splits=splits,
                          rewrite_below=[0.0, 0.0, 0.99]))
     assert wrote.HasField("rewritten_segment") and wrote.rewritten_segment == 2
-    # Written after steps 0 and 1 (not after step 0, nor after the fruit): the count goes on at 8.
-    assert wrote.text.split(",")[0].strip() == "8", wrote.text
-    assert 0 < wrote.completion_tokens <= 6
+    # Written after steps 0 and 1 (not after step 0, nor after the fruit): what a call whose prompt
+    # ends there writes, token for token.
+    after_two = run(generate(edge.address, prompt=prompt + steps[0] + steps[1], max_tokens=6))
+    after_one = run(generate(edge.address, prompt=prompt + steps[0], max_tokens=6))
+    assert wrote.text == after_two.text != after_one.text, (wrote.text, after_one.text)
+    assert wrote.completion_tokens == after_two.completion_tokens
     assert wrote.logprobs == pytest.approx(scored.logprobs, abs=1e-3) and list(wrote.segment_tokens) == list(scored.segment_tokens)
     assert wrote.prompt_tokens == scored.prompt_tokens  # the prompt and every segment read once
     # Rejected at its first segment: exactly what a call with the prompt alone writes.
