@@ -592,6 +592,10 @@ def test_an_engine_that_writes_where_the_policy_keeps_the_step_is_billed_with_th
     assert [side for side, _i, _p in calls.calls].count("write") == 2  # the real rewrites, second calls
     extra = 3 * 4 * 2.0 / 1e3  # each check wrote over its first step (0, 2, 5: kept) for nothing: 4 tokens
     assert run.cost == pytest.approx(two.cost + extra)
+    # Those tokens are in the run's token counts too, on the checks that wrote them.
+    assert [t.check_completion_tokens for t in run.trace if t.check_steps] == [4, 4, 4]
+    assert run.to_dict()["completion_tokens"] == two.to_dict()["completion_tokens"] + 12
+    assert run.to_dict()["cloud_tokens"] == two.to_dict()["cloud_tokens"] + 12
     assert run.cost == pytest.approx(sum(t.cost + t.speculative_cost + t.check_cost for t in run.trace))
 
 
@@ -613,6 +617,8 @@ def test_steps_an_engine_stopped_before_are_checked_by_a_call_of_their_own_when_
     # and there the engine's write of step 1 is the policy's rewrite.
     checks = [(i, len(p.candidate_splits)) for side, i, p in calls.calls if side == "check"]
     assert checks[:2] == [(0, 2), (1, 1)]
+    # Each check counts the steps it read: one each here (the engine stopped at the first).
+    assert [t.check_steps for t in run.trace if t.check_steps] == [1] * len(checks)
     assert kept[1].stage == "llm-rewrite" and kept[1].prompt_tokens == 0  # written in the second check's call
     assert run.cost == pytest.approx(sum(t.cost + t.speculative_cost + t.check_cost for t in run.trace))
     assert router.outstanding["e0"] == 0

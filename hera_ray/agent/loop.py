@@ -80,6 +80,10 @@ class TraceEntry:
     check_cost: float = 0.0
     check_s: float = 0.0
     check_error: str = ""
+    #: What the check's own call wrote that no step kept (``verify.check_writes``: the engine wrote
+    #: in place of a step the policy then kept, or a later step's smaller token cap cut the write
+    #: short): output tokens, billed in ``check_cost``.
+    check_completion_tokens: int = 0
     #: Steps that check scored in its one prefill: 1, this step alone; more, a batched check
     #: (``verify.check_batch``), billed here, on the first of them; 0 on the others it scored (their
     #: ``scores`` hold their own ``llm_score``) and on a step no check read.
@@ -137,10 +141,10 @@ class AgentRun:
         # LLM checks (hera-verify) read tokens on the cloud too: counted here as prompt tokens.
         d.update(slm_share=self.slm_share, cost=self.cost, chain=self.chain,
                  cloud_tokens=sum(t.tokens for t in self.trace if t.placement == "cloud")
-                 + sum(t.check_prompt_tokens for t in self.trace),
+                 + sum(t.check_prompt_tokens + t.check_completion_tokens for t in self.trace),
                  prompt_tokens=sum(t.prompt_tokens + t.check_prompt_tokens for t in self.trace),
                  cached_prompt_tokens=sum(t.cached_prompt_tokens + t.check_cached_prompt_tokens for t in self.trace),
-                 completion_tokens=sum(t.completion_tokens for t in self.trace))
+                 completion_tokens=sum(t.completion_tokens + t.check_completion_tokens for t in self.trace))
         return d
 
 
@@ -173,6 +177,7 @@ class _Check:
     seconds: float = 0.0
     error: str = ""
     steps: int = 0
+    completion_tokens: int = 0  # written for nothing (see TraceEntry.check_completion_tokens)
     #: The check's own call wrote the step in place of the SLM's (``rewrite_below``), and what that
     #: writing cost (its completion tokens).
     written: GenerationResult | None = None
@@ -500,7 +505,8 @@ class Agent:
                 speculative_s=speculative_s, speculative_cost=speculative_cost, failures=failures, cached_prompt_tokens=cached,
                 uncached_prompt_tokens=result.prompt_tokens - cached, boundary=step.boundary, step_format=fmt.value,
                 check_prompt_tokens=check.prompt_tokens, check_cached_prompt_tokens=check.cached, check_cost=check.cost,
-                check_s=check.seconds, check_error=check.error, check_steps=check.steps, rejected_output=rejected,
+                check_s=check.seconds, check_error=check.error, check_steps=check.steps,
+                check_completion_tokens=check.completion_tokens, rejected_output=rejected,
                 slm_logprobs=slm_logprobs, engine_calls=state.engine_calls - calls0, cache_hits=state.cache_hits - hits0,
             )
             if hold is not None:
@@ -532,6 +538,7 @@ class Agent:
                 check.written, check.write_cost = result, await self._bill_write(state, verdict, result)
             else:  # the engine wrote where the policy kept the step: written for nothing, billed with the check
                 check.cost += await self._bill_write(state, route, result, check=True)
+                check.completion_tokens = result.completion_tokens
         return verdict
 
     async def _flush(self, state: _RunState, max_cloud_cost: float | None) -> bool:
@@ -578,7 +585,7 @@ class Agent:
             await self._rewrite(state, h, verdict)
             return True
         owner.check_s = time.perf_counter() - t0
-        owner.check_prompt_tokens, owner.check_steps = result.prompt_tokens, len(held)
+        owner.check_prompt_tokens = result.prompt_tokens
         owner.failures += failures
         owner.latency_s += owner.check_s
         owner.engine_calls += state.engine_calls - calls0
@@ -590,6 +597,7 @@ class Agent:
         if len(counts) not in read or sum(counts) != len(lps):
             raise HeraError(f"the cloud backend scored {len(lps)} token(s) in "
                             f"{len(counts)} segment(s) where {len(bounds) - 1} were sent")
+        owner.check_steps = sum(segment[h.position] < len(counts) for h in held)  # those it read
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)
@@ -614,11 +622,15 @@ class Agent:
             break
         written = None
         if result.rewritten_segment is not None:
-            if (rejected is not None and segment[rejected[0].position] == result.rewritten_segment
-                    and not (result.finish_reason == "length" and result.completion_tokens < rejected[0].max_tokens)):
-                written = result  # (cut by the smaller cap of a later step: written again with its own)
-            else:  # the engine wrote where the policy kept the step: written for nothing, billed with the check
+            # A write the batch's cap cut (a later step's, smaller than this step's own) is written
+            # again with the step's cap; one the context window cut is what the step's call would write.
+            capped = (result.finish_reason == "length" and result.completion_tokens >= params.max_tokens
+                      and rejected is not None and params.max_tokens < rejected[0].max_tokens)
+            if rejected is not None and segment[rejected[0].position] == result.rewritten_segment and not capped:
+                written = result
+            else:  # the engine wrote where the policy kept the step (or cut short): billed with the check
                 owner.check_cost += await self._bill_write(state, route, result, check=True)
+                owner.check_completion_tokens += result.completion_tokens
         if rejected is None:
             if unread:  # checked by a call of their own
                 state.held = unread

@@ -312,7 +312,7 @@ def _json_safe(value: Any) -> Any:
 
 def _usage(run: AgentRun) -> dict[str, Any]:
     prompt = sum(t.prompt_tokens + t.check_prompt_tokens for t in run.trace)  # checks read tokens too
-    completion = sum(t.completion_tokens for t in run.trace)
+    completion = sum(t.completion_tokens + t.check_completion_tokens for t in run.trace)
     cached = sum(t.cached_prompt_tokens + t.check_cached_prompt_tokens for t in run.trace)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}

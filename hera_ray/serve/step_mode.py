@@ -121,8 +121,9 @@ def finish_reason(entry: TraceEntry, reply: ParsedReply) -> str:
 def usage(entry: TraceEntry) -> dict[str, Any]:
     prompt = entry.prompt_tokens + entry.check_prompt_tokens
     cached = entry.cached_prompt_tokens + entry.check_cached_prompt_tokens
-    return {"prompt_tokens": prompt, "completion_tokens": entry.completion_tokens,
-            "total_tokens": prompt + entry.completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
+    completion = entry.completion_tokens + entry.check_completion_tokens  # a check's write nothing kept
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def hera_field(entry: TraceEntry, session: str, index: int, reply: ParsedReply, policy: str) -> dict[str, Any]:
