@@ -178,10 +178,8 @@ class _Check:
     error: str = ""
     steps: int = 0
     completion_tokens: int = 0  # written for nothing (see TraceEntry.check_completion_tokens)
-    #: The check's own call wrote the step in place of the SLM's (``rewrite_below``), and what that
-    #: writing cost (its completion tokens).
+    #: The check's own call wrote the step in place of the SLM's (``rewrite_below``).
     written: GenerationResult | None = None
-    write_cost: float = 0.0
 
 
 @dataclass
@@ -482,14 +480,8 @@ class Agent:
                     speculative_s, speculative_cost = generation_s, cost
                     rejected = step.text
                     fmt = self._format(final)
-                    if check.written is not None:  # the check's own call wrote it (and read the prompt)
-                        result = replace(check.written, prompt_tokens=0, logprobs=None, top_logprobs=None)
-                        cost, cached, generation_s = check.write_cost, 0, 0.0
-                    else:
-                        params = self._params(state, index, max_tokens, fmt)
-                        t_gen = time.perf_counter()
-                        result, cost, cached = await self._execute(state, final, params, failures)
-                        generation_s = time.perf_counter() - t_gen
+                    result, cost, cached, generation_s = await self._llm_step(state, index, max_tokens, final, fmt,
+                                                                              failures, check.written)
                     step = make_step(result.text, result.finish_reason, result.stop_reason)
                     route = final
             if route.get("review"):
@@ -535,7 +527,7 @@ class Agent:
                                      "llm_top_logprobs": result.top_logprobs or []}, max_cloud_cost)
         if result.rewritten_segment is not None:
             if verdict["placement"] != "edge":  # rejected, and already written in the check's call
-                check.written, check.write_cost = result, await self._bill_write(state, verdict, result)
+                check.written = result
             else:  # the engine wrote where the policy kept the step: written for nothing, billed with the check
                 check.cost += await self._bill_write(state, route, result, check=True)
                 check.completion_tokens = result.completion_tokens
@@ -664,20 +656,15 @@ class Agent:
                     state.steps[h.position - 1] = replace(prev, text=kept, boundary="")
                     entry = [t for t in run.trace if not t.discarded][h.position - 1]
                     entry.output, entry.subtask = kept, kept.strip()
-            result, generation_s = written, 0.0
-            cost, cached = await self._bill_write(state, verdict, written), 0
-        else:
-            params = self._params(state, h.position, h.max_tokens, fmt)
-            t_gen = time.perf_counter()
-            result, cost, cached = await self._execute(state, verdict, params, failures)
-            generation_s = time.perf_counter() - t_gen
+        result, cost, cached, generation_s = await self._llm_step(state, h.position, h.max_tokens, verdict, fmt,
+                                                                  failures, written)
         step = make_step(result.text, result.finish_reason, result.stop_reason)
         e = h.entry
         e.speculative_s, e.speculative_cost, e.rejected_output = e.generation_s, e.cost, e.output
         e.subtask, e.output, e.boundary = step.text.strip(), step.text, step.boundary
         e.placement, e.node, e.model, e.stage = verdict["placement"], verdict["node_id"], verdict["model"], verdict["stage"]
         e.fallback = verdict["fallback"]
-        prompt = 0 if written is not None else result.prompt_tokens  # the check's call read the prompt
+        prompt = result.prompt_tokens
         e.prompt_tokens, e.completion_tokens = prompt, result.completion_tokens
         e.tokens, e.cost = prompt + result.completion_tokens, cost
         e.cached_prompt_tokens, e.uncached_prompt_tokens = cached, prompt - cached
@@ -688,6 +675,20 @@ class Agent:
         e.cache_hits += state.cache_hits - hits0
         state.steps.append(step)
         state.chain_tokens = sum(t.completion_tokens for t in run.trace if not t.discarded)
+
+    async def _llm_step(self, state: _RunState, index: int, max_tokens: int, verdict: dict[str, Any], fmt: StepFormat,
+                        failures: list[str], written: GenerationResult | None = None
+                        ) -> tuple[GenerationResult, float, int, float]:
+        """The LLM's step ``index`` in place of the SLM's it rejected (``verdict``): what the check's
+        own call wrote (``written``; its prompt was billed with the check, so 0 here), or a call of its
+        own. (result, cost, cached prompt tokens, generation seconds)."""
+        if written is not None:
+            cost = await self._bill_write(state, verdict, written)
+            return replace(written, prompt_tokens=0, logprobs=None, top_logprobs=None), cost, 0, 0.0
+        params = self._params(state, index, max_tokens, fmt)
+        t_gen = time.perf_counter()
+        result, cost, cached = await self._execute(state, verdict, params, failures)
+        return result, cost, cached, time.perf_counter() - t_gen
 
     async def _route(self, request: dict[str, Any], max_cloud_cost: float | None) -> dict[str, Any]:
         """Ask the scheduler; the route's ``decision_s`` is the whole call as the agent waited for it
