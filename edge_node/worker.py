@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from hera_ray.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded, Unavailable
 from hera_ray.generation import (LINE_END, GenerationParams, GenerationResult, candidate_segments, rejects,
@@ -54,6 +54,50 @@ def _logprob(logits, token: int) -> tuple[float, float]:
     top = float(logits.max())
     lse = top + float(np.log(np.exp(logits - top, dtype=np.float64).sum()))
     return float(logits[token]) - lse, top - lse
+
+
+def score_candidate(llm: Any, prompt_tokens: list[int], candidate_tokens: list[int]) -> tuple[list[float], list[float], float]:
+    """One prefill of ``candidate_tokens`` after ``prompt_tokens`` in ``llm`` (a ``llama_cpp.Llama``),
+    over its KV cache's common prefix; returns (each candidate token's log-probability, the most
+    likely token's at each position, seconds). The candidate stays in the cache, so a later prompt
+    that extends it (or the prompt alone) reuses it. The caller holds the model's lock."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    tokens = list(prompt_tokens) + list(candidate_tokens)
+    n_prompt, n_vocab = len(prompt_tokens), llm.n_vocab()
+    cached = llm.input_ids[: llm.n_tokens]
+    k = min(len(cached), len(tokens))
+    differ = np.nonzero(cached[:k] != np.asarray(tokens[:k]))[0]
+    common = int(differ[0]) if len(differ) else k
+    # The last prompt token is decoded again: its logits score the candidate's first token.
+    keep = min(common, n_prompt - 1)
+    llm._requires_eval = True  # until the scoring decode finishes, the logits are not this prompt's
+    if not llm._ctx.kv_cache_seq_rm(-1, keep, -1):  # partial removal unsupported: start from scratch
+        llm.reset()
+        keep = 0
+    llm.n_tokens = keep
+    if n_prompt - 1 > keep:
+        llm.eval(tokens[keep: n_prompt - 1])  # the new part of the prefix: no logits needed
+    tail = tokens[n_prompt - 1:]
+    logprobs: list[float] = []
+    tops: list[float] = []
+    for i in range(0, len(tail), llm.n_batch):
+        batch = tail[i: i + llm.n_batch]
+        n_past = llm.n_tokens
+        llm._batch.set_batch(batch=batch, n_past=n_past, logits_all=True)
+        llm._ctx.decode(llm._batch)
+        rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), n_vocab))
+        for j in range(len(batch)):
+            at = i + j + 1  # the row at tail[i + j] predicts tail[i + j + 1]
+            if at < len(tail):
+                lp, top = _logprob(rows[j], tail[at])
+                logprobs.append(lp)
+                tops.append(top)
+        llm.input_ids[n_past: n_past + len(batch)] = batch
+        llm.n_tokens += len(batch)
+    llm._requires_eval = False
+    return logprobs, tops, time.perf_counter() - t0
 
 
 def _stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -202,47 +246,10 @@ class LlamaSlot:
 
     def score(self, prompt_tokens: list[int], candidate_tokens: list[int]) -> tuple[list[float], list[float], float]:
         """One prefill of ``candidate_tokens`` after ``prompt_tokens``, over the KV cache's common
-        prefix; returns (each candidate token's log-probability, the most likely token's at each
-        position, seconds). The candidate stays in the cache, so a later prompt that extends it
-        (or the prompt alone) reuses it."""
-        import numpy as np
-
-        llm = self.llm
-        t0 = time.perf_counter()
-        tokens = list(prompt_tokens) + list(candidate_tokens)
-        n_prompt, n_vocab = len(prompt_tokens), llm.n_vocab()
-        cached = llm.input_ids[: llm.n_tokens]
-        k = min(len(cached), len(tokens))
-        differ = np.nonzero(cached[:k] != np.asarray(tokens[:k]))[0]
-        common = int(differ[0]) if len(differ) else k
-        # The last prompt token is decoded again: its logits score the candidate's first token.
-        keep = min(common, n_prompt - 1)
-        llm._requires_eval = True  # until the scoring decode finishes, the logits are not this prompt's
-        if not llm._ctx.kv_cache_seq_rm(-1, keep, -1):  # partial removal unsupported: start from scratch
-            llm.reset()
-            keep = 0
-        llm.n_tokens = keep
-        if n_prompt - 1 > keep:
-            llm.eval(tokens[keep: n_prompt - 1])  # the new part of the prefix: no logits needed
-        tail = tokens[n_prompt - 1:]
-        logprobs: list[float] = []
-        tops: list[float] = []
-        for i in range(0, len(tail), llm.n_batch):
-            batch = tail[i: i + llm.n_batch]
-            n_past = llm.n_tokens
-            llm._batch.set_batch(batch=batch, n_past=n_past, logits_all=True)
-            llm._ctx.decode(llm._batch)
-            rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), n_vocab))
-            for j in range(len(batch)):
-                at = i + j + 1  # the row at tail[i + j] predicts tail[i + j + 1]
-                if at < len(tail):
-                    lp, top = _logprob(rows[j], tail[at])
-                    logprobs.append(lp)
-                    tops.append(top)
-            llm.input_ids[n_past: n_past + len(batch)] = batch
-            llm.n_tokens += len(batch)
-        llm._requires_eval = False
-        return logprobs, tops, time.perf_counter() - t0
+        prefix (:func:`score_candidate`); returns (each candidate token's log-probability, the most
+        likely token's at each position, seconds). The candidate stays in the cache, so a later
+        prompt that extends it (or the prompt alone) reuses it."""
+        return score_candidate(self.llm, prompt_tokens, candidate_tokens)
 
     def check_and_write(self, tokens: list[int], split: int, counts: list[int], starts: list[list[int]],
                         p: GenerationParams, on_delta: Callable[[str], None] | None, cancelled: threading.Event):

@@ -740,7 +740,7 @@ def print_estimator_table(manifest: dict, title: str) -> None:
         table.add_row(name, e["kind"], str(e["train_examples"]), str(e["heldout_examples"]), pct(m.get("accuracy")),
                       pct(baseline), cv, "—" if paper is None else f"{paper:.1f}")
         if name == "dp" and m.get("cd_accuracy") is not None:
-            table.add_row("cd (from dp)", "encoder", str(e["train_examples"]), str(e["heldout_examples"]),
+            table.add_row("cd (from dp)", e["kind"], str(e["train_examples"]), str(e["heldout_examples"]),
                           pct(m["cd_accuracy"]), "—", "—", f"{manifest['paper_accuracy']['cd']:.1f}")
     console.print(table)
     console.print("baseline: majority class (encoders) / the untuned SLM (SP, SD); k-fold: over all profiled requests",

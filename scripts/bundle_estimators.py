@@ -2,8 +2,9 @@
 
     python scripts/bundle_estimators.py runs/estimators [hera_ray/estimators/trained/default] [data/profiles]
 
-Serving needs the manifest, the encoder adapters (peft) with their labels, and the llama.cpp
-adapters (``adapter.gguf``) of SP and SD; the peft copies of the causal adapters stay behind.
+Serving needs the manifest, the encoder adapters (peft) with their labels, the logistic models'
+JSON (the step classifier; DP over the SLM's confidence), and the llama.cpp adapters
+(``adapter.gguf``) of SP and SD; the peft copies of the causal adapters stay behind.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 ENCODER_FILES = ("adapter_config.json", "adapter_model.safetensors", "labels.json", "metrics.json")
 CAUSAL_FILES = ("adapter.gguf", "metrics.json")
 BASE_ONLY_FILES = ("metrics.json",)  # a generative estimator served as the base model itself
-VERIFIER_FILES = ("verifier.json", "metrics.json")
 
 
 def bundle(src: Path, dst: Path, profile_path: str | None = None) -> None:
@@ -26,8 +26,10 @@ def bundle(src: Path, dst: Path, profile_path: str | None = None) -> None:
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
     for name, entry in manifest["estimators"].items():
-        files = {"encoder": ENCODER_FILES, "logistic": VERIFIER_FILES}.get(
-            entry["kind"], CAUSAL_FILES if entry.get("path") else BASE_ONLY_FILES)
+        if entry["kind"] == "logistic":  # the step classifier, DP over the SLM's confidence: one JSON file
+            files: tuple[str, ...] = (Path(entry["path"]).name, "metrics.json")
+        else:
+            files = ENCODER_FILES if entry["kind"] == "encoder" else CAUSAL_FILES if entry.get("path") else BASE_ONLY_FILES
         (dst / name).mkdir()
         for f in files:
             shutil.copy2(src / name / f, dst / name / f)

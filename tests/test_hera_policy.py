@@ -37,9 +37,9 @@ class ScriptedEstimators:
             return self.part_preds[extra[-1]]
         return self.rolled.get(len(extra), self.slm)
 
-    async def distance(self, ctx, slm_next=None):
+    async def distance(self, ctx, slm_next=None, slm_logprobs=None):
         self.calls.append("dp")
-        self.dp_slm_next = slm_next
+        self.dp_slm_next, self.dp_slm_logprobs = slm_next, slm_logprobs
         return self.dist
 
     async def decompose(self, subtask, ctx):
@@ -84,6 +84,7 @@ def test_cd_rolls_the_slm_forward_distance_plus_one_steps():
     # SP_SLM asked for the current step (the 1st SLM subtask), then rolled 2 more (after 1, then 2 predicted)
     assert [c for c in est.calls if c.startswith("sp_slm")] == ["sp_slm:0", "sp_slm:1", "sp_slm:2"]
     assert est.dp_slm_next == "s"  # DP is given the SLM's predicted subtask (a context+slm set reads it)
+    assert est.dp_slm_logprobs is None  # predicted, not written: a confidence set scores it itself
 
 
 def test_distance_zero_does_not_repeat_the_sse_test():
@@ -245,3 +246,11 @@ def test_speculative_hera_asks_for_the_slm_step_first_then_tests_what_the_slm_wr
     assert "sp_slm:0" not in est.calls and est.calls.count("sp_llm:0") == 1  # SP_LLM once; no SP_SLM at all
     rejected = asyncio.run(policy.decide(SubtaskContext("r3", "q", 0, slm_candidate="other")))
     assert (rejected.placement, rejected.stage) == (Placement.CLOUD, "llm")
+
+
+def test_speculative_hera_gives_dp_the_slm_step_it_wrote_with_its_log_probabilities():
+    est = ScriptedEstimators(sims={("real", "l"): 0.1}, distance=None)
+    policy = HeraPolicy(est, HeraPolicyConfig(use_urc=False, use_sd=False, speculative=True))
+    d = asyncio.run(policy.decide(SubtaskContext("r", "q", 0, slm_candidate="real", slm_logprobs=(-0.1, -2.5))))
+    assert (d.placement, d.scores["cd_distance"]) == (Placement.CLOUD, float("inf"))
+    assert (est.dp_slm_next, est.dp_slm_logprobs) == ("real", (-0.1, -2.5))

@@ -15,7 +15,7 @@ All are async so implementations may call Serve deployments.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Literal, Protocol, Sequence
 
 from hera_ray.policy.base import SubtaskContext
 
@@ -27,9 +27,11 @@ class EstimatorSet(Protocol):
 
     async def predict_subtask(self, side: Side, ctx: SubtaskContext, extra: tuple[str, ...] = ()) -> str: ...
 
-    async def distance(self, ctx: SubtaskContext, slm_next: str | None = None) -> int | None:
+    async def distance(self, ctx: SubtaskContext, slm_next: str | None = None,
+                       slm_logprobs: Sequence[float] | None = None) -> int | None:
         """DP: the S-L distance class (None: beyond max); ``slm_next`` is the SLM's next subtask, which a
-        set trained with ``dp_input="context+slm"`` reads."""
+        set trained with ``dp_input`` "context+slm" or "confidence" reads; ``slm_logprobs``, its token
+        log-probabilities when the SLM wrote it (else a "confidence" set scores it itself)."""
         ...
 
     async def decompose(self, subtask: str, ctx: SubtaskContext) -> list[str]: ...

@@ -62,6 +62,27 @@ class LoraGenerator:
                                                   top_k=1, stop=list(stop) or None, seed=0)
         return out["choices"][0]["message"]["content"] or ""
 
+    def score(self, messages: list[dict[str, Any]], text: str, continue_final_message: bool = False) -> list[float]:
+        """The model's token log-probabilities of ``text`` as its reply to ``messages`` (continuing the
+        last message with ``continue_final_message``): one prefill, greedy or not."""
+        from edge_node.worker import chat_renderer, score_candidate
+
+        if not continue_final_message:
+            raise ValueError("scoring reads the chain format (continue_final_message): train SP with --sp-format chain")
+        if self._render is None:
+            self._render = chat_renderer(self.llm)
+            if self._render is None:
+                from hera_ray.errors import ConfigError
+
+                raise ConfigError(f"{self.base} has no chat template: scoring a step needs one")
+        prompt = self._render(tuple((m["role"], m["content"]) for m in messages), True)
+        with self._lock:
+            ids = self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+            whole = self.llm.tokenize((prompt + text).encode("utf-8"), add_bos=True, special=True)
+            cand = whole[len(ids):] if whole[: len(ids)] == ids else self.llm.tokenize(text.encode("utf-8"), add_bos=False)
+            logprobs, _tops, _s = score_candidate(self.llm, ids, cand)
+        return logprobs
+
     def close(self) -> None:
         """Free the llama.cpp model and context now rather than at garbage collection."""
         with self._lock:

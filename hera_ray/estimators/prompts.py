@@ -113,7 +113,10 @@ def parse_parts(text: str, limit: int = 6) -> list[str]:
 
 #: DP's input: the request and the subtasks so far (``context``, the paper's), or that and the SLM's
 #: next subtask (``context+slm``): what DP predicts is how far *that* step is from the LLM's path.
-DP_INPUTS = ("context", "context+slm")
+#: Both are read by a LoRA encoder. ``confidence``: what the SLM's next step shows of itself (its
+#: token log-probabilities, length, shape and place; :mod:`hera_ray.estimators.logistic`), read by
+#: a logistic regression.
+DP_INPUTS = ("context", "context+slm", "confidence")
 
 
 def encoder_context(question: str, steps: Sequence[tuple[str, str]], slm_next: str | None = None) -> str:

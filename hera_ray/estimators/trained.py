@@ -1,7 +1,8 @@
 """A trained estimator set (``hera train``'s output folder) loaded in this process.
 
 The folder holds ``manifest.json`` and one sub-folder per estimator: ``urc/``, ``hybridllm/``,
-``dp/`` (peft LoRA adapters on the MiniLM encoder) and ``sp_slm/``, ``sp_llm/``, ``sd/`` (llama.cpp
+``dp/`` (peft LoRA adapters on the MiniLM encoder; DP over the SLM's confidence is a logistic
+regression instead, ``dp/dp.json``) and ``sp_slm/``, ``sp_llm/``, ``sd/`` (llama.cpp
 LoRA adapters, ``adapter.gguf``, on the SLM). :class:`LocalEstimators` implements the policy's
 :class:`~hera_ray.estimators.base.EstimatorSet` over them; the Serve deployments in
 ``hera_ray.serve.estimators`` host the same object on a replica.
@@ -67,8 +68,14 @@ class LocalEstimators:
         wanted = set(load or entries)
         self.encoders: dict[str, Any] = {}
         self.generators: dict[str, Any] = {}
+        self.dp_softmax = None  # DP over the SLM's confidence (a logistic regression, not an encoder)
         for name in ENCODERS:
             if name in entries and name in wanted:
+                if entries[name]["kind"] == "logistic":
+                    from hera_ray.estimators.logistic import SoftmaxClassifier
+
+                    self.dp_softmax = SoftmaxClassifier.load(self.folder / entries[name]["path"])
+                    continue
                 self.encoders[name] = EncoderClassifier(self.folder / entries[name]["path"])
         for name in GENERATORS:
             if name in entries and name in wanted:
@@ -110,6 +117,32 @@ class LocalEstimators:
             out.append(None if label == "inf" else int(label))
         return out
 
+    def distances_at(self, nodes: Sequence[tuple[str, Sequence[tuple[str, str]], str | None, Sequence[float] | None]]
+                     ) -> list[int | None]:
+        """DP at each (question, steps so far, the SLM's next subtask, its token log-probabilities) node,
+        in the input this set was trained on. A set that reads the SLM's confidence scores a next
+        subtask that comes without log-probabilities (SP_SLM's prediction) on SP_SLM's model."""
+        if self.dp_softmax is None:
+            return self.distances([self.dp_text(q, steps, slm_next) for q, steps, slm_next, _ in nodes])
+        from hera_ray.estimators.logistic import dp_features
+
+        out: list[int | None] = []
+        for question, steps, slm_next, logprobs in nodes:
+            if slm_next is None:
+                raise ConfigError(f"the estimator set at {self.folder} reads the SLM's next subtask (dp_input confidence); none was given")
+            if logprobs is None:
+                logprobs = self.slm_logprobs(question, steps, slm_next)
+            label = self.dp_softmax.predict(dp_features(question, steps, slm_next, logprobs))
+            out.append(None if label == "inf" else int(label))
+        return out
+
+    def slm_logprobs(self, question: str, steps: Sequence[tuple[str, str]], text: str) -> list[float]:
+        """The SLM's token log-probabilities of ``text`` as its next step (ended by its line end), in
+        SP_SLM's prompt: one prefill on SP_SLM's model."""
+        gen = self._need(self.generators, "sp_slm")
+        messages, cont = sp_request(self.sp_format, question, list(steps))
+        return gen.score(messages, text.strip() + "\n", continue_final_message=cont)
+
     def predict_subtask_sync(self, side: str, question: str, steps: list[tuple[str, str]], extra: Sequence[str] = ()) -> str:
         """SP's prediction. Greedy, so the same prompt gives the same prediction: a bounded memo answers
         repeats (CD's roll-forward predicts the SLM's next steps, which SSE asks for again at the next
@@ -148,8 +181,10 @@ class LocalEstimators:
     async def predict_subtask(self, side: str, ctx: SubtaskContext, extra: tuple[str, ...] = ()) -> str:
         return await asyncio.to_thread(self.predict_subtask_sync, side, ctx.question, history_steps(ctx), extra)
 
-    async def distance(self, ctx: SubtaskContext, slm_next: str | None = None) -> int | None:
-        return (await asyncio.to_thread(self.distances, [self.dp_text(ctx.question, history_steps(ctx), slm_next)]))[0]
+    async def distance(self, ctx: SubtaskContext, slm_next: str | None = None,
+                       slm_logprobs: Sequence[float] | None = None) -> int | None:
+        node = (ctx.question, history_steps(ctx), slm_next, slm_logprobs)
+        return (await asyncio.to_thread(self.distances_at, [node]))[0]
 
     async def decompose(self, subtask: str, ctx: SubtaskContext) -> list[str]:
         return await asyncio.to_thread(self.decompose_sync, ctx.question, subtask)

@@ -126,10 +126,20 @@ def dp_text(record: dict[str, Any], node: dict[str, Any], dp_input: str = "conte
 
 
 def dp_examples(records: list[dict[str, Any]], dp_input: str = "context") -> Split:
+    """(input, distance label) per tree node: the encoder's text, or with ``confidence`` the features
+    of the SLM's next step (a node whose step has no log-probabilities, from an older profile, is skipped)."""
+    from hera_ray.estimators.logistic import dp_features
+
     split = Split()
     for r in records:
         for n in r["nodes"]:
-            split.add(r["request_id"], (dp_text(r, n, dp_input), distance_label(n["distance"])))
+            if dp_input == "confidence":
+                if n["slm"].get("logprobs") is None:
+                    continue
+                x: Any = dp_features(r["question"], _steps(n["context"]), n["slm"]["subtask"], n["slm"]["logprobs"])
+            else:
+                x = dp_text(r, n, dp_input)
+            split.add(r["request_id"], (x, distance_label(n["distance"])))
     return split
 
 

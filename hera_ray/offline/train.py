@@ -27,6 +27,8 @@ import hashlib
 import json
 import random
 import shutil
+import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -53,7 +55,7 @@ class TrainConfig(BaseSettings):
     encoder_base: str = Field("minilm-l6", description="Encoder for URC, HybridLLM and DP (bundled name or folder).")
     causal_base: str = Field("qwen2.5-coder-0.5b", description="Causal LM for SP and SD (bundled name or GGUF path): by default the edge SLM itself.")
     sp_format: str = Field("chain", description="SP's prompt: 'chain' (the agent's own step format: the steps so far as an open assistant message, continued to the end of the line) or 'compact' (the paper's: a compact rendering of the task and steps).")
-    dp_input: str = Field("context+slm", description="DP's input: 'context' (the paper's: the request and the subtasks so far) or 'context+slm' (and the SLM's next subtask, which HERA has predicted by the time it asks DP).")
+    dp_input: str = Field("confidence", description="DP's input: 'context' (the paper's: the request and the subtasks so far) or 'context+slm' (and the SLM's next subtask, which HERA has predicted by the time it asks DP), both read by a LoRA encoder; or 'confidence' (what the SLM's next step shows of itself: its token log-probabilities, length, shape and place), read by a logistic regression.")
     base_only: str = Field("sp_slm", description="Comma-separated generative estimators served as the base model itself, with no adapter (SP_SLM: the edge SLM predicts its own next step by writing it).")
     encoder_epochs: int = Field(10, ge=1, le=100, description="Epochs over the URC / HybridLLM / DP data.")
     causal_epochs: int = Field(1, ge=1, le=20, description="Epochs over the SP / SD data.")
@@ -226,7 +228,31 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
     train_one("urc", urc := ds.urc_examples(records), encoder("urc", urc, request_labels))
     train_one("hybridllm", urc, encoder("hybridllm", urc, request_labels))
     train_one("routellm", rl := ds.routellm_examples(records), encoder("routellm", rl, ds.OUTCOMES))
-    train_one("dp", dp := ds.dp_examples(records, config.dp_input), encoder("dp", dp, distance_labels(pcfg.max_distance)))
+    dp = ds.dp_examples(records, config.dp_input)
+    dp_labels = distance_labels(pcfg.max_distance)
+
+    def dp_softmax(folder: Path) -> dict[str, Any]:
+        """DP over the SLM's confidence in its next step: a logistic regression (seconds to fit)."""
+        from hera_ray.estimators.logistic import DP_FILE, train_softmax
+
+        log(f"dp: {len(dp.train)} training / {len(dp.heldout)} held-out node(s), logistic regression over the "
+            "SLM's next step (its token log-probabilities, length, shape, place)")
+        t0 = time.perf_counter()
+        clf = train_softmax(dp.train, dp_labels, seed=config.seed)
+        held = dp.heldout or dp.train
+        predicted = [clf.predict(f) for f, _ in held]
+        counts = Counter(label for _, label in dp.train)
+        majority = counts.most_common(1)[0][0]
+        metrics = {"accuracy": sum(p == y for p, (_, y) in zip(predicted, held)) / len(held),
+                   "majority_baseline": sum(y == majority for _, y in held) / len(held),
+                   "cd_accuracy": sum((p != "inf") == (y != "inf") for p, (_, y) in zip(predicted, held)) / len(held)}
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / DP_FILE).write_text(json.dumps({**clf.to_dict(), "metrics": metrics}, indent=2))
+        return {"kind": "logistic", "path": f"dp/{DP_FILE}", "labels": dp_labels, "input": config.dp_input,
+                "train_examples": len(dp.train), "heldout_examples": len(dp.heldout), "metrics": metrics,
+                "train_s": round(time.perf_counter() - t0, 2)}
+
+    train_one("dp", dp, dp_softmax if config.dp_input == "confidence" else encoder("dp", dp, dp_labels))
 
     # -- hera-verify's step classifier: logistic regression on the SLM-path checks ---------------
     from hera_ray.offline.verifier import train_verifier, verifier_examples

@@ -114,7 +114,8 @@ class HeraPolicy(Policy):
             return Decision(Placement.EDGE, "sse", scores)
 
         if c.use_cd:
-            d = await self.est.distance(ctx, s_slm)
+            # The SLM's step came with its token log-probabilities when the SLM wrote it (speculative).
+            d = await self.est.distance(ctx, s_slm, ctx.slm_logprobs if c.speculative else None)
             scores["cd_distance"] = float("inf") if d is None else float(d)
             # d = 0 says the SLM's current subtask already lines up: SSE just tested exactly that.
             if d is not None and 1 <= d <= c.max_distance:

@@ -83,10 +83,10 @@ class EstimatorServer:
         return out
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def distance(self, requests: list[tuple[str, list, str | None]]) -> list[int | None]:
-        """Batched over (question, steps so far, SLM's next subtask) triples."""
-        texts = [self.est.dp_text(q, [tuple(s) for s in steps], slm_next) for q, steps, slm_next in requests]
-        return await asyncio.to_thread(self.est.distances, texts)
+    async def distance(self, requests: list[tuple[str, list, str | None, list[float] | None]]) -> list[int | None]:
+        """Batched over (question, steps so far, SLM's next subtask, its token log-probabilities or None) nodes."""
+        nodes = [(q, [tuple(s) for s in steps], slm_next, logprobs) for q, steps, slm_next, logprobs in requests]
+        return await asyncio.to_thread(self.est.distances_at, nodes)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def similarity(self, pairs: list[tuple[str, str]]) -> list[float]:
@@ -139,8 +139,9 @@ class ServeEstimatorSet:
     async def predict_subtask(self, side: str, ctx, extra: tuple[str, ...] = ()) -> str:
         return await self.handle.predict_subtask.remote(side, ctx.question, history_steps(ctx), list(extra))
 
-    async def distance(self, ctx, slm_next: str | None = None) -> int | None:
-        return await self.handle.distance.remote((ctx.question, history_steps(ctx), slm_next))
+    async def distance(self, ctx, slm_next: str | None = None, slm_logprobs=None) -> int | None:
+        return await self.handle.distance.remote((ctx.question, history_steps(ctx), slm_next,
+                                                  None if slm_logprobs is None else list(slm_logprobs)))
 
     async def decompose(self, subtask: str, ctx) -> list[str]:
         return await self.handle.decompose.remote(ctx.question, subtask)

@@ -103,9 +103,12 @@ def test_train_a_tiny_profile_gives_adapters_that_load_and_predict(tiny_profile,
         assert asyncio.run(est.predict_subtask("llm", ctx)) == predicted and est.memo_hits == 1
         d = asyncio.run(est.distance(ctx, "Add 12 and 7"))
         assert d is None or 0 <= d <= 1
-        # DP was trained on the context and the SLM's next subtask, and is asked the same way.
-        assert manifest["dp_input"] == "context+slm" and manifest["estimators"]["dp"]["input"] == "context+slm"
-        assert est.dp_text(QUESTION, [], "Add 12 and 7").endswith("SLM next: Add 12 and 7")
+        # DP reads the SLM's next subtask with its confidence (the default input). Asked without the
+        # log-probabilities (SP_SLM predicted the step), it scores the step on SP_SLM's model itself.
+        assert manifest["dp_input"] == "confidence" and manifest["estimators"]["dp"]["kind"] == "logistic"
+        scored = est.slm_logprobs(QUESTION, [], "Add 12 and 7")
+        assert scored and all(lp <= 0 for lp in scored)
+        assert asyncio.run(est.distance(ctx, "Add 12 and 7", scored)) == d
         assert -1.0 <= asyncio.run(est.similarity(predicted, "Add 12 and 7")) <= 1.0001
         # Beyond value ranges: asked about a profiled request, SP_LLM's prediction of the LLM's first
         # step is about that request: closer (SBERT) to the step the LLM wrote there than an
