@@ -65,6 +65,9 @@ def score_candidate(llm: Any, prompt_tokens: list[int], candidate_tokens: list[i
 
     t0 = time.perf_counter()
     tokens = list(prompt_tokens) + list(candidate_tokens)
+    if len(tokens) > llm.n_ctx():
+        raise ContextLengthExceeded(f"the prompt and candidate are {len(tokens)} tokens: over the context window "
+                                    f"of {llm.n_ctx()} tokens")
     n_prompt, n_vocab = len(prompt_tokens), llm.n_vocab()
     cached = llm.input_ids[: llm.n_tokens]
     k = min(len(cached), len(tokens))

@@ -743,7 +743,7 @@ def print_estimator_table(manifest: dict, title: str) -> None:
             table.add_row("cd (from dp)", e["kind"], str(e["train_examples"]), str(e["heldout_examples"]),
                           pct(m["cd_accuracy"]), "—", "—", f"{manifest['paper_accuracy']['cd']:.1f}")
     console.print(table)
-    console.print("baseline: majority class (encoders) / the untuned SLM (SP, SD); k-fold: over all profiled requests",
+    console.print("baseline: majority class (classifiers) / the untuned SLM (SP, SD); k-fold: over all profiled requests",
                   style="dim")
 
 

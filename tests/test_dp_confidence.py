@@ -78,3 +78,23 @@ def test_the_bundled_dp_reads_how_sure_the_slm_was_of_its_step(bundled):
     scored = bundled.slm_logprobs(QUESTION, STEPS, step)
     assert len(scored) >= 10 and all(lp <= 0 for lp in scored) and sum(lp > -0.05 for lp in scored) >= len(scored) // 2
     assert asyncio.run(bundled.distance(ctx, step)) == asyncio.run(bundled.distance(ctx, step, scored))
+
+
+def test_sp_slm_writes_the_profiled_slm_step_with_the_log_probabilities_the_edge_recorded(bundled):
+    """No train/serve skew: DP was trained on the log-probabilities the edge SLM wrote each profiled
+    step with; in plain HERA, SP_SLM (the same model, greedy, to the line end) writes that step and
+    its log-probabilities, at the first step of a request and after others."""
+    from pathlib import Path
+
+    from hera_ray.estimators.prompts import clean_prediction
+    from hera_ray.offline import datasets as ds
+    from hera_ray.offline.profile import read_profile
+
+    records = read_profile(Path(__file__).resolve().parent.parent / "data" / "profiles" / "gsm8k")
+    record = records[0]
+    for node in [n for n in record["nodes"] if n["depth"] in (0, 1)][:2]:
+        steps = ds._steps(node["context"])
+        text = bundled.predict_subtask_sync("slm", record["question"], steps)
+        assert text == clean_prediction(node["slm"]["subtask"])
+        got, want = bundled.slm_logprobs(record["question"], steps, text), node["slm"]["logprobs"]
+        assert len(got) == len(want) and max(abs(a - b) for a, b in zip(got, want)) < 0.1

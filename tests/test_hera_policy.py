@@ -233,6 +233,7 @@ def test_speculative_hera_asks_for_the_slm_step_first_then_tests_what_the_slm_wr
     policy = HeraPolicy(est, HeraPolicyConfig(use_urc=False, use_cd=False, use_sd=False, speculative=True))
     first = asyncio.run(policy.decide(SubtaskContext("r", "q", 0)))
     assert (first.placement, first.stage) == (Placement.EDGE, SPECULATE)
+    assert not first.logprobs  # no CD here: DP is never asked, so the step needs no log-probabilities
 
     async def both():
         first = await policy.decide(SubtaskContext("r2", "q", 0))
@@ -251,6 +252,8 @@ def test_speculative_hera_asks_for_the_slm_step_first_then_tests_what_the_slm_wr
 def test_speculative_hera_gives_dp_the_slm_step_it_wrote_with_its_log_probabilities():
     est = ScriptedEstimators(sims={("real", "l"): 0.1}, distance=None)
     policy = HeraPolicy(est, HeraPolicyConfig(use_urc=False, use_sd=False, speculative=True))
+    first = asyncio.run(policy.decide(SubtaskContext("r", "q", 0)))
+    assert first.stage == "speculate" and first.logprobs  # the SLM's step comes back with them
     d = asyncio.run(policy.decide(SubtaskContext("r", "q", 0, slm_candidate="real", slm_logprobs=(-0.1, -2.5))))
     assert (d.placement, d.scores["cd_distance"]) == (Placement.CLOUD, float("inf"))
     assert (est.dp_slm_next, est.dp_slm_logprobs) == ("real", (-0.1, -2.5))

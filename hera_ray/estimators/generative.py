@@ -44,15 +44,7 @@ class LoraGenerator:
         """The greedy reply to ``messages`` (rendered with the GGUF's chat template); with
         ``continue_final_message`` the last (assistant) message is continued, as the agent's steps are."""
         if continue_final_message:
-            if self._render is None:
-                from edge_node.worker import chat_renderer
-
-                self._render = chat_renderer(self.llm)
-                if self._render is None:
-                    from hera_ray.errors import ConfigError
-
-                    raise ConfigError(f"{self.base} has no chat template: SP's chain format needs one (train with --sp-format compact)")
-            prompt = self._render(tuple((m["role"], m["content"]) for m in messages), True)
+            prompt = self._prompt(messages, True)
             with self._lock:
                 out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1,
                                                  stop=list(stop) or None, seed=0)
@@ -62,20 +54,51 @@ class LoraGenerator:
                                                   top_k=1, stop=list(stop) or None, seed=0)
         return out["choices"][0]["message"]["content"] or ""
 
-    def score(self, messages: list[dict[str, Any]], text: str, continue_final_message: bool = False) -> list[float]:
-        """The model's token log-probabilities of ``text`` as its reply to ``messages`` (continuing the
-        last message with ``continue_final_message``): one prefill, greedy or not."""
-        from edge_node.worker import chat_renderer, score_candidate
-
-        if not continue_final_message:
-            raise ValueError("scoring reads the chain format (continue_final_message): train SP with --sp-format chain")
+    def _prompt(self, messages: list[dict[str, Any]], continue_final_message: bool) -> str:
+        """``messages`` rendered as the edge worker renders a step's prompt (the GGUF's chat template)."""
         if self._render is None:
+            from edge_node.worker import chat_renderer
+
             self._render = chat_renderer(self.llm)
             if self._render is None:
                 from hera_ray.errors import ConfigError
 
-                raise ConfigError(f"{self.base} has no chat template: scoring a step needs one")
-        prompt = self._render(tuple((m["role"], m["content"]) for m in messages), True)
+                raise ConfigError(f"{self.base} has no chat template: a step's prompt needs one")
+        return self._render(tuple((m["role"], m["content"]) for m in messages), continue_final_message)
+
+    def generate_step(self, messages: list[dict[str, Any]], max_tokens: int = 64,
+                      continue_final_message: bool = False) -> tuple[str, list[float]]:
+        """The greedy next line, as an edge worker writes a step: (its text up to the line end, each
+        token's log-probability, the line-end token's included, as the edge reports them)."""
+        import llama_cpp
+        import numpy as np
+
+        from edge_node.worker import _logprob
+
+        prompt = self._prompt(messages, continue_final_message)
+        with self._lock:
+            llm = self.llm
+            ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+            vocab, n_vocab = llm._model.vocab, llm.n_vocab()
+            completion: list[int] = []
+            logprobs: list[float] = []
+            for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    break
+                completion.append(token)
+                row = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+                logprobs.append(_logprob(row, token)[0])
+                if b"\n" in llm.detokenize([token], prev_tokens=ids + completion[:-1]) or len(completion) >= max_tokens:
+                    break
+            text = llm.detokenize(completion, prev_tokens=ids).decode("utf-8", errors="replace")
+        return text.split("\n", 1)[0], logprobs
+
+    def score(self, messages: list[dict[str, Any]], text: str, continue_final_message: bool = False) -> list[float]:
+        """The model's token log-probabilities of ``text`` as its reply to ``messages`` (continuing the
+        last message with ``continue_final_message``), in the edge worker's prompt: one prefill."""
+        from edge_node.worker import score_candidate
+
+        prompt = self._prompt(messages, continue_final_message)
         with self._lock:
             ids = self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
             whole = self.llm.tokenize((prompt + text).encode("utf-8"), add_bos=True, special=True)

@@ -85,7 +85,7 @@ class LocalEstimators:
         self.sbert = SbertSimilarity(self.manifest.get("similarity_model", "minilm-l6"))
         self.max_distance = int(self.manifest.get("max_distance", 3))
         self.sp_format = self.manifest.get("sp_format", "compact")
-        self._memo: OrderedDict[str, str] = OrderedDict()  # SP prompt -> prediction
+        self._memo: OrderedDict[str, tuple[str, list[float] | None]] = OrderedDict()  # SP prompt -> prediction
         self._memo_lock = threading.Lock()
         self.memo_hits = 0
         self.dp_input = self.manifest.get("dp_input", "context")
@@ -137,25 +137,40 @@ class LocalEstimators:
         return out
 
     def slm_logprobs(self, question: str, steps: Sequence[tuple[str, str]], text: str) -> list[float]:
-        """The SLM's token log-probabilities of ``text`` as its next step (ended by its line end), in
-        SP_SLM's prompt: one prefill on SP_SLM's model."""
-        gen = self._need(self.generators, "sp_slm")
+        """The SLM's token log-probabilities of ``text`` as its next step: those SP_SLM wrote it with
+        when it is SP_SLM's prediction there (memoized: HERA asked SSE first), else one prefill of
+        ``text`` and a line end on SP_SLM's model."""
+        predicted, logprobs = self._predict("slm", question, steps)
+        if logprobs is not None and predicted == clean_prediction(text):
+            return logprobs
         messages, cont = sp_request(self.sp_format, question, list(steps))
-        return gen.score(messages, text.strip() + "\n", continue_final_message=cont)
+        return self._need(self.generators, "sp_slm").score(messages, text.strip() + "\n", continue_final_message=cont)
 
     def predict_subtask_sync(self, side: str, question: str, steps: list[tuple[str, str]], extra: Sequence[str] = ()) -> str:
         """SP's prediction. Greedy, so the same prompt gives the same prediction: a bounded memo answers
         repeats (CD's roll-forward predicts the SLM's next steps, which SSE asks for again at the next
         subtask when the SLM ran the predicted step; SD asks per part)."""
+        return self._predict(side, question, steps, extra)[0]
+
+    def _predict(self, side: str, question: str, steps: Sequence[tuple[str, str]], extra: Sequence[str] = ()
+                 ) -> tuple[str, list[float] | None]:
+        """SP's prediction and, where DP reads the SLM's confidence, the SLM's token log-probabilities
+        of it: SP_SLM in the chain format writes the step as an edge worker does (greedy, to the line
+        end), so they are the ones the SLM would write it with."""
         gen = self._need(self.generators, f"sp_{side}")
-        messages, cont = sp_request(self.sp_format, question, steps, extra)
+        messages, cont = sp_request(self.sp_format, question, list(steps), extra)
         key = json.dumps([side, messages, cont])
         with self._memo_lock:
             if key in self._memo:
                 self._memo.move_to_end(key)
                 self.memo_hits += 1
                 return self._memo[key]
-        out = clean_prediction(gen.generate(messages, max_tokens=SP_MAX_TOKENS, stop=("\n",), continue_final_message=cont))
+        if side == "slm" and self.dp_softmax is not None and self.sp_format == "chain":
+            raw, logprobs = gen.generate_step(messages, max_tokens=SP_MAX_TOKENS, continue_final_message=cont)
+            out: tuple[str, list[float] | None] = (clean_prediction(raw), logprobs)
+        else:
+            out = (clean_prediction(gen.generate(messages, max_tokens=SP_MAX_TOKENS, stop=("\n",),
+                                                 continue_final_message=cont)), None)
         with self._memo_lock:
             self._memo[key] = out
             while len(self._memo) > self.MEMO_SIZE:

@@ -230,6 +230,9 @@ def train_all(profile_dir: Path, out: Path, config: TrainConfig | None = None,
     train_one("routellm", rl := ds.routellm_examples(records), encoder("routellm", rl, ds.OUTCOMES))
     dp = ds.dp_examples(records, config.dp_input)
     dp_labels = distance_labels(pcfg.max_distance)
+    if config.dp_input == "confidence" and not dp.train and "dp" in config.wanted() and any(r["nodes"] for r in records):
+        raise ConfigError("DP reads the SLM's confidence (dp_input confidence), but no profiled node has the SLM's "
+                          "log-probabilities (a profile from before they were recorded): train with --dp-input context+slm")
 
     def dp_softmax(folder: Path) -> dict[str, Any]:
         """DP over the SLM's confidence in its next step: a logistic regression (seconds to fit)."""

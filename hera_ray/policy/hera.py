@@ -100,7 +100,8 @@ class HeraPolicy(Policy):
                 self._pending[key] = asyncio.ensure_future(self.est.predict_subtask("llm", ctx))
                 while len(self._pending) > self._max_pending:
                     self._pending.popitem(last=False)[1].cancel()
-            return Decision(Placement.EDGE, SPECULATE, scores)
+            # DP reads the SLM's confidence in its step (a "confidence" set): the step comes back with it.
+            return Decision(Placement.EDGE, SPECULATE, scores, logprobs=c.use_cd)
         if c.speculative:
             pending = self._pending.pop((ctx.request_id, ctx.index), None)
             s_slm = ctx.slm_candidate.strip()
