@@ -308,13 +308,13 @@ class VerifySettings(BaseModel):
 
     enabled: bool = Field(True, description="Offer the hera-verify policy.")
     classifier: Path | None = Field(None, description="Step classifier (JSON, `hera train`'s verifier.json); default: the one in hera.estimators' folder (the bundled set's), else none (the SLM's confidence alone).")
-    keep: float = Field(0.7, ge=0, le=1, description="The knob: P(good) at which the SLM's step is kept without the LLM (`hera-verify@<keep>`).")
+    keep: float = Field(0.95, ge=0, le=1, description="The knob: P(good) at which the SLM's step is kept without the LLM (`hera-verify@<keep>`). 0.95: calibrated on the dev splits of GSM8K and MBPP (bench/results/dev14g).")
     confidence_keep: float = Field(0.97, ge=0, le=1.01, description="SLM geometric-mean token probability at which a step is kept outright (above 1: never).")
     llm_accept: float | None = Field(None, ge=0, le=1, description="LLM step score (geometric mean of p(token)/p(top token)) at which the LLM keeps the SLM's step; below it the LLM rewrites the step. Default: the knob, keep (one bar for both kinds of evidence).")
     reject_below: float = Field(0.0, ge=0, le=1, description="P(good) under which the LLM rewrites the step without scoring it first (0: always score first).")
     batch_above: float = Field(0.0, ge=0, le=1, description="P(good) under which a borderline step closes its batch of checks (checked at once with the steps waiting before it): the LLM is likely to reject it, and the SLM steps written after a rejected step are discarded. 0: every borderline step may wait.")
     check_writes: bool = Field(True, description="The LLM's check writes in place of the step it rejects, in the same call: one read of the prompt for the check and the rewrite (llama.cpp: over one KV cache; vLLM: a second request over its prefix cache). Off: the rewrite is a second call, which reads the prompt again (billed as cached input).")
-    check_batch: int = Field(1, ge=1, le=16, description="Borderline steps the LLM scores in one prefill at most: the SLM writes on while up to this many wait for their check (1: each step is checked before the next is written). The same per-step decisions; fewer prompt re-reads on the cloud; a rejection discards the SLM steps written after it.")
+    check_batch: int = Field(3, ge=1, le=16, description="Borderline steps the LLM scores in one prefill at most: the SLM writes on while up to this many wait for their check (1: each step is checked before the next is written; 3, the default, was calibrated with keep). The same per-step decisions; fewer prompt re-reads on the cloud; a rejection discards the SLM steps written after it.")
 
 
 class HeraConfig(BaseSettings):

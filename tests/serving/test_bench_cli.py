@@ -49,7 +49,8 @@ def test_bench_three_requests_gives_the_table_json_and_png_and_resumes(cluster, 
     assert result["settings"]["cloud_model"] == "smollm2-as-cloud" and result["settings"]["edge_model"] == "smollm2-135m"
     assert result["settings"]["estimators"]
     # The policies' operating points, so that runs under other settings are told apart (and not resumed into).
-    assert result["settings"]["policy_settings"]["hera-verify"]["keep"] == 0.7
+    assert result["settings"]["policy_settings"]["hera-verify"]["keep"] == 0.95  # the calibrated default
+    assert result["settings"]["policy_settings"]["hera-verify"]["check_batch"] == 3
     assert result["settings"]["policy_settings"]["hera"]["threshold_base"] == pytest.approx(0.6)
     assert set(result["policies"]) == {"all-slm", "all-llm", "hera", "hera@0.9", "hybridllm", "random", "cascade"}
     for name, m in result["policies"].items():

@@ -39,7 +39,13 @@ def test_steps_are_kept_by_confidence_the_classifier_and_the_llm_check(client):
         if t["stage"] == "llm-check":
             # The same model on both sides here: the LLM would have written these very tokens.
             assert s["keep"] == 1.0 and s["llm_score"] >= s["llm_accept"]
-            assert t["check_prompt_tokens"] > t["prompt_tokens"] and t["check_cost"] > 0
+            if t["check_steps"]:  # the first step its check read: the check's prefill is billed here
+                assert t["check_prompt_tokens"] > t["prompt_tokens"] and t["check_cost"] > 0
+            else:  # read by an earlier step's batched check (verify.check_batch): billed there
+                assert t["check_prompt_tokens"] == 0 and t["check_cost"] == 0
+    checked = [t for run in strict for t in run["trace"] if t["stage"] == "llm-check"]
+    # every step the LLM scored is read by exactly one check: the checks' step counts add up
+    assert sum(t["check_steps"] for t in checked) == len(checked) and any(t["check_cost"] > 0 for t in checked)
     for run in lenient + strict:
         # A check is billed to the cloud but is no subtask of its own.
         assert run["usage"]["subtasks"] == len(run["trace"])
