@@ -777,7 +777,7 @@ def _bench_client(url: Optional[str]):
 def bench_cmd(
     dataset: str = typer.Option("gsm8k", help="Comma-separated data sets: gsm8k, drop, humaneval, mbpp, strategyqa, ..."),
     split: str = typer.Option("test", help="Split: profile, dev or test."),
-    n: Optional[int] = typer.Option(100, "--n", help="Requests per data set (the first N of the split)."),
+    n: int = typer.Option(100, "--n", min=0, help="Requests per data set (the first N of the split; 0: the whole split)."),
     policies: str = typer.Option("hera-verify,hera,hybridllm,random,all-slm,all-llm", help="Comma-separated policies."),
     verify_sweep: str = typer.Option("0.5,0.8,0.9", help="hera-verify keep values swept besides the configured one (hera-verify@<keep>)."),
     hera_sweep: str = typer.Option("0.5,0.7,0.8,0.9", help="HERA threshold bases swept besides the configured one (hera@<base>)."),
@@ -823,7 +823,7 @@ def bench_cmd(
                     f"{', '.join(sorted(served))}", 2)
     try:
         for d in sets:
-            bench_dataset(client, d, split, n, names, sweeps, max_steps, out, command, console, fresh, concurrency,
+            bench_dataset(client, d, split, n or None, names, sweeps, max_steps, out, command, console, fresh, concurrency,
                           rescore)
     except HeraError as e:
         raise _fail(e.message) from None
