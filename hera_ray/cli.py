@@ -792,6 +792,7 @@ def bench_cmd(
     fresh: bool = typer.Option(False, "--fresh", help="Forget recorded runs of these data sets and start over."),
     concurrency: int = typer.Option(1, min=1, max=16, help="Requests in flight (1 keeps latencies clean)."),
     rescore: bool = typer.Option(False, "--rescore", help="First score the recorded runs again with the current scorers."),
+    best: Optional[str] = typer.Option(None, "--best", help="The policy under study: intervals of its difference from every other policy, and of its router's APGR minus each other router's [default: hera-verify when it runs, else the most accurate policy besides all-slm and all-llm]."),
 ) -> None:
     """Every policy on the same requests through the live runtime: accuracy, SLM share, cost, PGR/APGR, latency."""
     import shlex
@@ -813,6 +814,8 @@ def bench_cmd(
                ("cascade", cascade_sweep, "--cascade-sweep"),
                ("random", random_sweep, "--random-sweep")) if router in wanted}
     names = run_names(wanted, sweeps, ablations and "hera" in wanted)
+    if best is not None and best not in names:
+        raise _fail(f"--best {best!r} is not one of the policies run: {', '.join(names)}", 2)
     command = "hera " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     client = _bench_client(url)
     served = set(client.models())
@@ -824,7 +827,7 @@ def bench_cmd(
     try:
         for d in sets:
             bench_dataset(client, d, split, n or None, names, sweeps, max_steps, out, command, console, fresh, concurrency,
-                          rescore)
+                          rescore, best)
     except HeraError as e:
         raise _fail(e.message) from None
     finally:

@@ -76,9 +76,18 @@ def test_the_bench_summary_and_json_carry_each_policy_s_intervals_and_the_differ
         records[("all-llm", str(i))] = rec(i < 24, 1.0)
         records[("hera-verify", str(i))] = rec(i < 22, 0.3)
         records[("random", str(i))] = rec(i < 14, 0.5)
-    summary = summarise(records, ["all-slm", "all-llm", "hera-verify", "random"], {})
+    for i in range(40):  # random's second sweep point: right on 10
+        records[("random@0.25", str(i))] = rec(i < 10, 0.8)
+    policies = ["all-slm", "all-llm", "hera-verify", "random", "random@0.25"]
+    summary = summarise(records, policies, {"hera-verify": (), "random": (0.25,)}, best="hera-verify")
     out = result_json("gsm8k", "dev", "hera bench", summary, {})
-    assert out["best"] == "hera-verify" and set(out["differences"]) == {"random", "all-slm", "all-llm"}
+    assert out["best"] == "hera-verify" and set(out["differences"]) == {"random", "random@0.25", "all-slm", "all-llm"}
+    # APGR over random's two points, (6/16 + 2/16) / 2 = 0.25, with its interval on both points
+    assert out["policies"]["random"]["apgr"] == pytest.approx(0.25) == out["policies"]["random@0.25"]["apgr"]
+    lo, hi = out["policies"]["random"]["apgr_ci"]
+    assert lo < 0.25 < hi and out["policies"]["random@0.25"]["apgr_ci"] == [lo, hi]
+    assert out["policies"]["all-llm"]["apgr_ci"] is None
+    assert out["apgr_differences"]["random"][0] > 0  # hera-verify's APGR (14/16) above random's on every draw
     ci = out["policies"]["hera-verify"]["ci"]
     assert ci["accuracy"][0] < 22 / 40 < ci["accuracy"][1] and ci["cost"] == [0.3, 0.3]
     assert ci["pgr"][0] < (22 - 8) / (24 - 8) < ci["pgr"][1]
@@ -90,3 +99,26 @@ def test_pgr_has_no_interval_when_the_anchors_gap_is_not_clearly_positive():
     ci = paired_bootstrap(correct, {k: [1.0] * 40 for k in correct}, n_boot=500)
     assert ci["policies"]["p"]["pgr"] is None and ci["policies"]["p"]["accuracy"] == [1.0, 1.0]
     assert ci["pgr_undefined"] > 0.025 * 500
+
+
+def test_a_router_s_apgr_is_the_mean_pgr_of_its_points_and_the_difference_of_routers_is_paired():
+    correct, cost = anchors(100, 20, 60)
+    # PGR of each point: (acc - 0.2) / 0.4. "v": 0.6 and 0.4 -> PGR 1.0 and 0.5, APGR 0.75 exactly when
+    # every point is right on a superset of all-slm's requests and a subset of all-llm's.
+    correct["v"] = [1] * 60 + [0] * 40
+    correct["v@0.8"] = [1] * 40 + [0] * 60
+    correct["r"] = [1] * 30 + [0] * 70          # PGR 0.25
+    correct["r@0.5"] = [1] * 20 + [0] * 80      # PGR 0.00
+    for p in ("v", "v@0.8", "r", "r@0.5"):
+        cost[p] = [0.5] * 100
+    ci = paired_bootstrap(correct, cost, best="v", routers={"v": ["v", "v@0.8"], "r": ["r", "r@0.5"]})
+    lo, hi = ci["apgr"]["v"]
+    assert lo < 0.75 < hi and hi - lo < 0.3
+    assert set(ci["apgr_differences"]) == {"r"}
+    lo, hi = ci["apgr_differences"]["r"]
+    # 0.75 - 0.125 = 0.625; paired: "r" is right only where "v" is, so the interval is clear of 0
+    assert 0.3 < lo < 0.625 < hi < 0.95
+    # a router whose points all equal the best's differs by exactly 0
+    correct["w"], cost["w"] = list(correct["v"]), list(cost["v"])
+    ci = paired_bootstrap(correct, cost, best="v@0.8", routers={"v": ["v"], "w": ["w"]})
+    assert ci["apgr_differences"] == {"w": [0.0, 0.0]}

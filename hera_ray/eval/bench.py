@@ -235,11 +235,16 @@ def summarise(records: dict[tuple[str, str], dict], policies: list[str],
     from hera_ray.eval.stats import paired_bootstrap
 
     items = sorted(common)
+    routers = {router: [p for p in [router] + [f"{router}@{v:g}" for v in values] if p in out]
+               for router, values in sweeps.items()}
     ci = paired_bootstrap({p: [float(by_policy[p][i]["correct"]) for i in items] for p in policies},
-                          {p: [float(by_policy[p][i]["cost"]) for i in items] for p in policies}, best=best)
+                          {p: [float(by_policy[p][i]["cost"]) for i in items] for p in policies},
+                          best=best if best in out else None, routers={r: v for r, v in routers.items() if v})
     for p in policies:
         out[p]["ci"] = ci["policies"][p]
+        out[p]["apgr_ci"] = ci["apgr"].get(policy_base(p)) if policy_base(p) in routers else None
     return {"n": len(common), "policies": out, "best": ci["best"], "differences": ci["differences"],
+            "apgr_differences": ci["apgr_differences"],
             "bootstrap": {"n_boot": ci["n_boot"], "level": ci["level"], "pgr_undefined": ci["pgr_undefined"]}}
 
 
@@ -371,13 +376,15 @@ def result_json(dataset: str, split: str, command: str, summary: dict[str, Any],
     keys = ("accuracy", "f1", "slm_share", "cost", "pgr", "apgr", "latency_p50_s", "latency_p95_s",
             "overhead_share", "runtime_overhead_share", "decision_share", "check_share", "cache_hit_rate", "escalation_rate", "subtasks",
             "stages", "lost_vs_llm", "gained_vs_llm",
-            "lost_edge_stages", "ci")
+            "lost_edge_stages", "ci", "apgr_ci")
     return {
         "command": command, "commit": git_commit(), "dataset": dataset, "split": split, "n": summary["n"],
         "settings": meta,
         "policies": {p: {k: m.get(k) for k in keys} for p, m in summary["policies"].items()},
         # Paired bootstrap: each policy's 95% intervals are under policies.<p>.ci; these are best minus each other policy.
         "bootstrap": summary.get("bootstrap"), "best": summary.get("best"), "differences": summary.get("differences", {}),
+        # APGR (mean PGR over a router's sweep): best's router minus each other router, per paired draw.
+        "apgr_differences": summary.get("apgr_differences", {}),
     }
 
 
@@ -444,7 +451,7 @@ def table(summary: dict[str, Any], title: str):
 
     def with_ci(m, key, fmt, scale=1.0):
         """The figure, and its 95% interval in brackets (in the figure's unit)."""
-        ci = (m.get("ci") or {}).get(key)
+        ci = m.get("apgr_ci") if key == "apgr" else (m.get("ci") or {}).get(key)
         if m[key] is None or ci is None:
             return f(m[key], fmt)
         unit = "%" if fmt.endswith("%") else ""
@@ -454,7 +461,7 @@ def table(summary: dict[str, Any], title: str):
 
     for p, m in summary["policies"].items():
         t.add_row(p, with_ci(m, "accuracy", ".0%", 100), f(m["f1"], ".2f"), f(m["slm_share"], ".0%"),
-                  with_ci(m, "cost", ".2f"), with_ci(m, "pgr", ".2f"), f(m["apgr"], ".2f"), f(m["latency_p50_s"], ".1f"),
+                  with_ci(m, "cost", ".2f"), with_ci(m, "pgr", ".2f"), with_ci(m, "apgr", ".2f"), f(m["latency_p50_s"], ".1f"),
                   f(m["latency_p95_s"], ".1f"), f(m["overhead_share"], ".1%"),
                   *((f(m.get("cache_hit_rate"), ".0%"),) if cached else ()))
     notes = ["in brackets: the paired bootstrap 95% interval"]
@@ -488,9 +495,12 @@ def output_stem(out: Path, dataset: str, split: str) -> Path:
 
 def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[str],
                   sweeps: dict[str, tuple[float, ...]], max_steps: int, out: Path, command: str, console,
-                  fresh: bool = False, concurrency: int = 1, rescore: bool = False) -> dict[str, Any]:
+                  fresh: bool = False, concurrency: int = 1, rescore: bool = False,
+                  best: str | None = None) -> dict[str, Any]:
     """Run (or resume) one data set under every policy in ``names``; print the table, write
-    ``<out>/<dataset>.json`` and ``.png``; return the result JSON."""
+    ``<out>/<dataset>.json`` and ``.png``; return the result JSON. ``best``: the policy under study,
+    whose differences from every other policy get intervals (default: ``hera-verify`` at its
+    configured knob when it runs, else the most accurate policy besides the anchors)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from hera_ray.eval.datasets import load
@@ -525,9 +535,15 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
     for _, e in errors:
         console.print(f"[red]error[/red] {e}", highlight=False)
     ids = {it.id for it in items}
-    summary = summarise({k: v for k, v in store.records.items() if k[1] in ids}, names, sweeps)
+    if best is None and "hera-verify" in names:
+        best = "hera-verify"  # the product's policy at its calibrated knob: chosen before the run, not on its results
+    summary = summarise({k: v for k, v in store.records.items() if k[1] in ids}, names, sweeps, best=best)
     common_ids = set.intersection(*({i for (p, i) in store.records if p == n and i in ids} for n in names)) if names else set()
     console.print(table(summary, f"{dataset}/{split}: {summary['n']} request(s) finished by every policy"))
+    if summary.get("apgr_differences"):
+        home = policy_base(summary["best"])
+        diffs = ", ".join(f"{r} [{ci[0]:+.2f}, {ci[1]:+.2f}]" for r, ci in summary["apgr_differences"].items() if ci)
+        console.print(f"APGR of {home} minus each router's, paired bootstrap 95%: {diffs}", highlight=False)
     for p, m in summary["policies"].items():
         if policy_base(p).startswith("hera") and m["lost_vs_llm"]:
             stages = ", ".join(f"{k} {v}" for k, v in sorted(m["lost_edge_stages"].items()))

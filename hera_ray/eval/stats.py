@@ -33,7 +33,8 @@ def _interval(values: np.ndarray, level: float) -> list[float] | None:
 
 def paired_bootstrap(correct: Mapping[str, Sequence[float]], cost: Mapping[str, Sequence[float]],
                      best: str | None = None, baselines: Sequence[str] | None = None, n_boot: int = 2000,
-                     level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+                     level: float = 0.95, seed: int = 0,
+                     routers: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Intervals of accuracy, PGR and cost (share of ``all-llm``'s) for each policy, and of the
     difference ``best`` minus each of ``baselines``.
 
@@ -43,8 +44,14 @@ def paired_bootstrap(correct: Mapping[str, Sequence[float]], cost: Mapping[str, 
     accuracy (picked on the same data, so its differences lean its way: name the policy under study
     when there is one); ``baselines`` to every other policy, the anchors included.
 
+    ``routers`` maps a router to the policies of its sweep (its operating points, ``hera-verify`` and
+    ``hera-verify@0.8``, say). A router's APGR is the mean PGR of its points, taken per draw like
+    every other figure; ``apgr`` holds each router's interval and ``apgr_differences`` that of the
+    router of ``best`` (``best``'s name before any ``@``) minus each other router's.
+
     Returns ``{"n_boot", "level", "policies": {p: {"accuracy": [lo, hi], "pgr": ..., "cost": ...}},
-    "best": best, "differences": {baseline: {"accuracy": [lo, hi], "pgr": ..., "cost": ...}}}``.
+    "best": best, "differences": {baseline: {"accuracy": [lo, hi], "pgr": ..., "cost": ...}},
+    "apgr": {router: [lo, hi]}, "apgr_differences": {router: [lo, hi]}}``.
     """
     policies = list(correct)
     n = {len(v) for v in correct.values()} | {len(cost[p]) for p in policies}
@@ -77,6 +84,16 @@ def paired_bootstrap(correct: Mapping[str, Sequence[float]], cost: Mapping[str, 
     if best is None and candidates:
         best = max(candidates, key=lambda p: float(np.mean(correct[p])))
     out["best"] = best
+    # APGR: the mean PGR of a router's points, per draw (a draw without a positive gap is left out).
+    apgr: dict[str, np.ndarray] = {}
+    for router, points in (routers or {}).items():
+        pts = [metrics[p]["pgr"] for p in points if p in metrics and "pgr" in metrics[p]]
+        if pts:
+            apgr[router] = np.mean(pts, axis=0)
+    out["apgr"] = {r: _interval(v, level) for r, v in apgr.items()}
+    home = best.partition("@")[0] if best is not None else None
+    out["apgr_differences"] = ({r: _interval(apgr[home] - v, level) for r, v in apgr.items() if r != home}
+                               if home in apgr else {})
     out["differences"] = {}
     if best is not None:
         for b in baselines if baselines is not None else [p for p in policies if p != best]:

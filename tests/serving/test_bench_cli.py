@@ -34,7 +34,7 @@ def test_a_tuned_policy_runs_and_a_bad_knob_value_is_refused(client, cluster):
 def test_bench_three_requests_gives_the_table_json_and_png_and_resumes(cluster, tmp_path):
     args = ("bench", "--dataset", "gsm8k", "--split", "test", "--n", "3",
             "--policies", "hera,hybridllm,random,cascade,all-slm,all-llm", "--hera-sweep", "0.9", "--hybrid-sweep", "",
-            "--random-sweep", "", "--cascade-sweep", "", "--no-ablations", "--max-steps", "2",
+            "--random-sweep", "", "--cascade-sweep", "", "--no-ablations", "--best", "hera", "--max-steps", "2",
             "--out", str(tmp_path), "--url", cluster.ingress_url)
     done = hera(*args)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
@@ -58,8 +58,11 @@ def test_bench_three_requests_gives_the_table_json_and_png_and_resumes(cluster, 
         assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["slm_share"] <= 1.0
         lo, hi = m["ci"]["accuracy"]  # the paired bootstrap 95% interval holds the figure
         assert lo <= m["accuracy"] <= hi and m["ci"]["cost"][0] <= m["cost"] <= m["ci"]["cost"][1]
-    assert result["best"] in result["policies"] and result["bootstrap"]["n_boot"] > 0
-    assert set(result["differences"]) == set(result["policies"]) - {result["best"]}
+    assert result["best"] == "hera" and result["bootstrap"]["n_boot"] > 0  # the policy under study, as asked
+    assert set(result["differences"]) == set(result["policies"]) - {"hera"}
+    # APGR intervals of hera's router minus the others' (none where the anchors' gap is not positive)
+    assert set(result["apgr_differences"]) <= {"hybridllm", "random", "cascade"}
+    assert result["policies"]["hera"]["apgr_ci"] == result["policies"]["hera@0.9"]["apgr_ci"]
     assert result["runs_wall_s"] > 0 and "cascade" in result["policies"] and "[" in done.stdout  # intervals in the table
     assert result["policies"]["all-slm"]["slm_share"] == 1.0 and result["policies"]["all-llm"]["slm_share"] == 0.0
     assert result["policies"]["all-llm"]["cost"] == pytest.approx(1.0) and result["policies"]["all-slm"]["cost"] == 0.0
@@ -81,6 +84,9 @@ def test_bench_refuses_bad_input_with_a_clear_message(cluster, tmp_path):
     done = hera("bench", "--policies", "hera,nope", "--n", "1", "--url", cluster.ingress_url, "--out", str(tmp_path),
                 "--no-ablations", "--hera-sweep", "")
     assert done.returncode == 2 and "unknown policy nope" in done.stderr and "hera-urc-only" in done.stderr
+    done = hera("bench", "--policies", "hera,all-slm", "--best", "random", "--n", "1", "--url", cluster.ingress_url,
+                "--out", str(tmp_path), "--no-ablations", "--hera-sweep", "")
+    assert done.returncode == 2 and "--best 'random' is not one of the policies run: all-slm, all-llm, hera" in done.stderr
 
 
 def test_calibrate_on_dev_writes_the_threshold_base_hera_up_reads(cluster, tmp_path):
