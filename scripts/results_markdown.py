@@ -53,9 +53,9 @@ def markdown(result: dict) -> str:
                      f"{with_ci(m.get('apgr'), m.get('apgr_ci'), '.2f')} | {fmt(m.get('cache_hit_rate'), '.0%')} | "
                      f"{'yes' if meets(m) else ''} |")
     diffs = result.get("apgr_differences") or {}
-    if diffs and best:
+    parts = [f"{r} [{ci[0]:+.2f}, {ci[1]:+.2f}]" for r, ci in diffs.items() if ci]
+    if parts and best:
         home = best.partition("@")[0]
-        parts = [f"{r} [{ci[0]:+.2f}, {ci[1]:+.2f}]" for r, ci in diffs.items() if ci]
         lines += ["", f"APGR of `{home}` minus each router's (paired 95%): " + ", ".join(parts) + "."]
     return "\n".join(lines)
 

@@ -540,9 +540,9 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
     summary = summarise({k: v for k, v in store.records.items() if k[1] in ids}, names, sweeps, best=best)
     common_ids = set.intersection(*({i for (p, i) in store.records if p == n and i in ids} for n in names)) if names else set()
     console.print(table(summary, f"{dataset}/{split}: {summary['n']} request(s) finished by every policy"))
-    if summary.get("apgr_differences"):
+    diffs = ", ".join(f"{r} [{ci[0]:+.2f}, {ci[1]:+.2f}]" for r, ci in summary.get("apgr_differences", {}).items() if ci)
+    if diffs:
         home = policy_base(summary["best"])
-        diffs = ", ".join(f"{r} [{ci[0]:+.2f}, {ci[1]:+.2f}]" for r, ci in summary["apgr_differences"].items() if ci)
         console.print(f"APGR of {home} minus each router's, paired bootstrap 95%: {diffs}", highlight=False)
     for p, m in summary["policies"].items():
         if policy_base(p).startswith("hera") and m["lost_vs_llm"]:
