@@ -74,6 +74,20 @@ def test_record_store_resumes_and_refuses_other_settings(tmp_path):
         RecordStore(path, {"dataset": "gsm8k", "max_steps": 4})
 
 
+def test_a_record_cut_off_mid_write_is_dropped_and_the_run_resumes(tmp_path):
+    path = tmp_path / "runs" / "gsm8k-test.jsonl"
+    store = RecordStore(path, {"dataset": "gsm8k"})
+    store.add(rec("hera", "1", True))
+    store.add(rec("hera", "2", False))
+    whole = path.read_text()
+    path.write_text(whole[: len(whole) - 25])  # killed while writing item 2's line
+    again = RecordStore(path, {"dataset": "gsm8k"})
+    assert again.done("hera", "1") and not again.done("hera", "2")  # item 2 runs again
+    again.add(rec("hera", "2", True))
+    third = RecordStore(path, {"dataset": "gsm8k"})  # every line parses: the new record has a line of its own
+    assert third.records[("hera", "2")]["correct"] is True and len(path.read_text().splitlines()) == 2
+
+
 def summary_of(points):
     return {"policies": {name: {"accuracy": a, "cost": c, "pgr": g} for name, (a, c, g) in points.items()}}
 

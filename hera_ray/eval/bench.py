@@ -86,7 +86,13 @@ class RecordStore:
         else:
             meta_path.write_text(json.dumps(self.meta, indent=2) + "\n")
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
+            text = self.path.read_text()
+            if text and not text.endswith("\n"):
+                # a run stopped mid-write left half a record: drop it (that run is simply not done), so
+                # the next record starts on a line of its own
+                text = text[: text.rfind("\n") + 1]
+                self.path.write_text(text)
+            for line in text.splitlines():
                 if line.strip():
                     r = json.loads(line)
                     self.records[(r["policy"], r["item"])] = r
