@@ -4,6 +4,7 @@ paired-bootstrap 95% intervals, each router's APGR with its interval, the policy
 each router, and the issue's targets (PGR >= 0.9 with SLM share >= 0.5 and cost <= 0.5 of all-llm).
 
     python scripts/results_markdown.py bench/results/test15/*.json
+    python scripts/results_markdown.py --summary bench/results/test15/*.json   # across data sets
 """
 
 from __future__ import annotations
@@ -60,7 +61,37 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(results: list[dict]) -> str:
+    """Across data sets: each router's APGR with its interval, and the policy under study against
+    the targets."""
+    routers: dict[str, dict[str, str]] = {}
+    for r in results:
+        for name, m in r["policies"].items():
+            base = name.partition("@")[0]
+            if m.get("apgr") is not None:  # every point of a router carries the router's APGR
+                routers.setdefault(base, {}).setdefault(r["dataset"], with_ci(m["apgr"], m.get("apgr_ci"), ".2f"))
+    sets = [r["dataset"] for r in results]
+    lines = ["| router (APGR over its sweep) | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    for base, by_set in routers.items():
+        lines.append(f"| {base} | " + " | ".join(by_set.get(d, "—") for d in sets) + " |")
+    lines += ["", "| data set (n) | policy under study | accuracy | SLM share | cost | PGR | target |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        best = r.get("best")
+        m = r["policies"].get(best) if best else None
+        if m:
+            ci = m.get("ci") or {}
+            lines.append(f"| {r['dataset']} ({r['n']}) | {best} | {with_ci(m['accuracy'], ci.get('accuracy'), '.0%')} | "
+                         f"{fmt(m['slm_share'], '.0%')} | {with_ci(m['cost'], ci.get('cost'), '.2f')} | "
+                         f"{with_ci(m['pgr'], ci.get('pgr'), '.2f')} | {'met' if meets(m) else 'missed'} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    for path in sys.argv[1:]:
-        print(markdown(json.loads(Path(path).read_text())))
-        print()
+    paths = [a for a in sys.argv[1:] if a != "--summary"]
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    if "--summary" in sys.argv[1:]:
+        print(summary(results))
+    else:
+        for result in results:
+            print(markdown(result))
+            print()
