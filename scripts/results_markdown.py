@@ -46,13 +46,21 @@ def markdown(result: dict) -> str:
              "| policy | accuracy | SLM share | cost vs all-llm | PGR | APGR (router) | cache hits | meets target |",
              "|---|---|---|---|---|---|---|---|"]
     best = result.get("best")
+    # PGR is measured against the anchors' gap; when the bootstrap found it not clearly positive, no
+    # policy has a PGR interval and no PGR target can be judged on this data set.
+    gap_clear = any((m.get("ci") or {}).get("pgr") for m in result["policies"].values())
     for name, m in result["policies"].items():
         ci = m.get("ci") or {}
         label = f"**{name}**" if name == best else name
         lines.append(f"| {label} | {with_ci(m['accuracy'], ci.get('accuracy'), '.0%')} | {fmt(m['slm_share'], '.0%')} | "
                      f"{with_ci(m['cost'], ci.get('cost'), '.2f')} | {with_ci(m['pgr'], ci.get('pgr'), '.2f')} | "
                      f"{with_ci(m.get('apgr'), m.get('apgr_ci'), '.2f')} | {fmt(m.get('cache_hit_rate'), '.0%')} | "
-                     f"{'yes' if meets(m) else ''} |")
+                     f"{('yes' if meets(m) else '') if gap_clear else 'n/a'} |")
+    if not gap_clear:
+        undefined = (result.get("bootstrap") or {}).get("pgr_undefined")
+        lines += ["", f"all-llm is not clearly above all-slm here ({undefined} of "
+                  f"{(result.get('bootstrap') or {}).get('n_boot')} bootstrap draws have no positive gap): PGR, APGR and "
+                  "the target are not judged on this data set."]
     diffs = result.get("apgr_differences") or {}
     parts = [f"{r} [{ci[0]:+.2f}, {ci[1]:+.2f}]" for r, ci in diffs.items() if ci]
     if parts and best:
@@ -82,7 +90,8 @@ def summary(results: list[dict]) -> str:
             ci = m.get("ci") or {}
             lines.append(f"| {r['dataset']} ({r['n']}) | {best} | {with_ci(m['accuracy'], ci.get('accuracy'), '.0%')} | "
                          f"{fmt(m['slm_share'], '.0%')} | {with_ci(m['cost'], ci.get('cost'), '.2f')} | "
-                         f"{with_ci(m['pgr'], ci.get('pgr'), '.2f')} | {'met' if meets(m) else 'missed'} |")
+                         f"{with_ci(m['pgr'], ci.get('pgr'), '.2f')} | "
+                         f"{('met' if meets(m) else 'missed') if ci.get('pgr') else 'n/a: no clear gap'} |")
     return "\n".join(lines)
 
 
