@@ -228,27 +228,26 @@ def summarise(records: dict[tuple[str, str], dict], policies: list[str],
     for m in out.values():
         m["cost"] = m["cost_abs"] / llm_cost if llm_cost else None
         m["pgr"] = pgr(m["accuracy"], acc_slm, acc_llm) if acc_slm is not None and acc_llm is not None else None
-    for router, values in sweeps.items():
-        points = [router] + [f"{router}@{v:g}" for v in values]
-        pgrs = [out[p]["pgr"] for p in points if p in out and out[p]["pgr"] is not None]
+    # each router's operating points that ran: the configured one and its sweep
+    routers = {router: [p for p in [router] + [f"{router}@{v:g}" for v in values] if p in out]
+               for router, values in sweeps.items()}
+    for router, points in routers.items():
+        pgrs = [out[p]["pgr"] for p in points if out[p]["pgr"] is not None]
         apgr = sum(pgrs) / len(pgrs) if pgrs else None
         for p in points:
-            if p in out:
-                out[p]["apgr"] = apgr
+            out[p]["apgr"] = apgr
     for m in out.values():
         m.setdefault("apgr", None)
     # Paired bootstrap: every policy resampled on the same draws of the common requests.
     from hera_ray.eval.stats import paired_bootstrap
 
     items = sorted(common)
-    routers = {router: [p for p in [router] + [f"{router}@{v:g}" for v in values] if p in out]
-               for router, values in sweeps.items()}
     ci = paired_bootstrap({p: [float(by_policy[p][i]["correct"]) for i in items] for p in policies},
                           {p: [float(by_policy[p][i]["cost"]) for i in items] for p in policies},
                           best=best if best in out else None, routers={r: v for r, v in routers.items() if v})
     for p in policies:
         out[p]["ci"] = ci["policies"][p]
-        out[p]["apgr_ci"] = ci["apgr"].get(policy_base(p)) if policy_base(p) in routers else None
+        out[p]["apgr_ci"] = ci["apgr"].get(policy_base(p))
     return {"n": len(common), "policies": out, "best": ci["best"], "differences": ci["differences"],
             "apgr_differences": ci["apgr_differences"],
             "bootstrap": {"n_boot": ci["n_boot"], "level": ci["level"], "pgr_undefined": ci["pgr_undefined"]}}
