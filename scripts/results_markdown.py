@@ -95,12 +95,24 @@ def summary(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    paths = [a for a in sys.argv[1:] if a != "--summary"]
-    results = [json.loads(Path(p).read_text()) for p in paths]
-    if "--summary" in sys.argv[1:]:
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", nargs="+", type=Path, help="hera bench JSON files (bench/results/<dir>/<dataset>.json)")
+    ap.add_argument("--summary", action="store_true", help="one table across data sets: the best policy and the targets")
+    args = ap.parse_args()
+    missing = [str(p) for p in args.results if not p.is_file()]
+    if missing:
+        ap.error(f"no such result file: {', '.join(missing)}")
+    results = [json.loads(p.read_text()) for p in args.results]
+    if args.summary:
         print(summary(results))
     else:
         for result in results:
             print(markdown(result))
             print()
+
+
+if __name__ == "__main__":
+    main()
