@@ -55,7 +55,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {label} | {with_ci(m['accuracy'], ci.get('accuracy'), '.0%')} | {fmt(m['slm_share'], '.0%')} | "
                      f"{with_ci(m['cost'], ci.get('cost'), '.2f')} | {with_ci(m['pgr'], ci.get('pgr'), '.2f')} | "
                      f"{with_ci(m.get('apgr'), m.get('apgr_ci'), '.2f')} | {fmt(m.get('cache_hit_rate'), '.0%')} | "
-                     f"{('yes' if meets(m) else '') if gap_clear else 'n/a'} |")
+                     f"{('yes' if meets(m) else 'no') if gap_clear else 'n/a'} |")
     if not gap_clear:
         undefined = (result.get("bootstrap") or {}).get("pgr_undefined")
         lines += ["", f"all-llm is not clearly above all-slm here ({undefined} of "
