@@ -793,6 +793,7 @@ def bench_cmd(
     concurrency: int = typer.Option(1, min=1, max=16, help="Requests in flight (1 keeps latencies clean)."),
     rescore: bool = typer.Option(False, "--rescore", help="First score the recorded runs again with the current scorers."),
     best: Optional[str] = typer.Option(None, "--best", help="The policy under study: intervals of its difference from every other policy, and of its router's APGR minus each other router's [default: hera-verify when it runs, else the most accurate policy besides all-slm and all-llm]."),
+    report_only: bool = typer.Option(False, "--report-only", help="Run nothing and need no cluster: write the tables, JSON and plot from the runs recorded under --out (after an upgrade of the statistics, say)."),
 ) -> None:
     """Every policy on the same requests through the live runtime: accuracy, SLM share, cost, PGR/APGR, latency."""
     import shlex
@@ -817,6 +818,16 @@ def bench_cmd(
     if best is not None and best not in names:
         raise _fail(f"--best {best!r} is not one of the policies run: {', '.join(names)}", 2)
     command = "hera " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if report_only:
+        if fresh:
+            raise _fail("--report-only writes results from the recorded runs, and --fresh forgets them: pass one", 2)
+        try:
+            for d in sets:
+                bench_dataset(None, d, split, n or None, names, sweeps, max_steps or 0, out, command, console,
+                              rescore=rescore, best=best, report_only=True)
+        except HeraError as e:
+            raise _fail(e.message) from None
+        return
     client = _bench_client(url)
     served = set(client.models())
     unknown = [p for p in dict.fromkeys(names) if p.partition("@")[0] not in served]

@@ -44,8 +44,8 @@ def test_summary_over_common_items_with_cost_pgr_apgr_and_overhead():
         *(rec("all-llm", str(i), i != 3, cost=1.0, latency=20.0) for i in range(4)),
         # hera: 3/4 right, half the subtasks on the edge, half the cost, 1 s of 10 deciding
         *(rec("hera", str(i), i != 3, edge=1, cost=0.5, latency=10.0, decision=1.0) for i in range(4)),
-        # hera@0.9: 2/4 right
-        *(rec("hera@0.9", str(i), i in (0, 1), edge=1, cost=0.5, stages={"sse": 1, "llm": 1}) for i in range(4)),
+        # hera@0.9: 2/4 right at a quarter of all-llm's cost
+        *(rec("hera@0.9", str(i), i in (0, 1), edge=1, cost=0.25, stages={"sse": 1, "llm": 1}) for i in range(4)),
         rec("hera", "extra", True),  # an item not every policy finished: left out
     )
     s = summarise(rs, ["all-slm", "all-llm", "hera", "hera@0.9"], {"hera": (0.9,)})
@@ -54,6 +54,7 @@ def test_summary_over_common_items_with_cost_pgr_apgr_and_overhead():
     assert p["all-llm"]["cost"] == 1.0 and p["all-slm"]["cost"] == 0.0 and p["hera"]["cost"] == 0.5
     assert p["hera"]["accuracy"] == 0.75 and p["hera"]["slm_share"] == 0.5
     assert p["hera"]["pgr"] == pytest.approx(1.0) and p["hera@0.9"]["pgr"] == pytest.approx(0.5)
+    # the area under (0, 0) (0.25, 0.5) (0.5, 1.0) (1, 1)
     assert p["hera"]["apgr"] == pytest.approx(0.75) == p["hera@0.9"]["apgr"]
     assert p["all-slm"]["apgr"] is None
     assert p["hera"]["overhead_share"] == pytest.approx(0.1)
@@ -153,3 +154,35 @@ def test_rescore_uses_the_kept_answer_and_output_and_leaves_older_records(tmp_pa
     again = RecordStore(path, {"dataset": "arc_easy"})
     assert again.records[("hera", "q1")]["correct"] is False and again.records[("hera", "q1")]["detail"] == "several choices"
     assert again.records[("hera", "q2")]["correct"] is False
+
+
+def test_report_only_writes_results_from_the_recorded_runs_without_a_cluster(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from hera_ray.cli import app
+    from hera_ray.eval.datasets import load
+
+    ids = [it.id for it in load("gsm8k", "test", 4)]
+    out = tmp_path / "res"
+    meta = {"dataset": "gsm8k", "split": "test", "max_steps": 4, "cloud_model": "m"}
+    store = RecordStore(out / "runs" / "gsm8k-test.jsonl", meta)
+    for k, i in enumerate(ids):
+        store.add(rec("all-slm", i, k == 0))
+        store.add(rec("all-llm", i, k != 3, cost=1.0))
+        store.add(rec("random", i, k in (0, 1), edge=1, cost=0.5))
+    (out / "gsm8k.json").write_text(json.dumps({"command": "hera bench --dataset gsm8k (the run)"}))
+    monkeypatch.setenv("HERA_URL", "http://127.0.0.1:9")  # nothing listens: the report must not need it
+    args = ["bench", "--dataset", "gsm8k", "--n", "4", "--out", str(out), "--policies", "random,all-slm,all-llm",
+            "--random-sweep", "", "--report-only"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    written = json.loads((out / "gsm8k.json").read_text())
+    assert written["n"] == 4 and written["command"] == "hera bench --dataset gsm8k (the run)"
+    assert written["reported_by"].startswith("hera ") and written["settings"]["cloud_model"] == "m"
+    # random: PGR (2 - 1) / (3 - 1) = 0.5 at cost 0.5: on the diagonal, APGR 0.5
+    assert written["policies"]["random"]["pgr"] == pytest.approx(0.5)
+    assert written["policies"]["random"]["apgr"] == pytest.approx(0.5)
+    assert (out / "gsm8k.png").stat().st_size > 0
+    # nothing recorded for another data set: a clear error, not a traceback
+    result = CliRunner().invoke(app, [*args[:2], "mbpp", *args[3:]])
+    assert result.exit_code != 0 and "no recorded runs of mbpp/test" in result.output

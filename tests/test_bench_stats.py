@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from hera_ray.eval.stats import paired_bootstrap
+from hera_ray.eval.stats import area_under_pgr, paired_bootstrap
 
 
 def anchors(n: int, slm_right: int, llm_right: int):
@@ -82,12 +82,15 @@ def test_the_bench_summary_and_json_carry_each_policy_s_intervals_and_the_differ
     summary = summarise(records, policies, {"hera-verify": (), "random": (0.25,)}, best="hera-verify")
     out = result_json("gsm8k", "dev", "hera bench", summary, {})
     assert out["best"] == "hera-verify" and set(out["differences"]) == {"random", "random@0.25", "all-slm", "all-llm"}
-    # APGR over random's two points, (6/16 + 2/16) / 2 = 0.25, with its interval on both points
-    assert out["policies"]["random"]["apgr"] == pytest.approx(0.25) == out["policies"]["random@0.25"]["apgr"]
+    # APGR, the area under random's curve (0, 0) (0.5, 6/16) (0.8, 2/16) (1, 1):
+    # 0.5 * 3/16 + 0.3 * 4/16 + 0.2 * 9/16 = 0.28125, with its interval on both points
+    assert out["policies"]["random"]["apgr"] == pytest.approx(0.28125) == out["policies"]["random@0.25"]["apgr"]
     lo, hi = out["policies"]["random"]["apgr_ci"]
-    assert lo < 0.25 < hi and out["policies"]["random@0.25"]["apgr_ci"] == [lo, hi]
+    assert lo < 0.28125 < hi and out["policies"]["random@0.25"]["apgr_ci"] == [lo, hi]
     assert out["policies"]["all-llm"]["apgr_ci"] is None
-    assert out["apgr_differences"]["random"][0] > 0  # hera-verify's APGR (14/16) above random's on every draw
+    # hera-verify's (0, 0) (0.3, 14/16) (1, 1): 0.3 * 7/16 + 0.7 * 15/16 = 0.7875, above random's on every draw
+    assert out["policies"]["hera-verify"]["apgr"] == pytest.approx(0.7875)
+    assert out["apgr_differences"]["random"][0] > 0
     ci = out["policies"]["hera-verify"]["ci"]
     assert ci["accuracy"][0] < 22 / 40 < ci["accuracy"][1] and ci["cost"] == [0.3, 0.3]
     assert ci["pgr"][0] < (22 - 8) / (24 - 8) < ci["pgr"][1]
@@ -101,23 +104,43 @@ def test_pgr_has_no_interval_when_the_anchors_gap_is_not_clearly_positive():
     assert ci["pgr_undefined"] > 0.025 * 500
 
 
-def test_a_router_s_apgr_is_the_mean_pgr_of_its_points_and_the_difference_of_routers_is_paired():
+def test_apgr_is_the_area_under_the_pgr_cost_curve_closed_by_the_anchors():
+    # a router no better than mixing the anchors at random (PGR equal to cost) scores 0.5
+    assert area_under_pgr([(0.25, 0.25), (0.5, 0.5), (0.75, 0.75)]) == pytest.approx(0.5)
+    assert area_under_pgr([]) == pytest.approx(0.5)
+    # the whole gap at no cost scores 1; nothing recovered until all-llm's cost, 0
+    assert area_under_pgr([(0.0, 1.0)]) == pytest.approx(1.0)
+    assert area_under_pgr([(1.0, 0.0)]) == pytest.approx(0.0)
+    # (0, 0) (0.25, 0.5) (0.5, 1) (1, 1): 0.0625 + 0.1875 + 0.5, in any order of the points
+    assert area_under_pgr([(0.5, 1.0), (0.25, 0.5)]) == pytest.approx(0.75)
+    # more sweep points on the same line leave the area as it is (a mean of points' PGR would move)
+    assert area_under_pgr([(0.25, 0.5), (0.375, 0.75), (0.5, 1.0)]) == pytest.approx(0.75)
+    # a point dearer than all-llm is left out: all-llm beats it
+    assert area_under_pgr([(0.5, 0.5), (1.2, -1.0)]) == pytest.approx(0.5)
+    # a point below all-slm's accuracy pulls the area under 0 there
+    assert area_under_pgr([(0.5, -0.5)]) == pytest.approx(0.5 * -0.25 + 0.5 * 0.25)
+    assert math.isnan(area_under_pgr([(0.5, float("nan"))]))
+
+
+def test_a_router_s_apgr_interval_is_paired_and_holds_the_area_of_its_points():
     correct, cost = anchors(100, 20, 60)
-    # PGR of each point: (acc - 0.2) / 0.4. "v": 0.6 and 0.4 -> PGR 1.0 and 0.5, APGR 0.75 exactly when
-    # every point is right on a superset of all-slm's requests and a subset of all-llm's.
+    # PGR of each point: (acc - 0.2) / 0.4. "v": 0.6 at cost 0.5 and 0.4 at cost 0.25 -> PGR 1.0 and 0.5:
+    # (0, 0) (0.25, 0.5) (0.5, 1) (1, 1) = 0.75 exactly on every draw where each point is right on a
+    # superset of all-slm's requests and a subset of all-llm's.
     correct["v"] = [1] * 60 + [0] * 40
     correct["v@0.8"] = [1] * 40 + [0] * 60
-    correct["r"] = [1] * 30 + [0] * 70          # PGR 0.25
-    correct["r@0.5"] = [1] * 20 + [0] * 80      # PGR 0.00
-    for p in ("v", "v@0.8", "r", "r@0.5"):
-        cost[p] = [0.5] * 100
+    correct["r"] = [1] * 30 + [0] * 70          # PGR 0.25 at cost 0.5
+    correct["r@0.5"] = [1] * 20 + [0] * 80      # PGR 0.00 at cost 0.25
+    cost["v"], cost["r"] = [0.5] * 100, [0.5] * 100
+    cost["v@0.8"], cost["r@0.5"] = [0.25] * 100, [0.25] * 100
     ci = paired_bootstrap(correct, cost, best="v", routers={"v": ["v", "v@0.8"], "r": ["r", "r@0.5"]})
     lo, hi = ci["apgr"]["v"]
     assert lo < 0.75 < hi and hi - lo < 0.3
     assert set(ci["apgr_differences"]) == {"r"}
     lo, hi = ci["apgr_differences"]["r"]
-    # 0.75 - 0.125 = 0.625; paired: "r" is right only where "v" is, so the interval is clear of 0
-    assert 0.3 < lo < 0.625 < hi < 0.95
+    # r: (0, 0) (0.25, 0) (0.5, 0.25) (1, 1) = 0.03125 + 0.3125 = 0.34375; v - r = 0.40625, and paired ("r" is
+    # right only where "v" is) the interval is clear of 0
+    assert 0.1 < lo < 0.40625 < hi < 0.7
     # a router whose points all equal the best's differs by exactly 0
     correct["w"], cost["w"] = list(correct["v"]), list(cost["v"])
     ci = paired_bootstrap(correct, cost, best="v@0.8", routers={"v": ["v"], "w": ["w"]})

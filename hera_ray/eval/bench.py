@@ -231,9 +231,11 @@ def summarise(records: dict[tuple[str, str], dict], policies: list[str],
     # each router's operating points that ran: the configured one and its sweep
     routers = {router: [p for p in [router] + [f"{router}@{v:g}" for v in values] if p in out]
                for router, values in sweeps.items()}
+    from hera_ray.eval.stats import area_under_pgr
+
     for router, points in routers.items():
-        pgrs = [out[p]["pgr"] for p in points if out[p]["pgr"] is not None]
-        apgr = sum(pgrs) / len(pgrs) if pgrs else None
+        pts = [(out[p]["cost"], out[p]["pgr"]) for p in points if out[p]["pgr"] is not None and out[p]["cost"] is not None]
+        apgr = area_under_pgr(pts) if pts else None
         for p in points:
             out[p]["apgr"] = apgr
     for m in out.values():
@@ -395,8 +397,9 @@ def result_json(dataset: str, split: str, command: str, summary: dict[str, Any],
 
 def plot(path: Path, dataset: str, summary: dict[str, Any], sweeps: dict[str, Iterable[float]]) -> None:
     """Accuracy against cloud cost (as a share of all-llm's; SLM share when all-llm did not run):
-    each router's sweep as a line (APGR in the legend), the baselines and ablations as markers, and
-    each point's bootstrap 95% accuracy interval as an error bar."""
+    each router's sweep as a line (APGR in the legend; dashed, the segments to the anchors that close
+    the curve APGR integrates), the baselines and ablations as markers, and each point's bootstrap
+    95% accuracy interval as an error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -423,6 +426,14 @@ def plot(path: Path, dataset: str, summary: dict[str, Any], sweeps: dict[str, It
         label = f"{router} (APGR {apgr:.2f})" if apgr is not None else f"{router} (APGR n/a)"
         colour = colours.get(router)
         ax.plot([pol[p][xkey] for p in points], [pol[p]["accuracy"] for p in points], "o-", color=colour, label=label)
+        if by_cost and "all-slm" in pol and "all-llm" in pol:
+            # the curve APGR integrates is closed by the anchors: all-slm at cost 0, all-llm at cost 1
+            inside = [p for p in points if pol[p]["cost"] <= 1.0]
+            if inside:
+                ax.plot([0.0, pol[inside[0]]["cost"]], [pol["all-slm"]["accuracy"], pol[inside[0]]["accuracy"]], "--",
+                        color=colour, alpha=0.4, linewidth=1)
+                ax.plot([pol[inside[-1]]["cost"], 1.0], [pol[inside[-1]]["accuracy"], pol["all-llm"]["accuracy"]], "--",
+                        color=colour, alpha=0.4, linewidth=1)
         for p in points:
             ax.errorbar(pol[p][xkey], pol[p]["accuracy"], yerr=err(p), color=colour, alpha=0.35, capsize=2)
     markers = {"all-slm": ("s", "black"), "all-llm": ("D", "black"), "hera-no-sd": ("v", "tab:orange"),
@@ -501,11 +512,13 @@ def output_stem(out: Path, dataset: str, split: str) -> Path:
 def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[str],
                   sweeps: dict[str, tuple[float, ...]], max_steps: int, out: Path, command: str, console,
                   fresh: bool = False, concurrency: int = 1, rescore: bool = False,
-                  best: str | None = None) -> dict[str, Any]:
+                  best: str | None = None, report_only: bool = False) -> dict[str, Any]:
     """Run (or resume) one data set under every policy in ``names``; print the table, write
     ``<out>/<dataset>.json`` and ``.png``; return the result JSON. ``best``: the policy under study,
     whose differences from every other policy get intervals (default: ``hera-verify`` at its
-    configured knob when it runs, else the most accurate policy besides the anchors)."""
+    configured knob when it runs, else the most accurate policy besides the anchors).
+    ``report_only``: run nothing and need no cluster (``client`` may be None): the tables, JSON and
+    plot from the recorded runs alone, under the settings they were recorded with."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from hera_ray.eval.datasets import load
@@ -513,8 +526,15 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
     items = load(dataset, split, n)
     if not items:
         raise InvalidRequest(f"{dataset}/{split} has no items")
-    meta = {"dataset": dataset, "split": split, "max_steps": max_steps, **cluster_meta(client)}
     records = out / "runs" / f"{dataset}-{split}.jsonl"
+    if report_only:
+        meta_path = records.with_suffix(".meta.json")
+        if not records.exists() or not meta_path.exists():
+            raise InvalidRequest(f"no recorded runs of {dataset}/{split} in {records.parent}: --report-only writes "
+                                 f"results from runs a bench recorded there")
+        meta = json.loads(meta_path.read_text())
+    else:
+        meta = {"dataset": dataset, "split": split, "max_steps": max_steps, **cluster_meta(client)}
     if fresh:
         records.unlink(missing_ok=True)
         records.with_suffix(".meta.json").unlink(missing_ok=True)
@@ -523,7 +543,7 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
         changed = store.rescore({it.id: it for it in load(dataset, split)})
         console.print(f"re-scored {len(store.records)} record(s) with the current scorers: {changed} verdict(s) changed",
                       highlight=False)
-    todo = sum(not store.done(p, it.id) for it in items for p in names)
+    todo = 0 if report_only else sum(not store.done(p, it.id) for it in items for p in names)
     console.print(f"{dataset}/{split}: {len(items)} request(s) x {len(names)} policies; {todo} run(s) to do, "
                   f"the rest recorded in {records}", highlight=False)
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -536,7 +556,7 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
             share = "" if record is None else f" SLM {record['edge_subtasks']}/{record['subtasks']}"
             progress.update(task, advance=1, last=f"{policy} #{item_id} {mark}{share}")
 
-        errors = run_bench(client, items, names, store, max_steps, on_progress, concurrency)
+        errors = [] if report_only else run_bench(client, items, names, store, max_steps, on_progress, concurrency)
     for _, e in errors:
         console.print(f"[red]error[/red] {e}", highlight=False)
     ids = {it.id for it in items}
@@ -556,7 +576,15 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
                    else "none of them ran a subtask on the SLM (the LLM's own runs differed)")
             console.print(f"  {p}: lost {m['lost_vs_llm']} request(s) all-llm got right (gained {m['gained_vs_llm']}); {why}",
                           highlight=False)
-    result = result_json(dataset, split, command, summary, meta)
+    stem = output_stem(out, dataset, split)
+    previous = stem.with_suffix(".json")
+    run_command = command
+    if report_only and previous.exists():
+        # the command that ran the recorded runs stays the result's command; this one only reported them
+        run_command = json.loads(previous.read_text()).get("command") or command
+    result = result_json(dataset, split, run_command, summary, meta)
+    if report_only:
+        result["reported_by"] = command
     # What was asked against what every policy finished: a request dropped by one policy leaves the
     # common set (``n``) and shows here, with the errors of this invocation.
     result["requested"] = len(items)
@@ -578,7 +606,6 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
     # many sessions it took (with --concurrency k the elapsed time is up to k times less).
     result["runs_wall_s"] = sum(float(r.get("wall_s", 0.0)) for k, r in store.records.items()
                                 if k[1] in common_ids and k[0] in names)
-    stem = output_stem(out, dataset, split)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(stem.with_suffix(".png"), f"{dataset}/{split}", summary, sweeps)
     console.print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}", highlight=False)

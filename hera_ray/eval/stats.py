@@ -15,12 +15,32 @@ PGR intervals are None; otherwise the draws without a positive gap are left out.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 ANCHORS = ("all-slm", "all-llm")
 METRICS = ("accuracy", "pgr", "cost")
+
+
+def area_under_pgr(points: Iterable[tuple[float, float]]) -> float:
+    """APGR, the average performance gap recovered (RouteLLM's figure): the area under a router's
+    PGR-vs-cost curve over cost 0 to 1, cost as a share of ``all-llm``'s.
+
+    The curve joins the router's operating points, ``(cost, pgr)``, with straight lines in order of
+    cost (at equal cost, the lower PGR first), and is closed by the two anchors every router can
+    fall back to: ``all-slm`` at (0, 0) and ``all-llm`` at (1, 1). A straight line between two
+    operating points is what mixing them at random per request achieves. A point that costs more
+    than ``all-llm`` is left out (``all-llm`` is better and cheaper). So a router that only matches
+    ``random`` (PGR equal to cost) scores 0.5, one that recovers the whole gap at no cost scores 1,
+    and the figure does not depend on how many sweep points sit where, unlike a mean of the points'
+    PGR. NaN when any point's PGR or cost is NaN (a bootstrap draw without a positive gap).
+    """
+    pts = [(float(c), float(g)) for c, g in points]
+    if any(not (np.isfinite(c) and np.isfinite(g)) for c, g in pts):
+        return float("nan")
+    curve = sorted([(0.0, 0.0), *((max(c, 0.0), g) for c, g in pts if c <= 1.0), (1.0, 1.0)])
+    return float(sum((c1 - c0) * (g0 + g1) / 2 for (c0, g0), (c1, g1) in zip(curve, curve[1:])))
 
 
 def _interval(values: np.ndarray, level: float) -> list[float] | None:
@@ -45,9 +65,10 @@ def paired_bootstrap(correct: Mapping[str, Sequence[float]], cost: Mapping[str, 
     when there is one); ``baselines`` to every other policy, the anchors included.
 
     ``routers`` maps a router to the policies of its sweep (its operating points, ``hera-verify`` and
-    ``hera-verify@0.8``, say). A router's APGR is the mean PGR of its points, taken per draw like
-    every other figure; ``apgr`` holds each router's interval and ``apgr_differences`` that of the
-    router of ``best`` (``best``'s name before any ``@``) minus each other router's.
+    ``hera-verify@0.8``, say). A router's APGR is the area under its PGR-vs-cost curve (``apgr``),
+    taken per draw like every other figure; ``apgr`` holds each router's interval and
+    ``apgr_differences`` that of the router of ``best`` (``best``'s name before any ``@``) minus
+    each other router's.
 
     Returns ``{"n_boot", "level", "policies": {p: {"accuracy": [lo, hi], "pgr": ..., "cost": ...}},
     "best": best, "differences": {baseline: {"accuracy": [lo, hi], "pgr": ..., "cost": ...}},
@@ -84,12 +105,15 @@ def paired_bootstrap(correct: Mapping[str, Sequence[float]], cost: Mapping[str, 
     if best is None and candidates:
         best = max(candidates, key=lambda p: float(np.mean(correct[p])))
     out["best"] = best
-    # APGR: the mean PGR of a router's points, per draw (a draw without a positive gap is left out).
+    # APGR: the area under a router's PGR-vs-cost curve, per draw (a draw without a positive gap is
+    # left out).
     apgr: dict[str, np.ndarray] = {}
     for router, points in (routers or {}).items():
-        pts = [metrics[p]["pgr"] for p in points if p in metrics and "pgr" in metrics[p]]
+        pts = [p for p in points if p in metrics and "pgr" in metrics[p] and "cost" in metrics[p]]
         if pts:
-            apgr[router] = np.mean(pts, axis=0)
+            pgrs = np.stack([metrics[p]["pgr"] for p in pts], axis=1)
+            costs = np.stack([metrics[p]["cost"] for p in pts], axis=1)
+            apgr[router] = np.array([area_under_pgr(zip(c, g)) for c, g in zip(costs, pgrs)])
     out["apgr"] = {r: _interval(v, level) for r, v in apgr.items()}
     home = best.partition("@")[0] if best is not None else None
     out["apgr_differences"] = ({r: _interval(apgr[home] - v, level) for r, v in apgr.items() if r != home}
