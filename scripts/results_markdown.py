@@ -10,7 +10,6 @@ each router, and the issue's targets (PGR >= 0.9 with SLM share >= 0.5 and cost 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 TARGET = {"pgr": 0.9, "slm_share": 0.5, "cost": 0.5}
@@ -55,7 +54,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {label} | {with_ci(m['accuracy'], ci.get('accuracy'), '.0%')} | {fmt(m['slm_share'], '.0%')} | "
                      f"{with_ci(m['cost'], ci.get('cost'), '.2f')} | {with_ci(m['pgr'], ci.get('pgr'), '.2f')} | "
                      f"{with_ci(m.get('apgr'), m.get('apgr_ci'), '.2f')} | {fmt(m.get('cache_hit_rate'), '.0%')} | "
-                     f"{('yes' if meets(m) else 'no') if gap_clear else 'n/a'} |")
+                     f"{'—' if name in ('all-slm', 'all-llm') else ('yes' if meets(m) else 'no') if gap_clear else 'n/a'} |")
     if not gap_clear:
         undefined = (result.get("bootstrap") or {}).get("pgr_undefined")
         lines += ["", f"all-llm is not clearly above all-slm here ({undefined} of "
@@ -77,9 +76,11 @@ def summary(results: list[dict]) -> str:
         for name, m in r["policies"].items():
             base = name.partition("@")[0]
             if m.get("apgr") is not None:  # every point of a router carries the router's APGR
-                routers.setdefault(base, {}).setdefault(r["dataset"], with_ci(m["apgr"], m.get("apgr_ci"), ".2f"))
+                span = m.get("apgr_span")
+                reach = f" (points at cost {span[0]:.2f}–{span[1]:.2f})" if span else ""
+                routers.setdefault(base, {}).setdefault(r["dataset"], with_ci(m["apgr"], m.get("apgr_ci"), ".2f") + reach)
     sets = [r["dataset"] for r in results]
-    lines = ["| router (APGR over its sweep) | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    lines = ["| router (APGR: area under its PGR-vs-cost curve) | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
     for base, by_set in routers.items():
         lines.append(f"| {base} | " + " | ".join(by_set.get(d, "—") for d in sets) + " |")
     lines += ["", "| data set (n) | policy under study | accuracy | SLM share | cost | PGR | target |", "|---|---|---|---|---|---|---|"]

@@ -44,8 +44,8 @@ def test_summary_over_common_items_with_cost_pgr_apgr_and_overhead():
         *(rec("all-llm", str(i), i != 3, cost=1.0, latency=20.0) for i in range(4)),
         # hera: 3/4 right, half the subtasks on the edge, half the cost, 1 s of 10 deciding
         *(rec("hera", str(i), i != 3, edge=1, cost=0.5, latency=10.0, decision=1.0) for i in range(4)),
-        # hera@0.9: 2/4 right at a quarter of all-llm's cost
-        *(rec("hera@0.9", str(i), i in (0, 1), edge=1, cost=0.25, stages={"sse": 1, "llm": 1}) for i in range(4)),
+        # hera@0.9: 2/4 right at a tenth of all-llm's cost
+        *(rec("hera@0.9", str(i), i in (0, 1), edge=1, cost=0.1, stages={"sse": 1, "llm": 1}) for i in range(4)),
         rec("hera", "extra", True),  # an item not every policy finished: left out
     )
     s = summarise(rs, ["all-slm", "all-llm", "hera", "hera@0.9"], {"hera": (0.9,)})
@@ -54,8 +54,9 @@ def test_summary_over_common_items_with_cost_pgr_apgr_and_overhead():
     assert p["all-llm"]["cost"] == 1.0 and p["all-slm"]["cost"] == 0.0 and p["hera"]["cost"] == 0.5
     assert p["hera"]["accuracy"] == 0.75 and p["hera"]["slm_share"] == 0.5
     assert p["hera"]["pgr"] == pytest.approx(1.0) and p["hera@0.9"]["pgr"] == pytest.approx(0.5)
-    # the area under (0, 0) (0.25, 0.5) (0.5, 1.0) (1, 1)
-    assert p["hera"]["apgr"] == pytest.approx(0.75) == p["hera@0.9"]["apgr"]
+    # the area under (0, 0) (0.1, 0.5) (0.5, 1.0) (1, 1): 0.025 + 0.3 + 0.5 (the mean of the two PGRs would be 0.75)
+    assert p["hera"]["apgr"] == pytest.approx(0.825) == p["hera@0.9"]["apgr"]
+    assert p["hera"]["apgr_span"] == pytest.approx([0.1, 0.5]) and p["all-slm"]["apgr_span"] is None
     assert p["all-slm"]["apgr"] is None
     assert p["hera"]["overhead_share"] == pytest.approx(0.1)
     assert p["all-llm"]["latency_p50_s"] == 20.0
@@ -169,20 +170,28 @@ def test_report_only_writes_results_from_the_recorded_runs_without_a_cluster(tmp
     for k, i in enumerate(ids):
         store.add(rec("all-slm", i, k == 0))
         store.add(rec("all-llm", i, k != 3, cost=1.0))
-        store.add(rec("random", i, k in (0, 1), edge=1, cost=0.5))
-    (out / "gsm8k.json").write_text(json.dumps({"command": "hera bench --dataset gsm8k (the run)"}))
+        store.add(rec("random", i, k in (0, 1), edge=1, cost=0.25))
+    (out / "gsm8k.json").write_text(json.dumps({"command": "hera bench --dataset gsm8k (the run)", "commit": "abc"}))
     monkeypatch.setenv("HERA_URL", "http://127.0.0.1:9")  # nothing listens: the report must not need it
     args = ["bench", "--dataset", "gsm8k", "--n", "4", "--out", str(out), "--policies", "random,all-slm,all-llm",
             "--random-sweep", "", "--report-only"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     written = json.loads((out / "gsm8k.json").read_text())
-    assert written["n"] == 4 and written["command"] == "hera bench --dataset gsm8k (the run)"
-    assert written["reported_by"].startswith("hera ") and written["settings"]["cloud_model"] == "m"
-    # random: PGR (2 - 1) / (3 - 1) = 0.5 at cost 0.5: on the diagonal, APGR 0.5
+    # the run's command and commit stay; the report says who wrote it
+    assert written["n"] == 4 and written["command"] == "hera bench --dataset gsm8k (the run)" and written["commit"] == "abc"
+    assert written["reported_by"]["commit"] != "abc" and written["settings"]["cloud_model"] == "m"
+    # random: PGR (2 - 1) / (3 - 1) = 0.5 at cost 0.25: (0, 0) (0.25, 0.5) (1, 1) = 0.0625 + 0.5625
     assert written["policies"]["random"]["pgr"] == pytest.approx(0.5)
-    assert written["policies"]["random"]["apgr"] == pytest.approx(0.5)
+    assert written["policies"]["random"]["apgr"] == pytest.approx(0.625)
     assert (out / "gsm8k.png").stat().st_size > 0
     # nothing recorded for another data set: a clear error, not a traceback
     result = CliRunner().invoke(app, [*args[:2], "mbpp", *args[3:]])
     assert result.exit_code != 0 and "no recorded runs of mbpp/test" in result.output
+    # a policy that never ran is refused, and the results written before stay as they were
+    result = CliRunner().invoke(app, [*args[:8], "random,all-slm,all-llm,hybridllm", *args[9:]])
+    assert result.exit_code != 0 and "no recorded runs of hybridllm" in result.output
+    assert json.loads((out / "gsm8k.json").read_text()) == written
+    # --fresh would forget the records the report is written from
+    result = CliRunner().invoke(app, [*args, "--fresh"])
+    assert result.exit_code != 0 and "--fresh" in result.output and (out / "runs" / "gsm8k-test.jsonl").exists()

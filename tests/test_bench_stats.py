@@ -107,16 +107,21 @@ def test_pgr_has_no_interval_when_the_anchors_gap_is_not_clearly_positive():
 def test_apgr_is_the_area_under_the_pgr_cost_curve_closed_by_the_anchors():
     # a router no better than mixing the anchors at random (PGR equal to cost) scores 0.5
     assert area_under_pgr([(0.25, 0.25), (0.5, 0.5), (0.75, 0.75)]) == pytest.approx(0.5)
-    assert area_under_pgr([]) == pytest.approx(0.5)
-    # the whole gap at no cost scores 1; nothing recovered until all-llm's cost, 0
+    assert area_under_pgr([(0.0, 0.0)]) == pytest.approx(0.5)
+    # the whole gap at no cost scores 1; nothing recovered until nearly all-llm's cost, nearly 0
     assert area_under_pgr([(0.0, 1.0)]) == pytest.approx(1.0)
-    assert area_under_pgr([(1.0, 0.0)]) == pytest.approx(0.0)
+    assert area_under_pgr([(0.99, 0.0)]) == pytest.approx(0.01 * 0.5)
     # (0, 0) (0.25, 0.5) (0.5, 1) (1, 1): 0.0625 + 0.1875 + 0.5, in any order of the points
     assert area_under_pgr([(0.5, 1.0), (0.25, 0.5)]) == pytest.approx(0.75)
     # more sweep points on the same line leave the area as it is (a mean of points' PGR would move)
     assert area_under_pgr([(0.25, 0.5), (0.375, 0.75), (0.5, 1.0)]) == pytest.approx(0.75)
     # a point dearer than all-llm is left out: all-llm beats it
     assert area_under_pgr([(0.5, 0.5), (1.2, -1.0)]) == pytest.approx(0.5)
+    # at equal cost the better point counts, so a point at all-llm's cost changes nothing
+    assert area_under_pgr([(0.5, 0.4), (0.5, 0.8)]) == pytest.approx(0.25 * 0.8 + 0.5 * 0.9)
+    assert area_under_pgr([(1.0, 0.5)]) == pytest.approx(0.5) == area_under_pgr([(1.01, 0.5), (0.5, 0.5)])
+    # no point within all-llm's cost: no curve of the router's own, no figure
+    assert math.isnan(area_under_pgr([(1.2, 0.9)]))
     # a point below all-slm's accuracy pulls the area under 0 there
     assert area_under_pgr([(0.5, -0.5)]) == pytest.approx(0.5 * -0.25 + 0.5 * 0.25)
     assert math.isnan(area_under_pgr([(0.5, float("nan"))]))

@@ -235,11 +235,18 @@ def summarise(records: dict[tuple[str, str], dict], policies: list[str],
 
     for router, points in routers.items():
         pts = [(out[p]["cost"], out[p]["pgr"]) for p in points if out[p]["pgr"] is not None and out[p]["cost"] is not None]
-        apgr = area_under_pgr(pts) if pts else None
+        area = area_under_pgr(pts) if pts else float("nan")
+        apgr = area if math.isfinite(area) else None
+        # how far the router's own points reach along the cost axis: beyond them the curve is the
+        # straight line to an anchor, assumed rather than measured
+        costs = [c for c, _ in pts if c <= 1.0]
+        span = [min(costs), max(costs)] if apgr is not None and costs else None
         for p in points:
             out[p]["apgr"] = apgr
+            out[p]["apgr_span"] = span
     for m in out.values():
         m.setdefault("apgr", None)
+        m.setdefault("apgr_span", None)
     # Paired bootstrap: every policy resampled on the same draws of the common requests.
     from hera_ray.eval.stats import paired_bootstrap
 
@@ -383,14 +390,14 @@ def result_json(dataset: str, split: str, command: str, summary: dict[str, Any],
     keys = ("accuracy", "f1", "slm_share", "cost", "pgr", "apgr", "latency_p50_s", "latency_p95_s",
             "overhead_share", "runtime_overhead_share", "decision_share", "check_share", "cache_hit_rate", "escalation_rate", "subtasks",
             "stages", "lost_vs_llm", "gained_vs_llm",
-            "lost_edge_stages", "ci", "apgr_ci")
+            "lost_edge_stages", "ci", "apgr_ci", "apgr_span")
     return {
         "command": command, "commit": git_commit(), "dataset": dataset, "split": split, "n": summary["n"],
         "settings": meta,
         "policies": {p: {k: m.get(k) for k in keys} for p, m in summary["policies"].items()},
         # Paired bootstrap: each policy's 95% intervals are under policies.<p>.ci; these are best minus each other policy.
         "bootstrap": summary.get("bootstrap"), "best": summary.get("best"), "differences": summary.get("differences", {}),
-        # APGR (mean PGR over a router's sweep): best's router minus each other router, per paired draw.
+        # APGR (the area under a router's PGR-vs-cost curve): best's router minus each other router, per paired draw.
         "apgr_differences": summary.get("apgr_differences", {}),
     }
 
@@ -426,7 +433,7 @@ def plot(path: Path, dataset: str, summary: dict[str, Any], sweeps: dict[str, It
         label = f"{router} (APGR {apgr:.2f})" if apgr is not None else f"{router} (APGR n/a)"
         colour = colours.get(router)
         ax.plot([pol[p][xkey] for p in points], [pol[p]["accuracy"] for p in points], "o-", color=colour, label=label)
-        if by_cost and "all-slm" in pol and "all-llm" in pol:
+        if by_cost and apgr is not None and "all-slm" in pol and "all-llm" in pol:
             # the curve APGR integrates is closed by the anchors: all-slm at cost 0, all-llm at cost 1
             inside = [p for p in points if pol[p]["cost"] <= 1.0]
             if inside:
@@ -543,6 +550,20 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
         changed = store.rescore({it.id: it for it in load(dataset, split)})
         console.print(f"re-scored {len(store.records)} record(s) with the current scorers: {changed} verdict(s) changed",
                       highlight=False)
+    if report_only:
+        # report what was run, not what this command names: a policy without records would empty the
+        # common set and overwrite good results with nothing
+        ids_asked = [it.id for it in items]
+        missing = [p for p in names if not any(store.done(p, i) for i in ids_asked)]
+        if missing:
+            recorded = sorted({p for p, _ in store.records})
+            raise InvalidRequest(f"--report-only: no recorded runs of {', '.join(missing)} on {dataset}/{split} in "
+                                 f"{records}; the records hold {', '.join(recorded) or 'no policy'}: name those "
+                                 f"with --policies")
+        beyond = len({i for _, i in store.records} - set(ids_asked))
+        if beyond:
+            console.print(f"[yellow]--report-only[/yellow]: the records hold {beyond} request(s) beyond the "
+                          f"{len(items)} asked (--n); the report leaves them out", highlight=False)
     todo = 0 if report_only else sum(not store.done(p, it.id) for it in items for p in names)
     console.print(f"{dataset}/{split}: {len(items)} request(s) x {len(names)} policies; {todo} run(s) to do, "
                   f"the rest recorded in {records}", highlight=False)
@@ -578,13 +599,12 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
                           highlight=False)
     stem = output_stem(out, dataset, split)
     previous = stem.with_suffix(".json")
-    run_command = command
-    if report_only and previous.exists():
-        # the command that ran the recorded runs stays the result's command; this one only reported them
-        run_command = json.loads(previous.read_text()).get("command") or command
-    result = result_json(dataset, split, run_command, summary, meta)
+    before = json.loads(previous.read_text()) if report_only and previous.exists() else {}
+    # the command (and code) that ran the recorded runs stay the result's; this one only reported them
+    result = result_json(dataset, split, before.get("command") or command, summary, meta)
     if report_only:
-        result["reported_by"] = command
+        result["reported_by"] = {"command": command, "commit": result["commit"]}
+        result["commit"] = before.get("commit") or result["commit"]
     # What was asked against what every policy finished: a request dropped by one policy leaves the
     # common set (``n``) and shows here, with the errors of this invocation.
     result["requested"] = len(items)

@@ -24,22 +24,32 @@ METRICS = ("accuracy", "pgr", "cost")
 
 
 def area_under_pgr(points: Iterable[tuple[float, float]]) -> float:
-    """APGR, the average performance gap recovered (RouteLLM's figure): the area under a router's
-    PGR-vs-cost curve over cost 0 to 1, cost as a share of ``all-llm``'s.
+    """APGR, the average performance gap recovered, in the manner of RouteLLM: the area under a
+    router's PGR-vs-cost curve over cost 0 to 1, cost as a share of ``all-llm``'s (RouteLLM's x
+    axis is the share of calls to the strong model; cost is what a user pays, and counts checks).
 
     The curve joins the router's operating points, ``(cost, pgr)``, with straight lines in order of
-    cost (at equal cost, the lower PGR first), and is closed by the two anchors every router can
-    fall back to: ``all-slm`` at (0, 0) and ``all-llm`` at (1, 1). A straight line between two
-    operating points is what mixing them at random per request achieves. A point that costs more
-    than ``all-llm`` is left out (``all-llm`` is better and cheaper). So a router that only matches
-    ``random`` (PGR equal to cost) scores 0.5, one that recovers the whole gap at no cost scores 1,
-    and the figure does not depend on how many sweep points sit where, unlike a mean of the points'
-    PGR. NaN when any point's PGR or cost is NaN (a bootstrap draw without a positive gap).
+    cost, and is closed by the two anchors every router can fall back to: ``all-slm`` at (0, 0) and
+    ``all-llm`` at (1, 1). A straight line between two operating points is what mixing them at
+    random per request achieves. At equal cost the higher PGR counts (it is as cheap and better);
+    a point that costs more than ``all-llm`` is left out (``all-llm`` is better and cheaper). So a
+    router that only matches ``random`` (PGR equal to cost) scores 0.5, one that recovers the whole
+    gap at no cost scores 1. Extra points on a straight line between others leave the area as it
+    is (a mean of the points' PGR would move), but where a sweep stops short of cost 1 the closing
+    line to ``all-llm`` is assumed, not measured: ``apgr_span`` in the bench JSON says how far each
+    router's points reach. NaN when any point's PGR or cost is NaN (a bootstrap draw without a
+    positive gap), or when no point costs at most ``all-llm``'s.
     """
     pts = [(float(c), float(g)) for c, g in points]
     if any(not (np.isfinite(c) and np.isfinite(g)) for c, g in pts):
         return float("nan")
-    curve = sorted([(0.0, 0.0), *((max(c, 0.0), g) for c, g in pts if c <= 1.0), (1.0, 1.0)])
+    best: dict[float, float] = {0.0: 0.0}
+    inside = [(max(c, 0.0), g) for c, g in pts if c <= 1.0]
+    if not inside:
+        return float("nan")
+    for c, g in [*inside, (1.0, 1.0)]:
+        best[c] = max(g, best.get(c, g))
+    curve = sorted(best.items())
     return float(sum((c1 - c0) * (g0 + g1) / 2 for (c0, g0), (c1, g1) in zip(curve, curve[1:])))
 
 
