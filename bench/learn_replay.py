@@ -9,6 +9,15 @@ step classifier on the older runs and checks them on the most recent ones (the p
 which neither set trained on), against the serving set (the bundled one). Printed beside the paper's gains from retraining on live traces (Table 5:
 SP_SLM 76.1 -> 80.1, SP_LLM 75.1 -> 78.1).
 
+What the replay can and cannot show: the serving (bundled) set was trained on these same profile
+requests, so retraining on their replay repeats its training data and can at best hold its
+figures; it is not the paper's gain from new traces. So each SP is also scored as its base model
+with no adapter ("base model"), which is what a set with no trained SP would serve: base -> after
+is what learning from this traffic alone brings. SP_SLM is served as the SLM itself (no adapter:
+at temperature 0 the SLM predicts its own next step), so its "before" is the base model. The new
+SP LoRA is trained from the base model on the stored runs alone, the way the serving set's was
+trained (epochs and learning rate from its manifest; HERA_LEARN_EPOCHS / HERA_LEARN_LR override).
+
 A second pass shows a worse set refused: the same stream, but the training runs' LLM verdicts
 inverted (as traffic whose labels went wrong would teach), so the retrained classifier ranks the
 recent runs' steps worse than the serving one, and the serving set stays.
@@ -40,11 +49,19 @@ def replay_runs(records: list[dict], invert_verdicts_before: float | None = None
     from hera_ray.policy.verify import ends_line, llm_step_score
     from hera_ray.store import run_row
 
+    import hashlib
+
     rows = []
     t = 1_700_000_000.0
     # The requests the serving set trained on come first; its held-out requests come last, so the
-    # most recent runs (where hera learn checks both sets) are ones neither set trained on.
-    for r in sorted(records, key=lambda r: is_heldout(r["request_id"])):
+    # most recent runs (where hera learn checks both sets) are ones neither set trained on. Within
+    # each part the requests come in a fixed pseudo-random order (a hash of their id), so the data
+    # sets are mixed as live traffic would mix them: hera learn keeps the most recent training
+    # examples, and in the profile's folder order those would all be one data set's.
+    def order(r: dict) -> tuple[bool, str]:
+        return is_heldout(r["request_id"]), hashlib.sha256(r["request_id"].encode()).hexdigest()
+
+    for r in sorted(records, key=order):
         checks = {c["index"]: c for c in r.get("slm_checks", ())}
         for side in ("all_slm", "all_llm"):
             trace = []
@@ -104,7 +121,7 @@ def main() -> None:
             only = "verifier" if invert else args.only
             held = sum(is_heldout(r["run"]["request_id"].rsplit(":", 1)[0]) for r in rows)
             cfg = LearnConfig(only=only, max_examples=args.max_examples, max_eval=args.max_eval,
-                              heldout_share=held / len(rows))
+                              heldout_share=held / len(rows), compare_base=True)
             t0 = time.perf_counter()
             result = learn(store, args.estimators, tmp / "sets", cfg, log=lambda m: console.print(f"  {m}", highlight=False))
             results[name] = {**result["history"], "wall_s": time.perf_counter() - t0, "stored_runs": len(rows)}
@@ -119,14 +136,21 @@ def main() -> None:
     args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
 
     table = Table(title="hera learn on a replayed stream (held out: the most recent runs, requests no set trained on)")
-    for col in ("pass", "estimator", "train", "held-out", "metric", "before", "after", "paper", "promoted"):
-        table.add_column(col, justify="right" if col in ("train", "held-out", "before", "after") else "left")
+    for col in ("pass", "estimator", "train", "held-out", "metric", "base model", "before (serving)", "after", "paper",
+                "promoted"):
+        table.add_column(col, justify="right" if col in ("train", "held-out", "base model", "before (serving)", "after")
+                         else "left")
+
+    def fig(r: dict, key: str) -> str:  # SP accuracy in % as the paper gives it; the classifier's AUC as is
+        v = r.get(key)
+        return "-" if v is None else (f"{100 * v:.1f}" if r.get("metric") == "accuracy" else f"{v:.3f}")
+
     for name, res in results.items():
         for est, r in res["estimators"].items():
             paper = PAPER.get(est)
-            table.add_row(name, est, str(r["train_examples"]), str(r["heldout_examples"]), r.get("metric", "-"),
-                          "-" if r.get("before") is None else f"{r['before']:.3f}",
-                          "-" if r.get("after") is None else f"{r['after']:.3f}",
+            table.add_row(name, est, str(r["train_examples"]), str(r["heldout_examples"]),
+                          {"accuracy": "accuracy %"}.get(r.get("metric"), r.get("metric", "-")),
+                          fig(r, "base"), fig(r, "before"), fig(r, "after"),
                           f"{paper[0]} -> {paper[1]}" if paper else "-",
                           "yes" if r.get("promoted") else f"no{': ' + r['reason'] if r.get('reason') else ''}")
     console.print(table)

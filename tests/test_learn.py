@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hera_ray.errors import ConfigError
-from hera_ray.offline.learn import LearnConfig, learn, live_examples
+from hera_ray.offline.learn import LearnConfig, learn, live_examples, sp_training
 from hera_ray.policy.verify import VERIFIER_FILE, StepClassifier
 from hera_ray.store import Store, run_row
 
@@ -154,3 +154,12 @@ def test_sp_llm_retrains_with_a_real_lora_and_is_measured_before_and_after(tmp_p
     assert 0.0 <= r["before"] <= 1.0 and 0.0 <= r["after"] <= 1.0 and r["promoted"] == (r["after"] >= r["before"])
     if r["promoted"]:
         assert (Path(result["set"]) / "sp_llm" / "adapter.gguf").exists()
+
+
+def test_sp_retrains_the_way_the_serving_set_was_trained_unless_told():
+    manifest = {"train_settings": {"causal_epochs": 1, "causal_lr": 0.001}}
+    assert sp_training(LearnConfig(), manifest) == (1, 0.001)
+    assert sp_training(LearnConfig(epochs=3, lr=5e-4), manifest) == (3, 5e-4)
+    assert sp_training(LearnConfig(), {}) == (2, 1e-4)
+    with pytest.raises(ValueError):
+        LearnConfig(lr=0)

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,8 +58,9 @@ class LearnConfig(BaseSettings):
     min_examples: int = Field(50, ge=1, description="Training examples an estimator needs from live traffic before it is retrained.")
     max_examples: int = Field(600, ge=1, description="Training examples per generative estimator at most (the most recent).")
     max_eval: int = Field(120, ge=1, description="Held-out examples evaluated per generative estimator at most.")
-    epochs: int = Field(2, ge=1, description="Epochs over the SP data.")
-    lr: float = Field(1e-4, gt=0, description="Learning rate of the SP LoRA.")
+    epochs: Optional[int] = Field(None, ge=1, description="Epochs over the SP data (default: the serving set's own, train_settings.causal_epochs, else 2).")
+    lr: Optional[float] = Field(None, gt=0, description="Learning rate of the SP LoRA (default: the serving set's own, train_settings.causal_lr, else 1e-4).")
+    compare_base: bool = Field(False, description="Also score the SP base model without any adapter on the held-out runs (what a set with no trained SP would do).")
     lora_r: int = Field(8, ge=1, description="LoRA rank.")
     max_len: int = Field(512, ge=32, description="Tokens per SP training example at most.")
     seed: int = Field(0, description="Initialisation seed.")
@@ -139,6 +140,14 @@ def _split(examples: list[tuple[float, str, tuple]], cut: float) -> Split:
     return split
 
 
+def sp_training(config: LearnConfig, manifest: dict[str, Any]) -> tuple[int, float]:
+    """Epochs and learning rate of the SP LoRA: as given, else the way the serving set's SP was
+    trained (its manifest's ``train_settings``), else 2 epochs at 1e-4."""
+    trained_with = manifest.get("train_settings") or {}
+    return (config.epochs or int(trained_with.get("causal_epochs") or 2),
+            config.lr or float(trained_with.get("causal_lr") or 1e-4))
+
+
 def learn(store, estimators: Path | None, out_root: Path, config: LearnConfig | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Retrain what live traffic labels on the runs in ``store``; write a new set under
@@ -157,6 +166,7 @@ def learn(store, estimators: Path | None, out_root: Path, config: LearnConfig | 
         raise ConfigError(f"{current} is not a trained estimator set (no {MANIFEST})")
     manifest = json.loads(manifest_path.read_text())
     sp_format = manifest.get("sp_format", "compact")
+    epochs, lr = sp_training(config, manifest)
     threshold = float(manifest.get("match_threshold", 0.7))
 
     rows = list(store.iter_runs())
@@ -227,17 +237,20 @@ def learn(store, estimators: Path | None, out_root: Path, config: LearnConfig | 
             log(f"{name}: {len(train)} training / {len(heldout)} held-out live example(s)")
             folder = scratch / name
             stats = train_causal_lora(train, resolve_model(base).path, folder, r=config.lora_r, alpha=2 * config.lora_r,
-                                      epochs=config.epochs, lr=config.lr, max_len=config.max_len, seed=config.seed)
+                                      epochs=epochs, lr=lr, max_len=config.max_len, seed=config.seed)
             if sbert is None:
                 sbert = SbertSimilarity(manifest.get("similarity_model", "minilm-l6"))
             old_adapter = current / old["path"] if old.get("path") else None
             gens = {"before": LoraGenerator(base, old_adapter), "after": LoraGenerator(base, folder / "adapter.gguf")}
+            if config.compare_base and old_adapter is not None:
+                gens["base"] = LoraGenerator(base, None)
             try:
                 scores = {k: _generative_accuracy(g, heldout, sbert, threshold, name) for k, g in gens.items()}
             finally:
                 for g in gens.values():
                     g.close()
-            result.update(metric="accuracy", before=scores["before"], after=scores["after"], train_s=stats.get("train_s"))
+            result.update(metric="accuracy", before=scores["before"], after=scores["after"], train_s=stats.get("train_s"),
+                          epochs=epochs, lr=lr, base=scores.get("base", scores["before"] if old_adapter is None else None))
             better = scores["after"] >= scores["before"]
             if better:
                 promoted[name] = {**old, "kind": "causal", "base": base, "path": f"{name}/adapter.gguf",
