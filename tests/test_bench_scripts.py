@@ -75,3 +75,26 @@ def test_the_5xx_target_counts_every_policy_and_says_what_got_no_answer():
                                                                  "unanswered_tasks": 1}}
     clean = dropin.summarize({"all-llm": [{**run, "error": "", "error_kind": ""}]})
     assert dropin.targets(clean)["parse_failures_as_5xx"]["met"]
+
+
+# -- bench/load.py --------------------------------------------------------------------------------
+
+
+def outcomes(**kw: int) -> dict[str, int]:
+    return {"completed": 10, "errors": 0, "lost": 0, "refused_at_end": 0, "duplicates": 0, "throttled_429": 0, **kw}
+
+
+def test_a_throttled_soak_misses_its_target_even_when_every_429_was_retried():
+    load = script("load")
+    checks = load.verdict(outcomes(throttled_429=5), soak=True)
+    assert list(checks) == ["refused_at_end", "throttled_429", "errors", "lost", "duplicates"]
+    assert not checks["throttled_429"]["met"] and checks["throttled_429"]["measured"] == 5
+    assert all(v["met"] for k, v in checks.items() if k != "throttled_429")
+    assert all(v["met"] for v in load.verdict(outcomes(), soak=True).values())
+
+
+def test_stress_has_no_target_on_refusals():
+    load = script("load")
+    checks = load.verdict(outcomes(throttled_429=1500, refused_at_end=24), soak=False)
+    assert set(checks) == {"errors", "lost", "duplicates"} and all(v["met"] for v in checks.values())
+    assert not load.verdict(outcomes(lost=1), soak=False)["lost"]["met"]
