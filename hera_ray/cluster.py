@@ -194,12 +194,9 @@ def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, 
         _save_state(state)
 
         logs = cache_dir() / "cluster" / "logs"
-        # The cloud's generation cache (an evaluation setting) covers the local edges too.
-        cache_args = ["--generation-cache", str(config.cloud.generation_cache)] if config.cloud.generation_cache else []
         for i in range(local_edges):
-            # Local edges use the cluster's TLS files: they serve them and dial the registry with them.
             edge = start_edge(logs, f"edge-{i}", state.registry, token_file, model=edge_model or config.scheduler.edge_model,
-                              extra_args=tls_cli_args(config.scheduler.tls) + cache_args, detach=True)
+                              extra_args=local_edge_args(config), detach=True)
             state.edge_pids.append(edge.pid)
             state.edge_addresses.append(edge.address)
             _save_state(state)
@@ -212,6 +209,15 @@ def up(config: HeraConfig, local_edges: int = 0, edge_model: str | None = None, 
         raise
     log(f"hera-ray is up in {time.monotonic() - t0:.0f}s: {state.ingress_url}")
     return state
+
+
+def local_edge_args(config: HeraConfig) -> list[str]:
+    """The flags of ``hera edge serve`` that ``up`` gives the local edges it starts, beyond their name,
+    model, registry and token (and that a tool restarting one must give it too): the cluster's TLS
+    files, which they serve and dial the registry with, and the cloud's generation cache (an
+    evaluation setting), which covers the local edges too."""
+    cache = ["--generation-cache", str(config.cloud.generation_cache)] if config.cloud.generation_cache else []
+    return tls_cli_args(config.scheduler.tls) + cache
 
 
 def _creation_error(e: BaseException) -> BaseException:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import hmac
 import inspect
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import grpc
 
@@ -17,6 +17,9 @@ from hera_ray.errors import ContextLengthExceeded, HeraError, InvalidRequest, Mo
 from hera_ray.generation import GenerationParams, GenerationResult
 from hera_ray.pricing import PriceSheet, parse_prices
 from hera_ray.scheduler.nodes import NodeLoad
+
+if TYPE_CHECKING:
+    from hera_ray.tls import TLSFiles
 
 try:
     from hera_ray._proto.hera.v1 import edge_pb2, edge_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -224,10 +227,14 @@ def error_from_rpc(e: grpc.RpcError, where: str) -> HeraError:
     return cls(f"{where}: {code.name}: {e.details()}")
 
 
-def edge_load(address: str, timeout_s: float = 2.0, token: str | None = None) -> NodeLoad:
+def edge_load(address: str, timeout_s: float = 2.0, token: str | None = None, tls: TLSFiles | None = None) -> NodeLoad:
     """An edge node's load as it reports it now (its ``Info``), by address; a blocking call, for
-    tools and tests (the scheduler reads the heartbeats instead). Raises grpc.RpcError."""
-    with grpc.insecure_channel(address) as channel:
+    tools and tests (the scheduler reads the heartbeats instead). Over TLS when ``tls`` has a
+    ``ca_file`` (the scheduler's ``tls``, as it dials the edges). Raises grpc.RpcError."""
+    from hera_ray.tls import channel_credentials
+
+    secure = tls is not None and tls.dials_tls
+    with (grpc.secure_channel(address, channel_credentials(tls)) if secure else grpc.insecure_channel(address)) as channel:
         info = edge_pb2_grpc.EdgeWorkerStub(channel).Info(edge_pb2.InfoRequest(), timeout=timeout_s,
                                                            metadata=auth_metadata(token) or None)
     return load_from_pb(info.load)
