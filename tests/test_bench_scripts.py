@@ -98,3 +98,62 @@ def test_stress_has_no_target_on_refusals():
     checks = load.verdict(outcomes(throttled_429=1500, refused_at_end=24), soak=False)
     assert set(checks) == {"errors", "lost", "duplicates"} and all(v["met"] for v in checks.values())
     assert not load.verdict(outcomes(lost=1), soak=False)["lost"]["met"]
+
+
+# -- bench/faults.py ------------------------------------------------------------------------------
+
+
+def step(index: int, node: str, failures: list[str] = (), fallback: str = "") -> dict:
+    return {"index": index, "node": node, "failures": list(failures), "retries": len(failures), "fallback": fallback}
+
+
+def test_an_edge_round_counts_only_when_the_trace_shows_the_failure_and_the_retry():
+    faults = script("faults")
+    moved = {"trace": [step(0, "edge-1"), step(1, "edge-1", ["edge-0: UNAVAILABLE: node froze"])]}
+    assert faults.met_fault("edge_freeze", moved, "edge-0")[0] == "trace"
+    # The step finished on the struck node (SIGCONT came too soon): the fault was not met.
+    stayed = {"trace": [step(0, "edge-0"), step(1, "edge-0")]}
+    assert faults.met_fault("edge_freeze", stayed, "edge-0") == ("", "")
+    assert faults.met_fault("edge_kill", moved, "edge-1") == ("", "")
+    replica = {"trace": [step(0, "cloud", ["cloud: cloud replica failed: died"])]}
+    assert faults.met_fault("replica_kill", replica, "cloud")[0] == "trace"
+
+
+def test_a_scheduler_kill_is_met_by_timing_only_and_says_so():
+    faults = script("faults")
+    run = {"trace": [step(0, "edge-0"), step(1, "cloud", fallback="no-edge")]}
+    met_by, evidence = faults.met_fault("actor_kill", run, "scheduler")
+    assert met_by == "timing" and "1 step(s)" in evidence
+    assert faults.met_fault("actor_kill", run, "") == ("", "")  # answered before the actor was back
+
+
+def test_a_failed_round_is_reported_beside_the_others():
+    faults = script("faults")
+
+    class Args:
+        rounds = 2
+
+    ok = {"request_id": "a", "struck": "scheduler", "status": 200, "met_fault": True, "met_by": "timing", "evidence": "x"}
+    failed = {"request_id": "b", "struck": "", "status": 200, "met_fault": False, "met_by": "", "evidence": "",
+              "failure": {"kind": "TimeoutError", "message": "not recovered within 300s"}}
+    result = faults.report(Args(), {"actor_kill": [{"actor_back_s": 1.0}], "edge_kill": []},
+                           {"actor_kill": [ok], "edge_kill": [failed]}, complete=True)
+    assert result["rounds_met_fault"] == {"actor_kill": {"trace": 0, "timing": 1, "of": 1},
+                                          "edge_kill": {"trace": 0, "timing": 0, "of": 1}}
+    assert result["failed_rounds"] == [{"fault": "edge_kill", "request_id": "b", "kind": "TimeoutError",
+                                        "message": "not recovered within 300s"}]
+    assert set(result["summary"]) == {"actor_kill"} and result["answered_200"] == 2
+
+
+def test_a_restarted_edge_gets_the_flags_hera_up_gave_it():
+    from hera_ray.cluster import local_edge_args
+    from hera_ray.config import HeraConfig
+
+    # Given in full: a settings file or HERA_* variables on this machine must not decide the test.
+    plain = {"cloud": {"generation_cache": None}, "scheduler": {"tls": {}}}
+    assert local_edge_args(HeraConfig.model_validate(plain)) == []
+    config = HeraConfig.model_validate({"cloud": {"generation_cache": "/tmp/g.sqlite"},
+                                        "scheduler": {"tls": {"cert_file": "/c.pem", "key_file": "/k.pem",
+                                                              "ca_file": "/ca.pem", "client_auth": False}}})
+    assert local_edge_args(config) == ["--tls-cert-file", "/c.pem", "--tls-key-file", "/k.pem", "--tls-ca-file",
+                                       "/ca.pem", "--generation-cache", "/tmp/g.sqlite"]
