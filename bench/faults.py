@@ -84,6 +84,7 @@ class Cluster:
         self.edge_model = self.health().get("edge_model") or "qwen2.5-coder-0.5b"
         self.pool = ThreadPoolExecutor(8)
         self.future = None  # the current round's request
+        self.struck = ""  # the node the current round struck
 
     def health(self) -> dict:
         try:
@@ -160,6 +161,7 @@ class Cluster:
 def edge_kill(c: Cluster, tag: str) -> tuple[dict, object, str]:
     future = c.in_flight_request("all-slm", tag)
     i = c.busy_edge()
+    c.struck = f"edge-{i}"  # on record even if the round fails after this
     pid, _ = c.edge(i)
     os.kill(pid, signal.SIGKILL)
     down = c.wait(lambda: c.nodes_up() == c.expected - 1)
@@ -175,10 +177,11 @@ def edge_freeze(c: Cluster, tag: str) -> tuple[dict, object, str]:
     and must be retried elsewhere before SIGCONT (else it finishes on the same node)."""
     future = c.in_flight_request("all-slm", tag)
     i = c.busy_edge()
+    c.struck = f"edge-{i}"  # on record even if the round fails after this
     pid, _ = c.edge(i)
-    os.kill(pid, signal.SIGSTOP)
     t0 = time.monotonic()
     try:
+        os.kill(pid, signal.SIGSTOP)  # inside the try: SIGCONT follows whatever happens next
         down = c.wait(lambda: c.nodes_up() == c.expected - 1)
         hold = c.edge_timeout_s + FREEZE_MARGIN_S
         while not future.done() and time.monotonic() - t0 < hold:
@@ -253,13 +256,15 @@ FAULTS = {"edge_kill": edge_kill, "edge_freeze": edge_freeze, "actor_kill": acto
 def run_round(c: Cluster, name: str, tag: str) -> tuple[dict | None, dict]:
     """One round of fault ``name``: (its measures, or None if it failed; its row). A round that fails
     records the failure (kind, message), brings the cluster back and still waits for its request."""
-    c.future = None
+    c.future, c.struck = None, ""
     measures, struck, failure = None, "", None
     try:
         measures, _, struck = FAULTS[name](c, tag)
         c.wait(lambda: c.nodes_up() == c.expected)
     except Exception as e:  # noqa: BLE001 - a failed round is recorded, the run goes on
         failure = {"kind": type(e).__name__, "message": str(e)[:500]}
+        measures = None  # a failed round's timings do not go into the figures
+        struck = c.struck  # the node it struck, if it got that far
         try:
             c.recover()
         except Exception as e2:  # noqa: BLE001
@@ -310,6 +315,9 @@ def main() -> None:
     p.add_argument("--faults", default=",".join(FAULTS), help="comma-separated: " + ", ".join(FAULTS))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults.json")
     args = p.parse_args()
+    # SIGTERM (and SIGHUP) unwind like Ctrl-C, so a frozen node still gets its SIGCONT
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
     from hera_ray.eval.bench import resolve_url
 
     console = Console()
