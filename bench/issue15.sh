@@ -13,6 +13,7 @@
 # the next), so a run stopped at any point has paired records for every policy.
 #   humaneval: the whole test split;   mbpp: the whole test split;
 #   arc_challenge: the first 100;      gsm8k: the first 150.
+# Then the cache spot check and the decision overhead, without the cache (below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 HERA=${HERA:-.venv/bin/hera}
@@ -28,4 +29,19 @@ status=0
 for ds in $SETS; do
   $HERA bench --dataset "$ds" --split test --n "${N[$ds]:-0}" --out "$OUT" --policies "$POLICIES" || status=1
 done
+# Then, on a cluster without the generation cache (POST= skips this; a result already written is kept):
+#   the cache spot check: cached and uncached runs of the same requests agree;
+#   the decision overhead at hera's defaults, the issue's <= 5% figure (the cache would distort it).
+PY=${PY:-.venv/bin/python}
+POST=${POST-1}
+if [ -n "$POST" ] && [ $status = 0 ]; then
+  if [ ! -f "$OUT/cache_spot_check.json" ] || [ ! -f "$OUT/overhead.json" ]; then
+    $HERA down >/dev/null 2>&1
+    $HERA up --local-edges 1 || exit 1
+  fi
+  [ -f "$OUT/cache_spot_check.json" ] || $PY bench/cache_spot_check.py --records "$OUT/runs/humaneval-test.jsonl" \
+    --policies hera-verify,all-llm --n 5 --out "$OUT/cache_spot_check.json" || status=1
+  [ -f "$OUT/overhead.json" ] || $PY bench/hera_overhead.py --questions 4 --split test --policies hera-verify,hera \
+    --out "$OUT/overhead.json" || status=1
+fi
 exit $status
