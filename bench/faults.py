@@ -366,16 +366,16 @@ def main() -> None:
     for col in ("fault", "measure", "median", "max", "met: trace", "met: timing only", "answered 200", "failed rounds"):
         table.add_column(col, justify="left" if col in ("fault", "measure") else "right")
     for name in names:
-        rs, n = rounds[name], len(rounds[name])
-        counts = (f"{sum(x['met_by'] == 'trace' for x in rs)}/{n}", f"{sum(x['met_by'] == 'timing' for x in rs)}/{n}",
-                  f"{sum(x['status'] == 200 for x in rs)}/{n}", str(sum('failure' in x for x in rs)))
+        rs, met = rounds[name], result["rounds_met_fault"][name]
+        counts = (f"{met['trace']}/{met['of']}", f"{met['timing']}/{met['of']}",
+                  f"{sum(x['status'] == 200 for x in rs)}/{met['of']}", str(sum('failure' in x for x in rs)))
         measures = result["summary"].get(name) or {"—": None}
         for j, (k, v) in enumerate(measures.items()):
             table.add_row(name, k, "—" if v is None else f"{v['median']:.2f}", "—" if v is None else f"{v['max']:.2f}",
                           *(counts if j == 0 else ("",) * len(counts)))
     console.print(table)
     rows = [x for rs in rounds.values() for x in rs]
-    by_trace, by_timing = (sum(x["met_by"] == k for x in rows) for k in ("trace", "timing"))
+    by_trace, by_timing = (sum(m[k] for m in result["rounds_met_fault"].values()) for k in ("trace", "timing"))
     failed = len(result["failed_rounds"])
     console.print(f"requests in flight during the faults: {result['answered_200']}/{len(rows)} answered 200; rounds that "
                   f"met their fault: {by_trace} shown by the trace (failure and retry), {by_timing} by timing only "
