@@ -158,8 +158,8 @@ class Cluster:
         self.wait(lambda: self.nodes_up() == self.expected, timeout_s)
 
 
-def edge_kill(c: Cluster, tag: str) -> tuple[dict, object, str]:
-    future = c.in_flight_request("all-slm", tag)
+def edge_kill(c: Cluster, tag: str) -> dict:
+    c.in_flight_request("all-slm", tag)
     i = c.busy_edge()
     c.struck = f"edge-{i}"  # on record even if the round fails after this
     pid, _ = c.edge(i)
@@ -169,10 +169,10 @@ def edge_kill(c: Cluster, tag: str) -> tuple[dict, object, str]:
     c.restart_edge(i)  # a new process: loads the model, serves, registers
     c.wait(lambda: c.nodes_up() == c.expected)
     back = time.monotonic() - t0
-    return {"marked_down_s": down, "restarted_and_up_s": back}, future, f"edge-{i}"
+    return {"marked_down_s": down, "restarted_and_up_s": back}
 
 
-def edge_freeze(c: Cluster, tag: str) -> tuple[dict, object, str]:
+def edge_freeze(c: Cluster, tag: str) -> dict:
     """SIGSTOP the busy node and hold it: its step fails there only at ``agent.edge_timeout_s``,
     and must be retried elsewhere before SIGCONT (else it finishes on the same node)."""
     future = c.in_flight_request("all-slm", tag)
@@ -190,10 +190,10 @@ def edge_freeze(c: Cluster, tag: str) -> tuple[dict, object, str]:
         os.kill(pid, signal.SIGCONT)
     frozen = time.monotonic() - t0
     back = c.wait(lambda: c.nodes_up() == c.expected)
-    return {"marked_down_s": down, "frozen_s": frozen, "up_after_sigcont_s": back}, future, f"edge-{i}"
+    return {"marked_down_s": down, "frozen_s": frozen, "up_after_sigcont_s": back}
 
 
-def actor_kill(c: Cluster, tag: str) -> tuple[dict, object, str]:
+def actor_kill(c: Cluster, tag: str) -> dict:
     import ray
 
     from hera_ray.scheduler.actor import SCHEDULER_NAME
@@ -207,16 +207,17 @@ def actor_kill(c: Cluster, tag: str) -> tuple[dict, object, str]:
     rejoined = c.wait(lambda: c.nodes_up() == c.expected)
     measures = {"actor_back_s": back, "edges_registered_again_s": rejoined, "total_s": time.monotonic() - t0}
     # Still in flight once the new actor is back and the edges registered: it crossed the restart.
-    return measures, future, "scheduler" if not future.done() else ""
+    c.struck = "scheduler" if not future.done() else ""
+    return measures
 
 
-def replica_kill(c: Cluster, tag: str) -> tuple[dict, object, str]:
+def replica_kill(c: Cluster, tag: str) -> dict:
     import ray
     from ray import serve
 
     from cloud_node.deployment import DEPLOYMENT_NAME
 
-    future = c.in_flight_request("all-llm", tag)
+    c.in_flight_request("all-llm", tag)
     handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=c.state.app_name)
     deadline = time.monotonic() + 300
     while handle.load.remote().result(timeout_s=60).get("in_flight", 0) == 0:  # until the replica is generating
@@ -226,9 +227,10 @@ def replica_kill(c: Cluster, tag: str) -> tuple[dict, object, str]:
     (replica,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
                   if a["name"].startswith("SERVE_REPLICA") and f"#{DEPLOYMENT_NAME}#" in a["name"]][:1]
     ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    c.struck = "cloud"
     t0 = time.monotonic()
     handle.load.remote().result(timeout_s=600)  # answered by the replacement
-    return {"replaced_and_answering_s": time.monotonic() - t0}, future, "cloud"
+    return {"replaced_and_answering_s": time.monotonic() - t0}
 
 
 def met_fault(name: str, run: dict, struck: str) -> tuple[str, str]:
@@ -250,6 +252,8 @@ def met_fault(name: str, run: dict, struck: str) -> tuple[str, str]:
     return "", ""
 
 
+# Each fault starts the round's request (``c.future``), strikes, records what it struck in ``c.struck``
+# as soon as it strikes (so a round that fails later still names it), and returns its timings.
 FAULTS = {"edge_kill": edge_kill, "edge_freeze": edge_freeze, "actor_kill": actor_kill, "replica_kill": replica_kill}
 
 
@@ -257,18 +261,18 @@ def run_round(c: Cluster, name: str, tag: str) -> tuple[dict | None, dict]:
     """One round of fault ``name``: (its measures, or None if it failed; its row). A round that fails
     records the failure (kind, message), brings the cluster back and still waits for its request."""
     c.future, c.struck = None, ""
-    measures, struck, failure = None, "", None
+    measures, failure = None, None
     try:
-        measures, _, struck = FAULTS[name](c, tag)
+        measures = FAULTS[name](c, tag)
         c.wait(lambda: c.nodes_up() == c.expected)
     except Exception as e:  # noqa: BLE001 - a failed round is recorded, the run goes on
         failure = {"kind": type(e).__name__, "message": str(e)[:500]}
         measures = None  # a failed round's timings do not go into the figures
-        struck = c.struck  # the node it struck, if it got that far
         try:
             c.recover()
         except Exception as e2:  # noqa: BLE001
             failure["recovery"] = f"{type(e2).__name__}: {str(e2)[:300]}"
+    struck = c.struck  # the node the fault struck (set by the fault as soon as it strikes), if it got that far
     row: dict = {"request_id": tag, "struck": struck, "status": None, "met_fault": False, "met_by": "", "evidence": ""}
     if c.future is not None:
         try:

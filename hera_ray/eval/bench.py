@@ -231,7 +231,7 @@ def summarise(records: dict[tuple[str, str], dict], policies: list[str],
     # each router's operating points that ran: the configured one and its sweep
     routers = {router: [p for p in [router] + [f"{router}@{v:g}" for v in values] if p in out]
                for router, values in sweeps.items()}
-    from hera_ray.eval.stats import area_under_pgr
+    from hera_ray.eval.stats import area_under_pgr, on_pgr_curve
 
     for router, points in routers.items():
         pts = [(out[p]["cost"], out[p]["pgr"]) for p in points if out[p]["pgr"] is not None and out[p]["cost"] is not None]
@@ -239,7 +239,7 @@ def summarise(records: dict[tuple[str, str], dict], policies: list[str],
         apgr = area if math.isfinite(area) else None
         # how far the router's own points reach along the cost axis: beyond them the curve is the
         # straight line to an anchor, assumed rather than measured
-        costs = [c for c, _ in pts if c <= 1.0]
+        costs = [c for c, _ in pts if on_pgr_curve(c)]
         span = [min(costs), max(costs)] if apgr is not None and costs else None
         for p in points:
             out[p]["apgr"] = apgr
@@ -412,6 +412,8 @@ def plot(path: Path, dataset: str, summary: dict[str, Any], sweeps: dict[str, It
     95% accuracy interval as an error bar."""
     import matplotlib
 
+    from hera_ray.eval.stats import on_pgr_curve
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -438,7 +440,7 @@ def plot(path: Path, dataset: str, summary: dict[str, Any], sweeps: dict[str, It
         ax.plot([pol[p][xkey] for p in points], [pol[p]["accuracy"] for p in points], "o-", color=colour, label=label)
         if by_cost and apgr is not None and "all-slm" in pol and "all-llm" in pol:
             # the curve APGR integrates is closed by the anchors: all-slm at cost 0, all-llm at cost 1
-            inside = [p for p in points if pol[p]["cost"] <= 1.0]
+            inside = [p for p in points if on_pgr_curve(pol[p]["cost"])]
             if inside:
                 ax.plot([0.0, pol[inside[0]]["cost"]], [pol["all-slm"]["accuracy"], pol[inside[0]]["accuracy"]], "--",
                         color=colour, alpha=0.4, linewidth=1)
@@ -447,7 +449,7 @@ def plot(path: Path, dataset: str, summary: dict[str, Any], sweeps: dict[str, It
         for p in points:
             ax.errorbar(pol[p][xkey], pol[p]["accuracy"], yerr=err(p), color=colour, alpha=0.35, capsize=2)
     markers = {"all-slm": ("s", "black"), "all-llm": ("D", "black"), "hera-no-sd": ("v", "tab:orange"),
-               "hera-no-urc": ("^", "tab:purple"), "hera-urc-only": ("P", "tab:green"), "hera-spec": ("*", "tab:red")}
+               "hera-no-urc": ("^", "tab:purple"), "hera-urc-only": ("P", "tab:olive"), "hera-spec": ("*", "tab:red")}
     for p, (m, c) in markers.items():
         if p in pol:
             ax.errorbar(pol[p][xkey], pol[p]["accuracy"], yerr=err(p), fmt=m, color=c, markersize=9, capsize=2, label=p)

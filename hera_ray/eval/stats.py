@@ -23,6 +23,13 @@ ANCHORS = ("all-slm", "all-llm")
 METRICS = ("accuracy", "pgr", "cost")
 
 
+def on_pgr_curve(cost: float) -> bool:
+    """Whether an operating point at ``cost`` (a share of ``all-llm``'s) lies on the APGR curve: one
+    that costs more than ``all-llm`` is left off, as ``all-llm`` is better and cheaper. The area,
+    the bench's ``apgr_span`` and the plot's closing segments all use this one rule."""
+    return cost <= 1.0
+
+
 def area_under_pgr(points: Iterable[tuple[float, float]]) -> float:
     """APGR, the average performance gap recovered, in the manner of RouteLLM: the area under a
     router's PGR-vs-cost curve over cost 0 to 1, cost as a share of ``all-llm``'s (RouteLLM's x
@@ -44,7 +51,7 @@ def area_under_pgr(points: Iterable[tuple[float, float]]) -> float:
     if any(not (np.isfinite(c) and np.isfinite(g)) for c, g in pts):
         return float("nan")
     best: dict[float, float] = {0.0: 0.0}
-    inside = [(max(c, 0.0), g) for c, g in pts if c <= 1.0]
+    inside = [(max(c, 0.0), g) for c, g in pts if on_pgr_curve(c)]
     if not inside:
         return float("nan")
     for c, g in [*inside, (1.0, 1.0)]:
