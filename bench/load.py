@@ -46,7 +46,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -58,7 +57,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hera_ray.eval.bench import resolve_url
+from hera_ray.eval.bench import git_commit, resolve_url
 from hera_ray.eval.datasets import load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,7 +178,7 @@ async def run(args) -> dict:
     elapsed = max((t for t, _ in load_.latencies), default=args.duration)
     duplicates = sum(c - 1 for c in load_.answered.values() if c > 1) + sum(
         1 for rid in load_.answered if rid not in load_.sent)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = git_commit(ROOT)
     sent = len(load_.sent)
     outcomes = {"completed": len(lat), "errors": len(load_.errors), "lost": len(load_.lost) + len(load_.pending),
                 "refused_at_end": len(load_.refused)}
