@@ -10,7 +10,9 @@ with other settings is refused rather than mixed in.
 
 Sweeps: a policy with a knob runs at other values as ``<policy>@<value>`` (``hera@0.7`` is HERA
 with threshold base 0.7; ``hybridllm@0.5`` is τ = 0.5; ``random@0.3`` an SLM share of 0.3). A
-router's APGR is the mean of its PGR over its sweep points.
+router's APGR is the area under its PGR-vs-cost curve over its sweep points, closed by ``all-slm``
+at (0, 0) and ``all-llm`` at (1, 1) (:func:`hera_ray.eval.stats.area_under_pgr`); ``apgr_span``
+says how far along the cost axis the router's own points reach.
 
 Metrics per policy, over the items every policy has finished:
 
