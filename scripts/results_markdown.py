@@ -5,6 +5,9 @@ each router, and the issue's targets (PGR >= 0.9 with SLM share >= 0.5 and cost 
 
     python scripts/results_markdown.py bench/results/test15/*.json
     python scripts/results_markdown.py --summary bench/results/test15/*.json   # across data sets
+
+The summary's last table reads every router's PGR off its curve at the cost of the policy under
+study: who recovers more of the gap for the same money.
 """
 
 from __future__ import annotations
@@ -93,7 +96,27 @@ def summary(results: list[dict]) -> str:
                          f"{fmt(m['slm_share'], '.0%')} | {with_ci(m['cost'], ci.get('cost'), '.2f')} | "
                          f"{with_ci(m['pgr'], ci.get('pgr'), '.2f')} | "
                          f"{('met' if meets(m) else 'missed') if ci.get('pgr') else 'n/a: no clear gap'} |")
+    lines += ["", "| data set | cost of the policy under study | " + " | ".join(routers) + " |",
+              "|---|---|" + "---|" * len(routers)]
+    for r in results:
+        m = r["policies"].get(r.get("best") or "")
+        if not m or m.get("cost") is None or not (m.get("ci") or {}).get("pgr"):
+            continue
+        at = at_cost(r, m["cost"])
+        lines.append(f"| {r['dataset']} | {m['cost']:.2f} | " + " | ".join(fmt(at.get(b), ".2f") for b in routers) + " |")
     return "\n".join(lines)
+
+
+def at_cost(result: dict, cost: float) -> dict[str, float]:
+    """Each router's PGR at ``cost``, read off its curve (the one its APGR integrates): between its
+    measured points, what mixing them per request recovers; past its last point, the closing line."""
+    from hera_ray.eval.stats import pgr_at_cost
+
+    points: dict[str, list[tuple[float, float]]] = {}
+    for name, m in result["policies"].items():
+        if m.get("apgr") is not None and m.get("cost") is not None and m.get("pgr") is not None:
+            points.setdefault(name.partition("@")[0], []).append((m["cost"], m["pgr"]))
+    return {base: pgr_at_cost(pts, cost) for base, pts in points.items()}
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from hera_ray.eval.stats import area_under_pgr, paired_bootstrap
+from hera_ray.eval.stats import area_under_pgr, paired_bootstrap, pgr_at_cost
 
 
 def anchors(n: int, slm_right: int, llm_right: int):
@@ -125,6 +125,20 @@ def test_apgr_is_the_area_under_the_pgr_cost_curve_closed_by_the_anchors():
     # a point below all-slm's accuracy pulls the area under 0 there
     assert area_under_pgr([(0.5, -0.5)]) == pytest.approx(0.5 * -0.25 + 0.5 * 0.25)
     assert math.isnan(area_under_pgr([(0.5, float("nan"))]))
+
+
+def test_a_router_s_pgr_at_a_cost_is_read_off_the_same_curve():
+    # (0, 0) (0.25, 0.5) (0.5, 1) (1, 1): between points, the straight line; at a point, the point
+    pts = [(0.5, 1.0), (0.25, 0.5)]
+    assert pgr_at_cost(pts, 0.25) == pytest.approx(0.5)
+    assert pgr_at_cost(pts, 0.375) == pytest.approx(0.75)
+    assert pgr_at_cost(pts, 0.1) == pytest.approx(0.2)  # on the closing line from all-slm
+    assert pgr_at_cost(pts, 0.75) == pytest.approx(1.0)
+    # past its last point, the closing line to all-llm: (0.4, 0.2) -> (1, 1)
+    assert pgr_at_cost([(0.4, 0.2)], 0.7) == pytest.approx(0.6)
+    # the better of two points at one cost; a point dearer than all-llm is off the curve
+    assert pgr_at_cost([(0.5, 0.4), (0.5, 0.8), (1.2, 2.0)], 0.5) == pytest.approx(0.8)
+    assert math.isnan(pgr_at_cost(pts, 1.5)) and math.isnan(pgr_at_cost([(1.2, 0.9)], 0.5))
 
 
 def test_a_router_s_apgr_interval_is_paired_and_holds_the_area_of_its_points():

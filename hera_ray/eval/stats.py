@@ -47,17 +47,37 @@ def area_under_pgr(points: Iterable[tuple[float, float]]) -> float:
     router's points reach. NaN when any point's PGR or cost is NaN (a bootstrap draw without a
     positive gap), or when no point costs at most ``all-llm``'s.
     """
+    curve = pgr_curve(points)
+    if curve is None:
+        return float("nan")
+    return float(sum((c1 - c0) * (g0 + g1) / 2 for (c0, g0), (c1, g1) in zip(curve, curve[1:])))
+
+
+def pgr_curve(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]] | None:
+    """The curve :func:`area_under_pgr` integrates: a router's ``(cost, pgr)`` points on it
+    (:func:`on_pgr_curve`), the higher PGR at equal cost, closed by (0, 0) and (1, 1), in order of
+    cost. None when any point is NaN or none costs at most ``all-llm``'s."""
     pts = [(float(c), float(g)) for c, g in points]
     if any(not (np.isfinite(c) and np.isfinite(g)) for c, g in pts):
-        return float("nan")
-    best: dict[float, float] = {0.0: 0.0}
+        return None
     inside = [(max(c, 0.0), g) for c, g in pts if on_pgr_curve(c)]
     if not inside:
-        return float("nan")
+        return None
+    best: dict[float, float] = {0.0: 0.0}
     for c, g in [*inside, (1.0, 1.0)]:
         best[c] = max(g, best.get(c, g))
-    curve = sorted(best.items())
-    return float(sum((c1 - c0) * (g0 + g1) / 2 for (c0, g0), (c1, g1) in zip(curve, curve[1:])))
+    return sorted(best.items())
+
+
+def pgr_at_cost(points: Iterable[tuple[float, float]], cost: float) -> float:
+    """A router's PGR at ``cost`` (a share of ``all-llm``'s), read off its curve (:func:`pgr_curve`):
+    between two of its points, what mixing them per request recovers in expectation. For comparing
+    routers at one policy's cost. NaN where the curve is undefined or ``cost`` is outside [0, 1]."""
+    curve = pgr_curve(points)
+    if curve is None or not 0.0 <= cost <= 1.0:
+        return float("nan")
+    xs, ys = zip(*curve)
+    return float(np.interp(cost, xs, ys))
 
 
 def _interval(values: np.ndarray, level: float) -> list[float] | None:
