@@ -34,10 +34,10 @@ def test_two_edges_register_generate_and_show_load(procs):
         done = {k: n.load.tokens_generated for k, n in nodes.items()}
         return nodes if done == {"edge-a": 12, "edge-b": 20} else None
 
-    nodes = run(wait_for(loads_arrived, timeout=5))
+    nodes = run(wait_for(loads_arrived, timeout=60))
     assert nodes, "heartbeats did not carry the load to the registry"
     assert nodes["edge-a"].load.completed == 1 and nodes["edge-a"].load.tokens_per_s > 0
-    assert all(n.last_heartbeat_age_s < 3.0 for n in nodes.values())  # none has missed its 3 heartbeats
+    assert all(n.state == UP for n in nodes.values())  # none has missed its 3 heartbeats (it would be down)
 
 
 def test_killed_node_is_marked_down_after_its_missed_heartbeats(procs):
@@ -57,7 +57,7 @@ def test_killed_node_is_marked_down_after_its_missed_heartbeats(procs):
     assert nodes, "the killed node was not marked down"
     # Marked down for its silence, not before: its last heartbeat is older than the missed ones.
     assert nodes["edge-victim"].last_heartbeat_age_s >= 2.0, nodes["edge-victim"]
-    assert nodes["edge-survivor"].state == UP and nodes["edge-survivor"].last_heartbeat_age_s < 3.0
+    assert nodes["edge-survivor"].state == UP  # still heartbeating: not marked down with the victim
 
 
 def test_sigterm_drains_in_flight_work_then_deregisters(procs):
@@ -152,7 +152,7 @@ def test_nodes_register_again_after_a_registry_restart(procs):
     port = registry.address.rsplit(":", 1)[1]
     procs.edge("edge-back", registry)
     registry.popen.kill()
-    registry.popen.wait(10)
+    registry.popen.wait(30)
     registry = procs.registry(port=int(port))
 
     async def back():
@@ -162,7 +162,7 @@ def test_nodes_register_again_after_a_registry_restart(procs):
             return None
         return "edge-back" in nodes and nodes["edge-back"].state == UP
 
-    assert run(wait_for(back, timeout=10))
+    assert run(wait_for(back, timeout=60))
 
 
 def test_bad_registration_fields_are_invalid_argument(procs):
