@@ -4,6 +4,7 @@ OpenAPI schema the ingress serves accepts exactly what the ingress does."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -54,16 +55,55 @@ def test_what_langchain_and_the_openai_sdk_send_is_accepted():
     assert agent.messages[0].to_chat()["role"] == "system"
 
 
-def test_what_json_schema_cannot_state_reaches_the_model_as_sent():
-    """A tool message answering no call, a call answered twice, two tools of one name and arguments
-    that are not a JSON object are accepted: the schema cannot say they are not, so neither does the server."""
-    bad_args = {**CALL, "id": "call_2", "function": {"name": "add", "arguments": "{a: 2"}}
-    r = request([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [CALL, bad_args]},
-                 {"role": "tool", "tool_call_id": "call_1", "content": "5"}, {"role": "tool", "tool_call_id": "call_1", "content": "5"},
-                 {"role": "tool", "tool_call_id": "call_9", "content": "?"}], model="step:all-slm", tools=[ADD, ADD])
+def test_a_tool_history_that_hangs_together_is_accepted():
+    """Parallel calls answered in any order, an id a later turn issues again, and the empty
+    arguments some clients send for a call without parameters (``{}``)."""
+    other = {**CALL, "id": "call_2", "function": {"name": "add", "arguments": ""}}
+    r = request([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [CALL, other]},
+                 {"role": "tool", "tool_call_id": "call_2", "content": "0"}, {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+                 {"role": "assistant", "content": None, "tool_calls": [CALL]}, {"role": "tool", "tool_call_id": "call_1", "content": "5"}],
+                model="step:all-slm", tools=[ADD])
     chat = [m.to_chat() for m in r.messages]
-    assert chat[1]["tool_calls"][1]["function"]["arguments"] == "{a: 2"  # not an object: the string as sent
-    assert chat[4] == {"role": "tool", "content": "?", "tool_call_id": "call_9"}
+    assert chat[1]["tool_calls"][1]["function"]["arguments"] == {}
+    assert chat[5] == {"role": "tool", "content": "5", "tool_call_id": "call_1"}
+
+
+ASKED = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [CALL]}]
+
+
+@pytest.mark.parametrize("messages, fields, named", [
+    # a tool message without a matching call
+    ([{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_1", "content": "5"}], {},
+     "messages.1.tool_call_id: 'call_1' answers no call: no assistant message before it has tool_calls"),
+    # a tool-call id that was never issued
+    (ASKED + [{"role": "tool", "tool_call_id": "call_9", "content": "5"}], {},
+     "messages.2.tool_call_id: 'call_9' was never issued by an assistant message before it (calls awaiting an answer: 'call_1')"),
+    # a call answered before it is issued: the answer comes first
+    ([{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_1", "content": "5"}, ASKED[1]],
+     {"model": "step:all-slm"}, "messages.1.tool_call_id"),
+    # a call answered twice
+    (ASKED + [{"role": "tool", "tool_call_id": "call_1", "content": "5"}] * 2, {"model": "step:all-slm"},
+     "messages.3.tool_call_id: call 'call_1' (messages.1) was already answered by messages.2"),
+    # arguments that are not JSON, or not an object
+    ([HI[0], {"role": "assistant", "content": None, "tool_calls": [{**CALL, "function": {"name": "add", "arguments": "{a: 2"}}]}],
+     {"model": "step:all-slm"}, "messages.1.tool_calls.0.function.arguments: the arguments of call 'call_1': not JSON"),
+    ([HI[0], {"role": "assistant", "content": None, "tool_calls": [{**CALL, "function": {"name": "add", "arguments": "[2, 3]"}}]}],
+     {}, "messages.1.tool_calls.0.function.arguments: the arguments of call 'call_1': must be a JSON object, not list"),
+    ([HI[0], {"role": "assistant", "content": None, "tool_calls": [{**CALL, "function": {"name": "add", "arguments": '{"a": NaN}'}}]}],
+     {}, "messages.1.tool_calls.0.function.arguments: the arguments of call 'call_1': not JSON (NaN is not a JSON value)"),
+    ([HI[0], {"role": "assistant", "content": None, "tool_calls": [{**CALL, "function": {"name": "add", "arguments": '{"a": 1e999}'}}]}],
+     {}, "messages.1.tool_calls.0.function.arguments: the arguments of call 'call_1': not JSON (1e999 is too large for a double)"),
+    ([HI[0], {"role": "assistant", "content": None,
+              "tool_calls": [{**CALL, "function": {"name": "add", "arguments": '{"a": ' + "[" * 40 + "]" * 40 + "}"}}]}],
+     {}, "messages.1.tool_calls.0.function.arguments: the arguments of call 'call_1': nested deeper than 32 levels"),
+    # two tools of one name: the model could not say which it calls
+    (HI, {"model": "step:all-slm", "tools": [ADD, ADD]}, "tools.1.function.name: a tool named 'add' is declared twice (tools.0 and tools.1)"),
+])
+def test_a_tool_history_that_does_not_hang_together_is_refused_at_the_field(messages, fields, named):
+    fields = dict(fields)
+    said = refused(messages, fields.pop("model", "hera-verify"), **fields)
+    assert said.removeprefix("step.").removeprefix("agent.").startswith(named.split(":")[0]), said
+    assert named in said.removeprefix("step.").removeprefix("agent."), said
 
 
 @pytest.mark.parametrize("messages, fields, named", [
@@ -191,6 +231,16 @@ BODIES = [
     {"model": "step:all-slm", "messages": HI, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
     {"model": "step:all-slm", "messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "1", "function": {"name": "f", "arguments": "not json"}}]}]},
+    {"model": "step:all-slm", "messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                                           {"role": "tool", "content": "5", "tool_call_id": "call_1"}]},
+    {"model": "step:all-slm", "messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                                           *[{"role": "tool", "content": "5", "tool_call_id": "call_1"}] * 2]},
+    {"model": "step:all-slm", "messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "function": {"name": "f", "arguments": '{"a": ' + "[" * 40 + "]" * 40 + "}"}}]}]},
+    {"model": "step:all-slm", "messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "function": {"name": "f", "arguments": '{"a": 1e999, "b": 1.5}'}}]}]},
+    {"model": "step:all-slm", "messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "function": {"name": "f", "arguments": '{"a": 1.5e300}'}}]}]},
     {"model": "step:", "messages": HI},
     {"model": "step", "messages": HI},
     {"model": "", "messages": HI},
@@ -222,9 +272,28 @@ def _server_accepts(adapter, body) -> bool:
     return True
 
 
+def _hangs_together(body) -> bool:
+    """What the schema states only in words (a tool message answers an issued call, arguments are a
+    JSON object, no two tools of one name), judged by the schemathesis hook's own reading of them:
+    a body it would leave as it is."""
+    from schemathesis_hooks import mend_conversation
+
+    return mend_conversation(copy.deepcopy(body)) == body
+
+
 @pytest.mark.parametrize("body", BODIES, ids=lambda b: json.dumps(b)[:80])
 def test_the_chat_schema_accepts_what_the_server_accepts(published, body):
-    assert _schema_accepts(published, "/v1/chat/completions", body) == _server_accepts(CHAT_COMPLETION_REQUEST, body)
+    """The server accepts what the schema does, and refuses of that only what the schema's words rule out."""
+    expected = _schema_accepts(published, "/v1/chat/completions", body) and _hangs_together(body)
+    assert expected == _server_accepts(CHAT_COMPLETION_REQUEST, body)
+
+
+def test_the_schema_states_in_words_what_it_cannot_state_as_rules(published):
+    schemas = published["components"]["schemas"]
+    assert "issued" in schemas["ToolMessage"]["properties"]["tool_call_id"]["description"]
+    arguments = schemas["ToolCallFunction"]["properties"]["arguments"]
+    assert arguments["contentMediaType"] == "application/json" and arguments["contentSchema"] == {"type": "object"}
+    assert "no two may share" in schemas["StepChatCompletionRequest"]["properties"]["tools"]["description"]
 
 
 @pytest.mark.parametrize("body", [

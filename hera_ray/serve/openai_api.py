@@ -54,7 +54,8 @@ api.state.max_body_bytes = 1024 * 1024
 
 _ERROR_WHEN = {
     400: "Invalid request: the message names the field at fault (a body that is not JSON, or not of this schema, "
-         "or over one of this server's limits).",
+         "or over one of this server's limits, or a conversation whose tool messages do not answer the calls issued "
+         "before them, whose tool-call arguments are not a JSON object, or with two tools of one name).",
     401: "The API key is missing or wrong (when the ingress has keys).",
     402: "The API key has spent its cloud budget.",
     403: "The API key may not do this.",

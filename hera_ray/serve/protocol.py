@@ -1,12 +1,14 @@
 """Request and response models of the HTTP API (OpenAI's chat shape plus hera's agent runs).
 
 These models are the API's contract: the ingress validates every body with them, and its OpenAPI
-schema is their JSON Schema. So each rule is a type or a constraint the schema can state (a pattern,
-a bound, a ``const``, a role-tagged message shape), and a validator only words the refusal of
-something the type refuses anyway (``"'image_url' part: only text parts are supported"`` instead of
-a type error). What JSON Schema cannot state is not refused: a tool message whose ``tool_call_id``
-answers no call, two tools of one name, tool-call arguments that are not a JSON object; they reach
-the model as sent. The limits a cluster sets (``agent.max_steps_limit``, the token caps, the agent's
+schema is their JSON Schema. So each rule within one field is a type or a constraint the schema can
+state (a pattern, a bound, a ``const``, a role-tagged message shape), and a field validator only
+words the refusal of something the type refuses anyway (``"'image_url' part: only text parts are
+supported"`` instead of a type error). The rules across fields, which JSON Schema cannot state, are
+checked by :func:`check_tool_history` and written in the schema's descriptions: a ``tool`` message
+answers a call an assistant message issued before it and not yet answered, tool-call arguments are
+a JSON object, and no two tools share a name; each refusal names the message and field
+(``messages.3.tool_call_id``). The limits a cluster sets (``agent.max_steps_limit``, the token caps, the agent's
 temperature) are checked by :func:`check_limits` and stated in the served schema by
 :func:`publish_limits`, from the same numbers.
 """
@@ -14,11 +16,13 @@ temperature) are checked by :func:`check_limits` and stated in the served schema
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationInfo,
-                      field_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from hera_ray.errors import InvalidRequest
 
@@ -66,23 +70,50 @@ def _depth(value: Any, level: int = 0) -> int:
     return max((_depth(v, level + 1) for v in items), default=level + 1)
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _finite(number: str) -> float:
+    if math.isinf(value := float(number)):  # 1e999: JSON, but no template or client writes it back as JSON
+        raise ValueError(f"{number[:40]} is too large for a double")
+    return value
+
+
 class ToolCallFunction(BaseModel):
     model_config = _STRICT
 
     name: str = Field(..., pattern=TOOL_NAME)
-    #: OpenAI's wire format: the arguments as a JSON string. What the model wrote is history, so it
-    #: is taken as sent; one that is a JSON object reaches the chat template as that object.
-    arguments: str
+    #: OpenAI's wire format: the arguments as a JSON string, which must hold a JSON object (an empty
+    #: string stands for ``{}``); it reaches the chat template as that object (:func:`check_tool_history`).
+    arguments: str = Field(..., json_schema_extra={
+        "contentMediaType": "application/json", "contentSchema": {"type": "object"},
+        "description": "A JSON object, as a string (an empty string stands for {})."})
+
+    def arguments_problem(self) -> str | None:
+        """Why the arguments are not a JSON object this server passes on, or None when they are one."""
+        if not self.arguments.strip():
+            return None
+        try:
+            value = json.loads(self.arguments, parse_constant=_not_json, parse_float=_finite)
+        except RecursionError:
+            return f"nested deeper than {MAX_JSON_DEPTH} levels"
+        except ValueError as e:
+            return f"not JSON ({e})"
+        if not isinstance(value, dict):
+            return f"must be a JSON object, not {type(value).__name__ if value is not None else 'null'}"
+        if _depth(value) > MAX_JSON_DEPTH:
+            return f"nested deeper than {MAX_JSON_DEPTH} levels"
+        return None
 
     def parsed_arguments(self) -> dict[str, Any] | str:
-        """The arguments as an object when they are one (not nested too deeply), else the string."""
+        """The arguments as an object. A validated request's are one (:func:`check_tool_history`); the
+        string comes back only for a call built without that check."""
         if not self.arguments.strip():
             return {}
-        try:
-            value = json.loads(self.arguments)
-        except (RecursionError, ValueError):
+        if self.arguments_problem() is not None:
             return self.arguments
-        return value if isinstance(value, dict) and _depth(value) <= MAX_JSON_DEPTH else self.arguments
+        return json.loads(self.arguments)
 
 
 class ToolCall(BaseModel):
@@ -195,8 +226,10 @@ class AssistantMessage(ChatMessage):
 
 class ToolMessage(_Authored):
     role: Literal["tool"]
-    #: The call it answers.
-    tool_call_id: str = Field(..., min_length=1, max_length=200)
+    #: The call it answers: one an assistant message before it issued and no tool message has answered yet.
+    tool_call_id: str = Field(..., min_length=1, max_length=200,
+                              description="The id of a call an assistant message before this one issued (tool_calls[].id) "
+                                          "and no tool message has answered yet.")
 
     def to_chat(self) -> dict[str, Any]:
         out = {**super().to_chat(), "tool_call_id": self.tool_call_id}
@@ -276,6 +309,61 @@ class ResponseFormatText(BaseModel):
 
 
 
+def _refusal(kind: str, loc: tuple, value: Any, message: str) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError(kind, message), loc=loc, input=value)
+
+
+def tool_history_problems(messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> list[InitErrorDetails]:
+    """What JSON Schema cannot state about a conversation and its tools, each at the field at fault:
+
+    - a ``tool`` message answers a call an assistant message before it issued (``tool_calls[].id``)
+      and no tool message has answered since (an id issued again may be answered again);
+    - tool-call arguments are a JSON object (an empty string stands for ``{}``);
+    - no two tools share a name (the model could not say which it calls).
+    """
+    problems: list[InitErrorDetails] = []
+    open_calls: dict[str, int] = {}  # id -> calls issued and not yet answered
+    issued_at: dict[str, int] = {}  # id -> the message that last issued it
+    answered_at: dict[str, int] = {}  # id -> the message that last answered it
+    for i, m in enumerate(messages):
+        for j, call in enumerate(m.calls()):
+            if (why := call.function.arguments_problem()) is not None:
+                problems.append(_refusal("tool_call_arguments", ("messages", i, "tool_calls", j, "function", "arguments"),
+                                         call.function.arguments, f"the arguments of call {call.id!r}: {why}"))
+            open_calls[call.id] = open_calls.get(call.id, 0) + 1
+            issued_at[call.id] = i
+        if isinstance(m, ToolMessage):
+            cid = m.tool_call_id
+            if open_calls.get(cid, 0) > 0:
+                open_calls[cid] -= 1
+                answered_at[cid] = i
+                continue
+            if cid in answered_at:
+                why = f"call {cid!r} (messages.{issued_at[cid]}) was already answered by messages.{answered_at[cid]}"
+            elif not issued_at:
+                why = f"{cid!r} answers no call: no assistant message before it has tool_calls"
+            else:
+                waiting = [c for c, n in open_calls.items() if n > 0]
+                why = (f"{cid!r} was never issued by an assistant message before it (calls awaiting an answer: "
+                       f"{', '.join(map(repr, waiting[:8])) or 'none'})")
+            problems.append(_refusal("tool_call_id", ("messages", i, "tool_call_id"), cid, why))
+    first: dict[str, int] = {}
+    for k, tool in enumerate(tools or []):
+        name = tool.function.name
+        if name in first:
+            problems.append(_refusal("tool_name", ("tools", k, "function", "name"), name,
+                                     f"a tool named {name!r} is declared twice (tools.{first[name]} and tools.{k})"))
+        first.setdefault(name, k)
+    return problems
+
+
+def check_tool_history(request: BaseModel) -> None:
+    """Raise a ValidationError at the first field :func:`tool_history_problems` finds at fault."""
+    problems = tool_history_problems(request.messages, getattr(request, "tools", None))
+    if problems:
+        raise ValidationError.from_exception_data(type(request).__name__, problems[:1])
+
+
 class _ChatCompletion(BaseModel):
     """What both kinds of chat completion take (:data:`ChatCompletionRequest`)."""
 
@@ -323,6 +411,11 @@ class _ChatCompletion(BaseModel):
         if v is not None and v != {"type": "text"}:
             raise ValueError(f"only {{\"type\": \"text\"}} is supported, not {json.dumps(v)[:200]}")
         return v
+
+    @model_validator(mode="after")
+    def _tool_history(self) -> "_ChatCompletion":
+        check_tool_history(self)
+        return self
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = getattr(self, "stop", None)
@@ -387,7 +480,8 @@ class StepChatCompletionRequest(_ChatCompletion):
     messages: list[Message] = Field(..., min_length=1, max_length=1000, json_schema_extra={"contains": _said(_STEP_ROLES)},
                                     examples=[[{"role": "user", "content": "What is 2 + 3?"}]],
                                     description="At least one user, system, developer or tool message that is not blank.")
-    tools: list[ToolSpec] | None = Field(None, max_length=128)
+    tools: list[ToolSpec] | None = Field(None, max_length=128,
+                                         description="The tools the model may call; no two may share a function name.")
     #: The model chooses whether to call a tool: step mode cannot force one.
     tool_choice: Literal["none", "auto"] | None = None
     stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None

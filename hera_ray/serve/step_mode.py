@@ -6,10 +6,11 @@ model, runs the tools the model asked for, and calls again. Pointed at hera-ray 
 is placed by the policy and answered, as it stands, by the model the policy chose:
 
 * **session**: the calls of one agent run belong together: the policy's once-per-request decisions
-  (URC) and node affinity follow it. Its id is the ``X-Hera-Session`` header, else a hash of the
-  conversation's first messages (its system and first user message, which every later call of the
-  same run repeats) with the ``user`` field; either way under the caller's API key, so no caller
-  shares another's session. Each call is billed on its own in the ledger (its ``max_cloud_cost``
+  (URC) and node affinity follow it. Its id is the ``X-Hera-Session`` header when given, else the
+  ``user`` field when given, else a hash of the conversation's opening (its messages up to the
+  first user message, which every later call of the same run repeats); each under the caller's API
+  key, so no caller shares another's session. A ``user`` names one session: a client that sends
+  one ``user`` for many runs sends each its own header. Each call is billed on its own in the ledger (its ``max_cloud_cost``
   caps that call), and charged to the API key's budget.
 * **position**: the subtask's index is the number of assistant turns before the call.
 * **context**: the policy's "question" is the first user message (the task); its history is the
@@ -43,17 +44,19 @@ def step_policy(model: str) -> str | None:
 
 
 def session_id(req: StepChatCompletionRequest, header: str | None, key_name: str | None = None) -> str:
-    """The agent run this call belongs to, under the caller's key: the header, else the conversation's
-    opening (with ``user``)."""
+    """The agent run this call belongs to, under the caller's key: the header, else ``user``, else the
+    conversation's opening (its messages up to the first user message)."""
     owner = key_name or "open"
     if header and header.strip():
         return f"{owner}:session-{header.strip()[:200]}"
+    if req.user and req.user.strip():
+        return f"{owner}:user-{req.user.strip()}"
     opening = []
     for m in req.messages:
         opening.append({"role": m.role, "content": m.text()})
         if m.role == "user":
             break
-    digest = hashlib.sha256(json.dumps([req.model, req.user, opening], sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([req.model, opening], sort_keys=True).encode()).hexdigest()[:16]
     return f"{owner}:conv-{digest}"
 
 

@@ -294,7 +294,8 @@ def test_step_mode_places_each_call_of_the_caller_s_agent_and_says_where_it_ran(
     first = oai.chat.completions.create(model="step:all-llm", messages=convo, max_tokens=12, user="agent-7")
     hera = first.model_extra["hera"]
     assert (hera["mode"], hera["placement"], hera["model"], hera["position"]) == ("step", "cloud", "smollm2-as-cloud", 0)
-    assert hera["session"].startswith("default:conv-") and hera["cost"] > 0 and first.choices[0].message.content
+    assert hera["session"] == "default:user-agent-7"  # the user field names the session
+    assert hera["cost"] > 0 and first.choices[0].message.content
     assert first.usage.completion_tokens <= 12 and first.choices[0].finish_reason in ("stop", "length")
     # The next call of the same agent: one assistant turn later, same session (here from the opening messages).
     convo2 = convo + [{"role": "assistant", "content": first.choices[0].message.content},
@@ -303,7 +304,7 @@ def test_step_mode_places_each_call_of_the_caller_s_agent_and_says_where_it_ran(
     b = oai.chat.completions.create(model="step:all-slm", messages=convo2 + [
         {"role": "assistant", "content": "Red."}, {"role": "user", "content": "And one more."}], max_tokens=8).model_extra["hera"]
     assert (a["placement"], a["position"], b["position"]) == ("edge", 1, 2) and a["session"] == b["session"]
-    assert a["session"] != hera["session"]  # the first call named its user: another agent run
+    assert a["session"].startswith("default:conv-")  # no header, no user: derived from the opening messages
     assert a["cost"] == 0.0
     headers = {"X-Hera-Session": "run-42"}
     c = oai.chat.completions.create(model="step:all-slm", messages=convo, max_tokens=4, extra_headers=headers)
@@ -319,14 +320,27 @@ def test_step_mode_places_each_call_of_the_caller_s_agent_and_says_where_it_ran(
 
 def test_step_mode_refuses_what_it_cannot_honour_by_name(cluster):
     add = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
     cases = [({"tools": [add], "tool_choice": "required"}, "tool_choice"), ({"max_steps": 3}, "max_steps"),
              ({"max_tokens": 30_000}, "step_max_tokens_limit"),
              ({"tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": 5}}}]}, "tools"),
-             ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "1"}]}, "tool_call_id")]
+             ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "1"}]}, "tool_call_id"),
+             # what JSON Schema cannot state across messages (the schema says it in words)
+             ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_1", "content": "5"}]},
+              "messages.1.tool_call_id: 'call_1' answers no call"),
+             ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                            {"role": "tool", "tool_call_id": "call_9", "content": "5"}]},
+              "messages.2.tool_call_id: 'call_9' was never issued"),
+             ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+                 {**call, "function": {"name": "add", "arguments": "{a: 2"}}]}]},
+              "messages.1.tool_calls.0.function.arguments: the arguments of call 'call_1': not JSON"),
+             ({"tools": [add, add]}, "tools.1.function.name: a tool named 'add' is declared twice")]
     for fields, param in cases:
         body = {"model": "step:all-slm", "messages": [{"role": "user", "content": "hi"}], **fields}
         r = _post(cluster, "/v1/chat/completions", json=body)
         assert r.status_code == 400 and param in r.json()["error"]["message"], (fields, r.text)
+        if ": " in param:  # the field at fault, as OpenAI's error names it
+            assert r.json()["error"]["param"] == param.split(": ")[0], r.text
     # A conversation longer than every model's window (the edges', then the cloud's 8192): OpenAI's
     # code for it, which SDKs branch on, and a message that names the window.
     body = {"model": "step:all-slm", "messages": [{"role": "user", "content": "word " * 12_000}], "max_tokens": 16}
