@@ -2,7 +2,7 @@
 # The measurements of issues 16-18, one after another on this machine, each on the cluster it
 # needs (never two heavy jobs at once). A step whose result is already written is skipped, so run
 # it again after an interruption; delete a result to measure it again, or pick steps:
-#   STEPS="dropin learn soak faults" bench/issue16_18.sh
+#   STEPS="dropin learn soak stress faults" bench/issue16_18.sh
 #
 #   dropin  issue 16: a LangChain agent in step mode under all-llm, all-slm and hera-verify
 #           (bench/agent_dropin.py, 36 tasks; 1 local edge)          -> agent_dropin.json
@@ -11,6 +11,9 @@
 #                                                                      -> learn_replay.json
 #   soak    issue 18: 4 clients for 10 minutes, at or below capacity (bench/load.py --soak;
 #           2 local edges, no generation cache)                       -> load_soak.json
+#   stress  issue 18: 32 clients for 5 minutes, far over capacity: overload answered with 429s,
+#           every request offered given an outcome (bench/load.py; 2 local edges, policy hera)
+#                                                                      -> load.json
 #   faults  issue 18: every fault 3 times, each round confirmed by its trace, but actor_kill's by
 #           timing (its trace cannot show it; reported apart) (bench/faults.py;
 #           2 local edges, no generation cache)                       -> faults.json
@@ -19,7 +22,7 @@ cd "$(dirname "$0")/.."
 HERA=${HERA:-.venv/bin/hera}
 PY=${PY:-.venv/bin/python}
 RES=bench/results
-STEPS=${STEPS:-dropin learn soak faults}
+STEPS=${STEPS:-dropin learn soak stress faults}
 export COLUMNS=${COLUMNS:-160} OMP_WAIT_POLICY=PASSIVE RAY_USAGE_STATS_ENABLED=0
 status=0
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -46,6 +49,10 @@ fi
 if has soak && ! written $RES/load_soak.json outcomes; then
   up 2
   $PY bench/load.py --soak || status=1
+fi
+if has stress && ! written $RES/load.json outcomes; then
+  up 2
+  $PY bench/load.py --concurrency 32 --duration 300 --policy hera || status=1
 fi
 if has faults && ! written $RES/faults.json failed_rounds; then
   up 2

@@ -76,6 +76,19 @@ def test_record_store_resumes_and_refuses_other_settings(tmp_path):
         RecordStore(path, {"dataset": "gsm8k", "max_steps": 4})
 
 
+def test_failed_runs_are_kept_across_invocations_and_a_cut_off_line_is_dropped(tmp_path):
+    path = tmp_path / "runs" / "gsm8k-test.jsonl"
+    store = RecordStore(path, {"dataset": "gsm8k"})
+    store.add_error("hera", "7", "500 engine died", 500)
+    with store.errors_path.open("a") as f:
+        f.write('{"policy": "hera", "item": "8", "sta')  # the process was killed mid-write
+    again = RecordStore(path, {"dataset": "gsm8k"})
+    assert [(e["policy"], e["item"], e["status"]) for e in again.errors] == [("hera", "7", 500)]
+    assert not again.done("hera", "7")  # a failed run is not a finished one: the next invocation runs it
+    again.add_error("hera", "8", "timed out")
+    assert [e["item"] for e in RecordStore(path, {"dataset": "gsm8k"}).errors] == ["7", "8"]
+
+
 def test_a_record_cut_off_mid_write_is_dropped_and_the_run_resumes(tmp_path):
     path = tmp_path / "runs" / "gsm8k-test.jsonl"
     store = RecordStore(path, {"dataset": "gsm8k"})
@@ -171,6 +184,7 @@ def test_report_only_writes_results_from_the_recorded_runs_without_a_cluster(tmp
         store.add(rec("all-slm", i, k == 0))
         store.add(rec("all-llm", i, k != 3, cost=1.0))
         store.add(rec("random", i, k in (0, 1), edge=1, cost=0.25))
+    store.add_error("random", ids[1], "503 the scheduler was restarting", 503)  # an earlier invocation's failure
     (out / "gsm8k.json").write_text(json.dumps({"command": "hera bench --dataset gsm8k (the run)", "commit": "abc"}))
     monkeypatch.setenv("HERA_URL", "http://127.0.0.1:9")  # nothing listens: the report must not need it
     args = ["bench", "--dataset", "gsm8k", "--n", "4", "--out", str(out), "--policies", "random,all-slm,all-llm",
@@ -185,6 +199,10 @@ def test_report_only_writes_results_from_the_recorded_runs_without_a_cluster(tmp
     assert written["policies"]["random"]["pgr"] == pytest.approx(0.5)
     assert written["policies"]["random"]["apgr"] == pytest.approx(0.625)
     assert (out / "gsm8k.png").stat().st_size > 0
+    # the errors of every invocation that recorded the runs, not only this one's (which ran none)
+    assert written["coverage"]["random"] == {"finished": 4, "errors": 1, "errors_this_run": 0}
+    assert written["coverage"]["all-llm"] == {"finished": 4, "errors": 0, "errors_this_run": 0}
+    assert "1 failed run(s) recorded (0 in this run" in " ".join(result.output.split())
     # nothing recorded for another data set: a clear error, not a traceback
     result = CliRunner().invoke(app, [*args[:2], "mbpp", *args[3:]])
     assert result.exit_code != 0 and "no recorded runs of mbpp/test" in result.output
@@ -195,3 +213,18 @@ def test_report_only_writes_results_from_the_recorded_runs_without_a_cluster(tmp
     # --fresh would forget the records the report is written from
     result = CliRunner().invoke(app, [*args, "--fresh"])
     assert result.exit_code != 0 and "--fresh" in result.output and (out / "runs" / "gsm8k-test.jsonl").exists()
+
+
+def test_a_code_run_records_the_sandbox_its_program_ran_under():
+    from hera_ray.eval.bench import record_of
+    from hera_ray.eval.datasets import Item
+    from hera_ray.eval.sandbox import PYTHON_BLOCK, isolation
+
+    prompt = 'def add(a, b):\n    """Add."""\n'
+    item = Item("humaneval", "HumanEval/x", "Complete add", prompt + "    return a + b\n", kind="code", prompt=prompt,
+                tests="def check(candidate):\n    assert candidate(2, 3) == 5\n\ncheck(add)\n", entry_point="add")
+    ran = record_of(item, "all-slm", {"chain": "```python\ndef add(a, b):\n    return a + b\n```", "answer": ""}, 1.0)
+    assert ran["correct"] and ran["sandbox"] == list(isolation()) and ran["sandbox"][-1] == PYTHON_BLOCK
+    assert record_of(item, "all-slm", {"chain": "no program", "answer": ""}, 1.0)["sandbox"] == []
+    number = Item("gsm8k", "1", "2 + 3?", "5")
+    assert "sandbox" not in record_of(number, "all-slm", {"chain": "5", "answer": "5"}, 1.0)

@@ -189,7 +189,12 @@ def test_choice_falls_back_to_the_output():
 
 def test_code_full_function_in_a_block_passes():
     output = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
-    assert score(code_item(), "", output) == Score(True, 1.0, 1.0, "")
+    from hera_ray.eval.sandbox import PYTHON_BLOCK, isolation
+
+    scored = score(code_item(), "", output)
+    # the program ran under this host's sandbox layers, which the bench records per run
+    assert scored == Score(True, 1.0, 1.0, "", isolation()) and scored.isolation[-1] == PYTHON_BLOCK
+    assert score(code_item(), "", "no program here").isolation == ()  # nothing ran
 
 
 def test_code_body_only_completes_the_prompt():
@@ -206,8 +211,8 @@ def test_code_prefers_the_block_that_defines_the_entry_point():
 
 
 def test_code_wrong_solution_fails_with_assertion_error():
-    assert score(code_item(), "", "```python\ndef add(a, b):\n    return a - b\n```") == \
-        Score(False, 0.0, 0.0, "AssertionError")
+    scored = score(code_item(), "", "```python\ndef add(a, b):\n    return a - b\n```")
+    assert (scored.correct, scored.em, scored.f1, scored.detail) == (False, 0.0, 0.0, "AssertionError")
 
 
 def test_code_is_judged_by_the_item_s_tests_not_the_model_s_own():
@@ -229,7 +234,7 @@ def test_code_infinite_loop_fails_as_timeout():
     from hera_ray.eval.scorers import score_code
 
     s = score_code(code_item(), "", "```python\ndef add(a, b):\n    while True:\n        pass\n```", timeout_s=2)
-    assert s == Score(False, 0.0, 0.0, "timeout")
+    assert (s.correct, s.detail) == (False, "timeout") and s.isolation
 
 
 @pytest.mark.parametrize("answer, output", [("", ""), (None, None), ("just words", "no code here"),

@@ -68,11 +68,14 @@ def run_names(policies: Iterable[str], sweeps: dict[str, Iterable[float]], ablat
 
 @dataclass
 class RecordStore:
-    """One JSONL line per finished (policy, item), appended under a lock; the settings beside it."""
+    """One JSONL line per finished (policy, item), appended under a lock; the settings beside it, and
+    every failed run in a side file (``<name>.errors.jsonl``), so that a report counts the errors of
+    every invocation that added to the records, not only of the last."""
 
     path: Path
     meta: dict[str, Any]
     records: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -98,6 +101,24 @@ class RecordStore:
                 if line.strip():
                     r = json.loads(line)
                     self.records[(r["policy"], r["item"])] = r
+        if self.errors_path.exists():
+            text = self.errors_path.read_text()
+            if text and not text.endswith("\n"):  # cut off mid-write, as above
+                text = text[: text.rfind("\n") + 1]
+                self.errors_path.write_text(text)
+            self.errors = [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    @property
+    def errors_path(self) -> Path:
+        return self.path.with_suffix(".errors.jsonl")
+
+    def add_error(self, policy: str, item_id: str, message: str, status: int | None = None) -> None:
+        """A run that failed (after its retries): kept beside the records, across invocations."""
+        error = {"policy": policy, "item": item_id, "status": status, "message": message[:2000], "time": time.time()}
+        with self._lock:
+            self.errors.append(error)
+            with self.errors_path.open("a") as f:
+                f.write(json.dumps(error) + "\n")
 
     def rescore(self, items_by_id: dict[str, Any]) -> int:
         """Score every record again from the answer and output it kept, with today's scorers (after
@@ -156,6 +177,8 @@ def record_of(item, policy: str, run: dict[str, Any], wall_s: float) -> dict[str
         "engine_calls": sum(int(t.get("engine_calls", 0)) for t in everything),
         "cache_hits": sum(int(t.get("cache_hits", 0)) for t in everything),
         "stages": dict(Counter(t.get("stage", "") for t in trace)),
+        # the network isolation this run's program was scored under (code data sets; [] when no program ran)
+        **({"sandbox": list(s.isolation)} if item.kind == "code" else {}),
     }
 
 
@@ -320,6 +343,7 @@ def run_bench(client, items: list, policies: list[str], store: RecordStore, max_
                 except ClientError as e:
                     if 400 <= e.status < 500 or attempt == retries:
                         errors.append((policy, f"{policy} {item.dataset}#{item.id}: {e}"))
+                        store.add_error(policy, item.id, str(e), e.status)
                         if on_progress:
                             on_progress(policy, item.id, None)
                         if 400 <= e.status < 500:
@@ -552,6 +576,7 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
     if fresh:
         records.unlink(missing_ok=True)
         records.with_suffix(".meta.json").unlink(missing_ok=True)
+        records.with_suffix(".errors.jsonl").unlink(missing_ok=True)
     store = RecordStore(records, meta)
     if rescore:
         changed = store.rescore({it.id: it for it in load(dataset, split)})
@@ -613,22 +638,31 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
         result["reported_by"] = {"command": command, "commit": result["commit"]}
         result["commit"] = before.get("commit") or result["commit"]
     # What was asked against what every policy finished: a request dropped by one policy leaves the
-    # common set (``n``) and shows here, with the errors of this invocation.
+    # common set (``n``) and shows here, with the failed runs of every invocation that recorded these
+    # runs (the store's side file) and of this one.
     result["requested"] = len(items)
     # The network isolation model-written code was scored under (code data sets run it).
     from hera_ray.eval.sandbox import PYTHON_BLOCK, isolation
 
     result["sandbox"] = list(isolation())
+    # ... and what each scored run's program ran under, as it was recorded (runs from before this was
+    # kept have none: "not recorded")
+    if any(it.kind == "code" for it in items):
+        code_runs = [r for k, r in store.records.items() if k[1] in ids and k[0] in names]
+        result["sandbox_runs"] = dict(Counter(" + ".join(r["sandbox"]) if r.get("sandbox") else
+                                              ("no program" if "sandbox" in r else "not recorded") for r in code_runs))
     if result["sandbox"] == [PYTHON_BLOCK] and any(it.kind == "code" for it in items):
         console.print("[yellow]sandbox[/yellow]: this host allows neither a network namespace nor a seccomp filter; "
                       "model-written code ran behind the Python socket block only", highlight=False)
     result["coverage"] = {p: {"finished": sum(store.done(p, i) for i in ids),
-                              "errors": sum(ep == p for ep, _ in errors)} for p in names}
-    short = {p: c for p, c in result["coverage"].items() if c["finished"] < len(items)}
-    for p, c in short.items():
-        console.print(f"[yellow]{p}[/yellow]: {c['finished']} of {len(items)} request(s) finished "
-                      f"({c['errors']} error(s) in this run); the figures cover the {summary['n']} every policy finished",
-                      highlight=False)
+                              "errors": sum(e["policy"] == p and e["item"] in ids for e in store.errors),
+                              "errors_this_run": sum(ep == p for ep, _ in errors)} for p in names}
+    for p, c in result["coverage"].items():
+        if c["finished"] < len(items) or c["errors"]:
+            console.print(f"[yellow]{p}[/yellow]: {c['finished']} of {len(items)} request(s) finished; "
+                          f"{c['errors']} failed run(s) recorded ({c['errors_this_run']} in this run, the rest before "
+                          f"it, in {store.errors_path.name}); the figures cover the {summary['n']} every policy finished",
+                          highlight=False)
     # The runs' time: the sum of every recorded run's wall time over the common requests, over however
     # many sessions it took (with --concurrency k the elapsed time is up to k times less).
     result["runs_wall_s"] = sum(float(r.get("wall_s", 0.0)) for k, r in store.records.items()

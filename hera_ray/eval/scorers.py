@@ -15,6 +15,7 @@ It never raises: odd input (None, bytes, junk) scores as incorrect with a ``deta
 
 from __future__ import annotations
 
+import dataclasses
 import ast
 import re
 import string
@@ -37,6 +38,8 @@ class Score:
     em: float  # 0/1
     f1: float  # token F1 (DROP); equal to em for other kinds
     detail: str = ""  # why it is wrong: "timeout", "AssertionError", "no code found", ...
+    #: Code only: the network isolation the program ran under (the sandbox's layers), () when none ran.
+    isolation: tuple[str, ...] = ()
 
 
 def last_number(text: str) -> float | None:
@@ -366,9 +369,8 @@ def score_code(item: Item, answer: str, output: str = "", timeout_s: float = COD
     if code is None:
         return _binary(False, "no code found")
     result = run_code(build_program(item, sanitize_code(code)), timeout_s=timeout_s)
-    if result.ok:
-        return _binary(True)
-    return _binary(False, _failure(result))
+    scored = _binary(True) if result.ok else _binary(False, _failure(result))
+    return dataclasses.replace(scored, isolation=tuple(result.isolation))
 
 
 def _failure(result: Any) -> str:

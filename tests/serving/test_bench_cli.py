@@ -44,7 +44,8 @@ def test_bench_three_requests_gives_the_table_json_and_png_and_resumes(cluster, 
     result = json.loads((tmp_path / "gsm8k.json").read_text())
     assert result["n"] == 3 and result["command"].startswith("hera bench --dataset gsm8k") and result["commit"]
     assert result["sandbox"][-1] == "python socket block"  # and the kernel layers this host has
-    assert result["requested"] == 3 and result["coverage"] == {p: {"finished": 3, "errors": 0} for p in result["policies"]}
+    assert result["requested"] == 3 and result["coverage"] == {p: {"finished": 3, "errors": 0, "errors_this_run": 0}
+                                                                for p in result["policies"]}
     # the settings a resumed run must match name the cluster's models and its estimators
     assert result["settings"]["cloud_model"] == "smollm2-as-cloud" and result["settings"]["edge_model"] == "smollm2-135m"
     assert result["settings"]["estimators"]
