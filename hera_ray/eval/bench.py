@@ -645,13 +645,14 @@ def bench_dataset(client, dataset: str, split: str, n: int | None, names: list[s
     from hera_ray.eval.sandbox import PYTHON_BLOCK, isolation
 
     result["sandbox"] = list(isolation())
+    code = any(it.kind == "code" for it in items)
     # ... and what each scored run's program ran under, as it was recorded (runs from before this was
     # kept have none: "not recorded")
-    if any(it.kind == "code" for it in items):
+    if code:
         code_runs = [r for k, r in store.records.items() if k[1] in ids and k[0] in names]
         result["sandbox_runs"] = dict(Counter(" + ".join(r["sandbox"]) if r.get("sandbox") else
                                               ("no program" if "sandbox" in r else "not recorded") for r in code_runs))
-    if result["sandbox"] == [PYTHON_BLOCK] and any(it.kind == "code" for it in items):
+    if result["sandbox"] == [PYTHON_BLOCK] and code:
         console.print("[yellow]sandbox[/yellow]: this host allows neither a network namespace nor a seccomp filter; "
                       "model-written code ran behind the Python socket block only", highlight=False)
     result["coverage"] = {p: {"finished": sum(store.done(p, i) for i in ids),

@@ -15,8 +15,8 @@ It never raises: odd input (None, bytes, junk) scores as incorrect with a ``deta
 
 from __future__ import annotations
 
-import dataclasses
 import ast
+import dataclasses
 import re
 import string
 from dataclasses import dataclass

@@ -90,30 +90,31 @@ class ToolCallFunction(BaseModel):
         "contentMediaType": "application/json", "contentSchema": {"type": "object"},
         "description": "A JSON object, as a string (an empty string stands for {})."})
 
-    def arguments_problem(self) -> str | None:
-        """Why the arguments are not a JSON object this server passes on, or None when they are one."""
+    def _read(self) -> tuple[Any, str | None]:
+        """(the arguments as a value, None), or (None, why they are not a JSON object this server passes on)."""
         if not self.arguments.strip():
-            return None
+            return {}, None
         try:
             value = json.loads(self.arguments, parse_constant=_not_json, parse_float=_finite)
         except RecursionError:
-            return f"nested deeper than {MAX_JSON_DEPTH} levels"
+            return None, f"nested deeper than {MAX_JSON_DEPTH} levels"
         except ValueError as e:
-            return f"not JSON ({e})"
+            return None, f"not JSON ({e})"
         if not isinstance(value, dict):
-            return f"must be a JSON object, not {type(value).__name__ if value is not None else 'null'}"
+            return None, f"must be a JSON object, not {type(value).__name__ if value is not None else 'null'}"
         if _depth(value) > MAX_JSON_DEPTH:
-            return f"nested deeper than {MAX_JSON_DEPTH} levels"
-        return None
+            return None, f"nested deeper than {MAX_JSON_DEPTH} levels"
+        return value, None
+
+    def arguments_problem(self) -> str | None:
+        """Why the arguments are not a JSON object this server passes on, or None when they are one."""
+        return self._read()[1]
 
     def parsed_arguments(self) -> dict[str, Any] | str:
         """The arguments as an object. A validated request's are one (:func:`check_tool_history`); the
         string comes back only for a call built without that check."""
-        if not self.arguments.strip():
-            return {}
-        if self.arguments_problem() is not None:
-            return self.arguments
-        return json.loads(self.arguments)
+        value, problem = self._read()
+        return self.arguments if problem is not None else value
 
 
 class ToolCall(BaseModel):
