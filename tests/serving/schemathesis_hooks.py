@@ -12,6 +12,7 @@ Whether the server refuses what breaks these rules is tested in ``test_serving.p
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -95,5 +96,7 @@ def mend_conversation(body: dict) -> dict:
 def map_case(context, case):
     negative = case.meta is not None and case.meta.generation.mode.is_negative
     if isinstance(case.body, dict) and not negative:
-        mend_conversation(case.body)
+        # A copy: the generated body may share objects with cached draws and the schema's examples,
+        # which other cases (negative ones too) are built from.
+        case.body = mend_conversation(copy.deepcopy(case.body))
     return case

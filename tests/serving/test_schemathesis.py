@@ -53,7 +53,8 @@ def _report(path: Path) -> tuple[int, Counter, list[str]]:
                     body, answer = _text(interaction["request"].get("body")), _text(response.get("content"))
                     problems.append(f"{recorder['label']} -> {response['status_code']}: {body:.300} answer {answer:.300}")
         elif "NonFatalError" in event or "FatalError" in event:
-            problems.append(f"schemathesis error: {json.dumps(event)[:500]}")
+            # Whole, with its traceback: a cut one once hid what a flaky failure was.
+            problems.append(f"schemathesis error: {json.dumps(event)[:6000]}")
     return cases, statuses, problems
 
 
@@ -69,7 +70,10 @@ def test_every_operation_keeps_the_contract_and_none_answers_5xx(cluster, tmp_pa
         "--phases", "examples,coverage,fuzzing",
         "--max-examples", "200",
         "--seed", "7",
-        "--workers", "2",
+        # One worker: schemathesis' learning state (captured response values, error feedback) and
+        # Hypothesis are shared by its worker threads, and a draw that another thread changes under it
+        # replays differently ("FlakyFailure: Inconsistent results", seen once in CI).
+        "--workers", "1",
         "--suppress-health-check", "all",
         # Every check is on; max_response_time's limit (10 s unless given) is set for CPU models on a shared
         # box: a conversation of the schema's 1000 messages takes the edge a minute to read.
