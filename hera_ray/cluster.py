@@ -118,12 +118,11 @@ def start_local_ray(num_cpus: int | None = None, object_store_bytes: int = 500_0
     return f"127.0.0.1:{port}"
 
 
-def stop_local_ray(address: str, timeout_s: float = 30.0) -> int:
-    """Stop the local head ``start_local_ray`` started at ``address`` and every process of its cluster,
-    and nothing else: unlike ``ray stop``, other Ray clusters on the machine keep running. Its
-    processes are those naming its temp dir or its address on their command line (GCS, raylet,
-    monitors, the Ray client server) and their descendants (workers, agents, Serve replicas, which
-    rename themselves ``ray::...``), all gathered before any is stopped. Returns how many."""
+def local_ray_processes(address: str) -> list:
+    """The processes of the local head ``start_local_ray`` started at ``address`` (``psutil.Process``):
+    those naming its temp dir or its address on their command line (GCS, raylet, monitors, the Ray
+    client server) and their descendants (workers, agents, Serve replicas, which rename themselves
+    ``ray::...``), this process excepted."""
     import psutil
 
     markers = (str(local_ray_temp_dir(int(address.rpartition(":")[2]))), f"--address={address}")
@@ -133,7 +132,16 @@ def stop_local_ray(address: str, timeout_s: float = 30.0) -> int:
             mine[proc.pid] = proc
             with contextlib.suppress(psutil.Error):
                 mine.update({child.pid: child for child in proc.children(recursive=True) if child.pid != os.getpid()})
-    procs = list(mine.values())
+    return list(mine.values())
+
+
+def stop_local_ray(address: str, timeout_s: float = 30.0) -> int:
+    """Stop the local head ``start_local_ray`` started at ``address`` and every process of its cluster,
+    and nothing else: unlike ``ray stop``, other Ray clusters on the machine keep running. Its
+    processes (``local_ray_processes``) are all gathered before any is stopped. Returns how many."""
+    import psutil
+
+    procs = local_ray_processes(address)
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
