@@ -126,13 +126,13 @@ def test_spend_ledger_and_runs_survive_down_and_up(ray_head, keys_file, store_ur
         down(log=_quiet)
 
 
-def test_a_killed_scheduler_actor_keeps_the_spend_within_a_step(ray_head, keys_file, tmp_path, ingress_port):
+def test_a_killed_scheduler_actor_keeps_the_spend_within_a_step(ray_head, keys_file, store_url, ingress_port):
     import ray
 
     from hera_ray.cluster import down, up
     from hera_ray.scheduler.actor import SCHEDULER_NAME
 
-    config = cluster_config(keys_file, f"sqlite:///{tmp_path / 'store.sqlite'}", free_port(), ingress_port)
+    config = cluster_config(keys_file, store_url, free_port(), ingress_port)
     state = up(config, local_edges=1, timeout_s=300, log=_quiet)
     try:
         url = state.ingress_url
