@@ -22,7 +22,7 @@ import yaml
 from local_ray import free_port
 
 from .conftest import SPENDER_BUDGET, SPENDER_KEY, cluster_config
-from .test_store_cluster import _get, _run, _spend_until_refused, _spent
+from .test_store_cluster import LEDGER_TOTALS, _get, _run, _spend_until_refused, _spent
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -101,8 +101,7 @@ def test_what_was_answered_survives_a_crash_of_the_head(keys_file, tmp_path):
         url = state["ingress_url"]
         assert _spent(url) == pytest.approx(cloud)
         after = _ledger(env, state["ray_address"])
-        for k in ("cloud_subtasks", "edge_subtasks", "cloud_cost", "cloud_uncached_prompt_tokens",
-                  "cloud_cached_prompt_tokens", "cloud_completion_tokens"):
+        for k in LEDGER_TOTALS:
             assert after[k] == pytest.approx(ledger[k]), k
         run = _get(url, "/v1/agent/runs/before-crash", SPENDER_KEY).json()
         assert run["status"] == "ok" and run["cloud_cost"] == pytest.approx(cloud)

@@ -16,6 +16,9 @@ from .conftest import READER_KEY, SPENDER_BUDGET, SPENDER_KEY, cluster_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
+#: The ledger totals a restart must keep as they were.
+LEDGER_TOTALS = ("cloud_subtasks", "edge_subtasks", "cloud_cost", "cloud_uncached_prompt_tokens",
+                 "cloud_cached_prompt_tokens", "cloud_completion_tokens")
 QUESTION = "Tom has 3 apples and buys 2 more. How many apples does he have?"
 
 
@@ -88,8 +91,7 @@ def test_spend_ledger_and_runs_survive_down_and_up(ray_head, keys_file, store_ur
         url = state.ingress_url
         assert _spent(url) == pytest.approx(cloud)
         after = _usage()
-        for k in ("cloud_subtasks", "edge_subtasks", "cloud_cost", "cloud_uncached_prompt_tokens",
-                  "cloud_cached_prompt_tokens", "cloud_completion_tokens"):
+        for k in LEDGER_TOTALS:
             assert after[k] == pytest.approx(usage_before[k]), k
         run = _get(url, "/v1/agent/runs/first", SPENDER_KEY).json()
         assert run["status"] == "ok" and run["policy"] == "all-llm" and run["key"] == "spender"
