@@ -75,6 +75,27 @@ def simulate(rows: list[dict], confidence_keep: float, keep: float, llm_accept: 
             "disagreeing_kept": sum(not r["agree"] for r in kept) / n}
 
 
+def check_score_variants(rows: list[dict], auc) -> list[dict]:
+    """The policy's LLM score against the argmax share, per data set: their AUCs for agreement, and at
+    each bar, how many kept steps disagree when the argmax share keeps as many steps as the score does."""
+    out = []
+    for name in ["all", *sorted({r["dataset"] for r in rows})]:
+        rs = [r for r in rows if name == "all" or r["dataset"] == name]
+        labels = [r["agree"] for r in rs]
+        if len(set(labels)) < 2:
+            continue
+        at_bar = []
+        for bar in (0.9, 0.95):
+            kept = [r for r in rs if r["llm_score"] >= bar]
+            by_share = sorted(rs, key=lambda r: (r["llm_argmax_share"], r["llm_score"]), reverse=True)[:len(kept)]
+            at_bar.append({"bar": bar, "kept": len(kept),
+                           "disagreeing_kept_llm_score": sum(not r["agree"] for r in kept),
+                           "disagreeing_kept_argmax_share": sum(not r["agree"] for r in by_share)})
+        out.append({"dataset": name, "steps": len(rs), "auc_llm_score": auc([r["llm_score"] for r in rs], labels),
+                    "auc_argmax_share": auc([r["llm_argmax_share"] for r in rs], labels), "at_bar": at_bar})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profiles", type=Path, default=ROOT / "data" / "profiles")
@@ -91,12 +112,24 @@ def main() -> None:
         raise SystemExit(f"no LLM checks in the profiles under {args.profiles}")
     labels = [r["agree"] for r in rows]
     aucs = {s: auc([r[s] for r in rows], labels) for s in ("confidence", "p_good", "llm_score")}
+    variants = check_score_variants(rows, auc)
     grid = [simulate(rows, c, k, a) for c in (0.95, 0.97, 0.99, 1.01) for k in (0.5, 0.7, 0.8, 0.9, 0.95, 1.01)
             for a in (0.3, 0.5, 0.7)]
 
     console.print(f"{len(rows)} checked SLM steps from {len(records)} requests ({', '.join(by_set)}); "
                   f"{sum(labels) / len(labels):.0%} agree with the LLM's own step")
     console.print("AUC for agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items() if v is not None))
+    vt = Table(title="The LLM's check score: exp(mean log-ratio to its top token), the policy's, against the "
+                     "share of tokens that are its top choice (as many steps kept at each bar)")
+    for col in ("data set", "steps", "AUC llm_score", "AUC argmax share", "bar", "kept",
+                "disagreeing kept: llm_score", "argmax share"):
+        vt.add_column(col, justify="right")
+    for v in variants:
+        for b in v["at_bar"]:
+            vt.add_row(v["dataset"], str(v["steps"]), f"{v['auc_llm_score']:.3f}", f"{v['auc_argmax_share']:.3f}",
+                       f"{b['bar']:.2f}", f"{b['kept']}", str(b["disagreeing_kept_llm_score"]),
+                       str(b["disagreeing_kept_argmax_share"]))
+    console.print(vt)
     table = Table(title="hera-verify on the profile's checked SLM steps (share of steps)")
     for col in ("conf ≥", "keep", "llm ≥", "conf", "classifier", "checked", "rewritten", "SLM share", "kept agree",
                 "kept but disagree"):
@@ -132,6 +165,7 @@ def main() -> None:
     args.out.write_text(json.dumps({"command": "python bench/verify_calibration.py " + " ".join(sys.argv[1:]),
                                     "commit": commit, "requests": len(records), "datasets": list(by_set),
                                     "steps": len(rows), "agree_rate": sum(labels) / len(labels), "auc": aucs,
+                                    "check_score_variants": variants,
                                     "grid": grid}, indent=2) + "\n")
     console.print(f"wrote {args.out} and {png}")
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from hera_ray.offline.verifier import auc, train_verifier, verifier_examples
+from hera_ray.offline.verifier import argmax_share, auc, train_verifier, verifier_examples
 from hera_ray.policy.verify import StepClassifier, step_features
 
 
@@ -75,3 +75,13 @@ def test_on_the_committed_profile_the_classifier_beats_the_majority_and_the_slms
     assert m["heldout_examples"] >= 200 and not m["heldout_is_train"]
     assert m["auc"] >= 0.75 and m["auc"] > m["confidence_auc"], m
     assert m["accuracy"] >= m["majority_baseline"] + 0.03, m
+
+
+def test_argmax_share_counts_the_tokens_the_llm_would_have_chosen_leaving_out_a_line_end():
+    lps, tops = [-0.1, -2.0, -0.3, -1.5], [-0.1, -0.2, -0.3, -0.1]  # tokens 0 and 2 are the LLM's first choice
+    assert argmax_share(lps, tops, line_end=False) == 0.5
+    assert argmax_share(lps, tops, line_end=True) == pytest.approx(2 / 3)  # the cut newline token is not read
+    assert argmax_share([-0.4], [-0.1], line_end=True) == 0.0  # a one-token step is read whole
+    assert argmax_share([], [], line_end=False) == 0.0
+    ex = verifier_examples([record(0, random.Random(1))]).train + verifier_examples([record(0, random.Random(1))]).heldout
+    assert {e["llm_argmax_share"] for _, _, e in ex} == {1.0}  # record(): the LLM scores every token as its top

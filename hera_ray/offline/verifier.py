@@ -32,9 +32,21 @@ def verifier_examples(records: list[dict[str, Any]]) -> Split:
             extras = {"confidence": geo_mean_prob(step["logprobs"]),
                       "llm_score": llm_step_score(check["llm_logprobs"], check["llm_top_logprobs"],
                                                   ends_line(step["output"])),
+                      "llm_argmax_share": argmax_share(check["llm_logprobs"], check["llm_top_logprobs"],
+                                                       ends_line(step["output"])),
                       "dataset": r.get("dataset", "")}
             split.add(r["request_id"], (feats, bool(check["agree"]), extras))
     return split
+
+
+def argmax_share(logprobs: list[float], top_logprobs: list[float] | None, line_end: bool) -> float:
+    """The share of the step's tokens that are the LLM's own first choice (speculative decoding's
+    acceptance, per token), over the tokens :func:`llm_step_score` reads. An alternative check score,
+    compared with it by ``bench/verify_calibration.py``; the policy does not use it."""
+    pairs = list(zip(logprobs, top_logprobs or [0.0] * len(logprobs)))
+    if line_end and len(pairs) > 1:
+        pairs = pairs[:-1]
+    return sum(lp >= top - 1e-6 for lp, top in pairs) / len(pairs) if pairs else 0.0
 
 
 def auc(scores: list[float], labels: list[bool]) -> float | None:
