@@ -308,7 +308,7 @@ class VerifySettings(BaseModel):
 
     enabled: bool = Field(True, description="Offer the hera-verify policy.")
     classifier: Path | None = Field(None, description="Step classifier (JSON, `hera train`'s verifier.json); default: the one in hera.estimators' folder (the bundled set's), else none (the SLM's confidence alone).")
-    keep: float = Field(0.95, ge=0, le=1, description="The knob: P(good) at which the SLM's step is kept without the LLM (`hera-verify@<keep>`). 0.95: calibrated on the dev splits of GSM8K and MBPP (bench/results/dev14g).")
+    keep: float = Field(0.95, ge=0, le=1, description="The knob: P(good) at which the SLM's step is kept without the LLM (`hera-verify@<keep>`). 0.95: chosen from the dev-split sweeps of GSM8K and MBPP (bench/results/dev14, dev14b), confirmed in dev14e and dev14g.")
     confidence_keep: float = Field(0.97, ge=0, le=1.01, description="SLM geometric-mean token probability at which a step is kept outright (above 1: never).")
     llm_accept: float | None = Field(None, ge=0, le=1, description="LLM step score (geometric mean of p(token)/p(top token)) at which the LLM keeps the SLM's step; below it the LLM rewrites the step. Default: the knob, keep (one bar for both kinds of evidence).")
     reject_below: float = Field(0.0, ge=0, le=1, description="P(good) under which the LLM rewrites the step without scoring it first (0: always score first).")

@@ -68,6 +68,9 @@ KEPT_BLANK = "blank"
 
 @dataclass(frozen=True)
 class VerifyConfig:
+    """The policy's settings as pure code. These defaults are the policy's own; the runtime builds it
+    from ``VerifySettings`` (``hera_ray/config.py``: keep 0.95, check_batch 3), the calibrated ones."""
+
     #: The knob: P(good) at which the SLM's step is kept without the LLM.
     keep: float = 0.7
     #: SLM geometric-mean token probability at which a step is kept outright (above 1: never).
